@@ -1,0 +1,46 @@
+"""Shared fixtures: one real local Ray for the session, independent of ~/.ray."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+# Token auth as Ray 2.60 does by default, but with a token from the environment so that no test
+# reads or writes ~/.ray/auth_token.  Set before ray is imported anywhere.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", uuid.uuid4().hex)
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+import pytest  # noqa: E402
+import ray  # noqa: E402
+
+from mesh_ray.models import write_random_checkpoint  # noqa: E402
+
+RAY_CPUS = 8  # logical CPUs: more than the 2 real cores, so several stage actors fit
+
+
+def ensure_ray() -> None:
+    """Start the test cluster if no test has (tests that need their own cluster shut it down)."""
+    if not ray.is_initialized():
+        ray.init(num_cpus=RAY_CPUS, num_gpus=0, include_dashboard=False, namespace="mesh-ray-tests",
+                 log_to_driver=False, configure_logging=False)
+
+
+@pytest.fixture
+def ray_local():
+    """A real local Ray cluster, shared by the tests of the session."""
+    ensure_ray()
+    yield ray
+
+
+@pytest.fixture(scope="session")
+def ckpt_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("ckpt")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpts(ckpt_dir):
+    """Seeded random tiny FLUX.1 and FLUX.2 checkpoints as real safetensors files."""
+    return {arch: write_random_checkpoint(ckpt_dir / f"tiny-{arch}.safetensors", f"tiny-{arch}", seed=7)
+            for arch in ("flux1", "flux2")}
