@@ -1,0 +1,197 @@
+"""Stage actor: holds one block range of a FLUX transformer on one device and runs it.
+
+A plain class; ``StageActor = ray.remote(StageClass)``.  Placement and resources are options at
+creation (see ``mesh_ray.split``), not code in here.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from mesh_ray.errors import StageError
+from mesh_ray.models.blocks import BlockRange
+from mesh_ray.models.checkpoint import load_blocks, save_checkpoint, shard_digest
+from mesh_ray.models.flux import BlockCond, BlockState, FluxConfig, build
+
+GENERATIONS_KEPT = 4  # per-generation constants cached per stage (LRU)
+
+
+class StageInit(BaseModel):
+    """Everything a stage needs to build itself (sent once at creation)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    index: int
+    config: FluxConfig
+    start: int
+    stop: int
+    checkpoint_path: str
+    dtype: str
+    cache_dir: str
+    torch_threads: int | None = None
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("MESH_RAY_CACHE_DIR") or str(Path.home() / ".cache" / "mesh-ray" / "shards")
+
+
+def pick_device() -> torch.device:
+    """The GPU Ray assigned to this process, else the CPU."""
+    if torch.cuda.is_available() and ray.get_gpu_ids():
+        return torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU(s)
+    return torch.device("cpu")
+
+
+def move_state(state: BlockState, device: torch.device) -> BlockState:
+    txt = state.txt.to(device) if state.txt is not None else None
+    return BlockState(state.img.to(device), txt, state.txt_len)
+
+
+def move_cond(cond: BlockCond, device: torch.device) -> BlockCond:
+    def mv(x: Any) -> Any:
+        if x is None:
+            return None
+        if isinstance(x, torch.Tensor):
+            return x.to(device)
+        return tuple(mv(t) for t in x)
+
+    return BlockCond(vec=mv(cond.vec), double_img=mv(cond.double_img), double_txt=mv(cond.double_txt),
+                     single=mv(cond.single))
+
+
+class StageClass:
+    """One block range on one device; ``forward`` takes and returns the streams between blocks."""
+
+    def __init__(self, init: StageInit):
+        self.init = init
+        if init.torch_threads:
+            torch.set_num_threads(init.torch_threads)
+        self.device = pick_device()
+        self.dtype = getattr(torch, init.dtype)
+        self.range = BlockRange(init.start, init.stop, init.config.depth, init.config.num_blocks)
+        self.model = build(init.config, "meta", self.dtype)
+        self.loaded = False
+        self.shard_source = "none"
+        self.shard_digest: str | None = None
+        self._consts: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self.calls = 0
+        self.busy_s = 0.0
+
+    # -- loading --------------------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        return True
+
+    def can_read_checkpoint(self) -> bool:
+        p = self.init.checkpoint_path
+        return os.path.isfile(p) and os.access(p, os.R_OK)
+
+    def load_from_file(self) -> dict:
+        """Slim-load this stage's blocks from the checkpoint path (readable on this node)."""
+        sd = load_blocks(self.init.checkpoint_path, [self.range], dtype=self.dtype, device="cpu")
+        self._install(sd, "file")
+        return self.info()
+
+    def _cache_path(self, digest: str) -> Path:
+        return Path(self.init.cache_dir) / f"{digest}.safetensors"
+
+    def has_cached_shard(self, digest: str) -> bool:
+        return self._cache_path(digest).is_file()
+
+    def load_from_cache(self, digest: str) -> dict:
+        sd = load_blocks(self._cache_path(digest), [self.range], dtype=self.dtype, device="cpu")
+        if shard_digest(sd) != digest:
+            self._cache_path(digest).unlink(missing_ok=True)
+            raise StageError(f"stage {self.init.index}: cached shard {digest} is corrupt and was removed: "
+                             f"create the split again to re-send it")
+        self._install(sd, "cache", digest)
+        return self.info()
+
+    def load_from_shard(self, digest: str, shard_box: list) -> dict:
+        """Load tensors sent through the object store (``shard_box`` = [ObjectRef]) and cache them."""
+        sd = ray.get(shard_box[0], timeout=600)
+        path = self._cache_path(digest)
+        if not path.is_file():
+            save_checkpoint(sd, path, self.init.config)  # atomic; other stages on this node reuse it
+        self._install({k: v.to(self.dtype) for k, v in sd.items()}, "object_store", digest)
+        return self.info()
+
+    def _install(self, sd: dict[str, torch.Tensor], source: str, digest: str | None = None) -> None:
+        expected = {k for k in self.model.state_dict() if k.startswith(tuple(self.range.keys_prefixes()))}
+        missing = sorted(expected - set(sd))
+        if missing:
+            raise StageError(f"stage {self.init.index} ({self.range}): checkpoint lacks {len(missing)} tensors "
+                             f"such as {missing[0]}: the file does not match the model config; re-export it")
+        try:
+            self.model.load_state_dict(sd, strict=False, assign=True)
+        except RuntimeError as e:
+            raise StageError(f"stage {self.init.index} ({self.range}): tensor shapes do not match the model "
+                             f"({str(e).splitlines()[-1].strip()}): the checkpoint does not match its config") from None
+        for b in self.range:
+            self.model.block(b).to(self.device)
+        self.loaded = True
+        self.shard_source = source
+        self.shard_digest = digest
+
+    # -- running --------------------------------------------------------------------------------
+
+    def _constants(self, gen: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-generation constants (rotary pe, unchanged text tokens), fetched once and cached."""
+        key = gen["id"]
+        if key not in self._consts:
+            pe = ray.get(gen["pe"][0], timeout=600).to(self.device)
+            txt = ray.get(gen["txt"][0], timeout=600).to(self.device) if gen.get("txt") else None
+            self._consts[key] = {"pe": pe, "txt": txt}
+            while len(self._consts) > GENERATIONS_KEPT:
+                self._consts.popitem(last=False)
+        self._consts.move_to_end(key)
+        c = self._consts[key]
+        return c["pe"], c["txt"]
+
+    @torch.inference_mode()
+    def forward(self, state: BlockState, cond: BlockCond, gen: dict) -> BlockState:
+        """Run this stage's blocks on ``state``; the result goes to the next stage as an ObjectRef."""
+        if not self.loaded:
+            raise StageError(f"stage {self.init.index} has no weights loaded: create the split through mesh.split()")
+        t0 = time.perf_counter()
+        pe, txt = self._constants(gen)
+        state = move_state(state, self.device)
+        if txt is not None and self.range.start == 0 and not state.joined and state.txt.numel() == 0:
+            state = BlockState(state.img, txt, state.txt_len)  # text tokens cached for the generation
+        state = self.model.run_blocks(state, move_cond(cond, self.device), pe, self.range.start, self.range.stop)
+        out = move_state(state, torch.device("cpu"))
+        self.calls += 1
+        self.busy_s += time.perf_counter() - t0
+        return out
+
+    def echo(self, state: BlockState) -> BlockState:
+        """Return the input unchanged: the cost of one hop without compute (for benchmarks)."""
+        return state
+
+    def info(self) -> dict:
+        """Where this stage runs and what it holds (for ``mesh-ray status``)."""
+        ctx = ray.get_runtime_context()
+        try:
+            import psutil
+
+            rss = psutil.Process().memory_info().rss
+        except ImportError:  # pragma: no cover - psutil comes with ray[default]
+            rss = None
+        weights = sum(p.numel() * p.element_size() for b in self.range for p in self.model.block(b).parameters())
+        return {"kind": "stage", "index": self.init.index, "blocks": str(self.range), "node_id": ctx.get_node_id(),
+                "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid(), "device": str(self.device),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "loaded": self.loaded,
+                "shard_source": self.shard_source, "weight_bytes": weights, "rss_bytes": rss,
+                "cuda_bytes": torch.cuda.memory_allocated() if self.device.type == "cuda" else 0,
+                "calls": self.calls, "busy_s": round(self.busy_s, 3), "threads": torch.get_num_threads()}
+
+
+StageActor = ray.remote(StageClass)

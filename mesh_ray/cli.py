@@ -1,0 +1,130 @@
+"""The ``mesh-ray`` command line: thin wrappers that print a table for people or one JSON line for machines."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mesh_ray.errors import MeshError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run FLUX diffusion transformers across the GPUs of a Ray cluster.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: ratios measured side by side in one run.")
+app.add_typer(bench_app, name="bench")
+console = Console(stderr=True)
+
+
+class Arch(str, Enum):
+    flux1 = "flux1"
+    flux2 = "flux2"
+
+
+def _emit(result: dict, as_json: bool, title: str) -> None:
+    """A table on stderr for people; with --json, one JSON object as the last stdout line."""
+    if as_json:
+        print(json.dumps(result, default=str))
+        return
+    table = Table(title=title, show_header=True)
+    table.add_column("key")
+    table.add_column("value")
+    for k, v in result.items():
+        table.add_row(str(k), json.dumps(v, default=str) if isinstance(v, (dict, list)) else str(v))
+    Console().print(table)
+
+
+def _run(fn: Callable[[], Any]) -> Any:
+    """Run a command body; a MeshError becomes one line on stderr and exit code 1."""
+    try:
+        return fn()
+    except MeshError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def demo(arch: Arch = typer.Option(Arch.flux1, help="FLUX.1 or FLUX.2 tiny model."),
+         stages: int = typer.Option(2, min=1, help="Number of stage actors."),
+         steps: int = typer.Option(4, min=1, help="Sampler steps."),
+         size: int = typer.Option(256, min=16, help="Image size in pixels (multiple of 16)."),
+         seed: int = typer.Option(0, help="Seed for weights, conditioning and noise."),
+         out: str = typer.Option("out", help="Directory for the PNG."),
+         as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")) -> None:
+    """Split a seeded tiny FLUX model over stages on an embedded Ray, generate, compare with one process."""
+    from mesh_ray.demo import run_demo
+
+    result = _run(lambda: run_demo(arch.value, stages, steps, size, seed, out, progress=not as_json))
+    _emit(result, as_json, "mesh-ray demo")
+
+
+@app.command("inspect")
+def inspect_cmd(checkpoint: str = typer.Argument(..., help="A .safetensors FLUX checkpoint."),
+                as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+    """Architecture, preset, block counts and sizes from the safetensors header alone."""
+    from mesh_ray.models.checkpoint import inspect
+
+    info = _run(lambda: inspect(checkpoint))
+    _emit(info.summary(), as_json, f"mesh-ray inspect {checkpoint}")
+
+
+@app.command()
+def status(address: Optional[str] = typer.Option(None, help="Ray address (default: RAY_ADDRESS or 'auto')."),
+           as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+    """Cluster resources and the mesh actors (kind, block range, node, GPU, memory)."""
+    import os
+
+    from mesh_ray.mesh import connect
+
+    def body() -> dict:
+        return connect(address or os.environ.get("RAY_ADDRESS") or "auto").status()
+
+    result = _run(body)
+    if as_json:
+        print(json.dumps(result, default=str))
+        return
+    c = Console()
+    c.print(f"mode: {result['mode']}")
+    res = Table(title="resources")
+    for col in ("resource", "total", "available"):
+        res.add_column(col)
+    for k, v in sorted(result["total"].items()):
+        if not k.startswith(("node:", "bundle_group", "memory", "object_store_memory")):
+            res.add_row(k, f"{v:g}", f"{result['available'].get(k, 0):g}")
+    c.print(res)
+    act = Table(title="mesh actors")
+    for col in ("name", "kind", "blocks", "node", "device", "weights MB", "rss MB"):
+        act.add_column(col)
+    for a in result["actors"]:
+        act.add_row(a["name"], a.get("kind", "?"), a.get("blocks", ""), a.get("node_ip", ""), a.get("device", ""),
+                    f"{a.get('weight_bytes', 0) / 1e6:.1f}", f"{(a.get('rss_bytes') or 0) / 1e6:.0f}")
+    c.print(act)
+
+
+@bench_app.command("split")
+def bench_split(arch: Arch = typer.Option(Arch.flux1), hidden: int = typer.Option(512, min=64),
+                heads: int = typer.Option(4, min=1), depth: int = typer.Option(1, min=0),
+                single: int = typer.Option(3, min=0), image_tokens: int = typer.Option(4096, min=1),
+                txt_tokens: int = typer.Option(512, min=1), stages: int = typer.Option(2, min=1),
+                repeats: int = typer.Option(3, min=1),
+                as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")) -> None:
+    """Split vs local forward at the FLUX 1024x1024 token count (raw mode); goal ratio <= 1.05."""
+    from mesh_ray.bench.split import run_split_bench
+
+    result = _run(lambda: run_split_bench(arch.value, hidden, heads, depth, single, image_tokens, txt_tokens, stages, repeats))
+    _emit(result, as_json, "mesh-ray bench split")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:  # pragma: no cover
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

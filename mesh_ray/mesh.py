@@ -1,0 +1,73 @@
+"""``mesh_ray.connect()`` and the ``Mesh`` handle: the entry point of the public API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from mesh_ray.cluster import describe_resources, ensure_ray
+from mesh_ray.config import ConnectOptions, SplitOptions, StageSpec, validate
+from mesh_ray.errors import ClusterError
+from mesh_ray.split import SplitModel, make_split
+
+
+class Mesh:
+    """A connection to Ray (embedded or a cluster) that creates and tracks mesh-ray actors."""
+
+    def __init__(self, mode: str, options: ConnectOptions):
+        self.mode = mode
+        self.options = options
+        self._splits: list[SplitModel] = []
+
+    def split(self, checkpoint: str, stages: int | list[str | dict | StageSpec] | None = None,
+              n_blocks_remote: int | None = None, options: SplitOptions | dict | None = None,
+              **option_kwargs: Any) -> SplitModel:
+        """Split a FLUX checkpoint over stage actors.
+
+        ``stages``: a number of remote stages with an even split (default 2), or a list of block
+        ranges (``"double:0-9"``) / ``StageSpec`` dicts covering every block once, in order.
+        ``n_blocks_remote``: instead, keep the front blocks in this process and run the back N
+        blocks on one remote stage.  Other keywords are ``SplitOptions`` fields.
+        """
+        s = make_split(checkpoint, stages, n_blocks_remote, options, **option_kwargs)
+        self._splits.append(s)
+        return s
+
+    def actors(self, timeout_s: float = 30) -> list[dict]:
+        """The mesh-ray actors alive in this cluster (any driver's), with where they run and what they hold."""
+        from mesh_ray.actors.stage import StageActor  # noqa: F401 - registers the class for get_actor
+
+        out = []
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            name = entry["name"] if isinstance(entry, dict) else entry
+            ns = entry.get("namespace") if isinstance(entry, dict) else None
+            if not name.startswith("mesh-ray/"):
+                continue
+            try:
+                handle = ray.get_actor(name, namespace=ns)
+                out.append({"name": name, **ray.get(handle.info.remote(), timeout=timeout_s)})
+            except Exception as e:  # noqa: BLE001 - a dying actor should not break status
+                out.append({"name": name, "kind": "unknown", "error": str(e).splitlines()[0]})
+        return out
+
+    def status(self) -> dict:
+        """Cluster resources and the mesh actors (kind, block range, node, GPU, memory)."""
+        return {"mode": self.mode, **describe_resources(), "actors": self.actors()}
+
+    def close(self) -> None:
+        """Close every split made through this handle (the Ray connection stays)."""
+        for s in self._splits:
+            s.close()
+        self._splits.clear()
+
+
+def connect(address: str | None = None, **kwargs: Any) -> Mesh:
+    """Join the Ray cluster at ``address`` ("auto", "host:port", "ray://…", or RAY_ADDRESS), or
+    start an embedded local Ray sized to this machine when there is none.  Unreachable
+    addresses fail within ``timeout_s`` with a one-line ClusterError."""
+    options = validate(ConnectOptions, {"address": address, **kwargs})
+    mode = ensure_ray(options)
+    if not ray.is_initialized():  # pragma: no cover - ensure_ray raises instead
+        raise ClusterError("Ray did not start: see the log above")
+    return Mesh(mode, options)

@@ -1,0 +1,69 @@
+"""The mesh-ray command line, run as a user would (subprocesses, real files, real Ray)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+
+from mesh_ray.mesh import connect
+
+CLI = [sys.executable, "-m", "mesh_ray.cli"]
+
+
+def run(*args, timeout=300, cwd=None):
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def last_json(out):
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("arch, stages", [("flux1", 2), ("flux2", 3)])
+def test_demo_json(tmp_path, arch, stages):
+    out = run("demo", "--arch", arch, "--stages", str(stages), "--steps", "2", "--size", "64", "--out", str(tmp_path), "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = last_json(out)
+    for key in ("arch", "stages", "steps", "max_abs_diff_vs_local", "step_ms_split", "step_ms_local", "bytes_per_step", "image_path"):
+        assert key in result
+    assert (result["arch"], result["stages"], result["steps"]) == (arch, stages, 2)
+    assert result["max_abs_diff_vs_local"] == 0.0
+    assert result["bytes_per_step"] > 0 and Path(result["image_path"]).is_file()
+
+
+def test_inspect_json_and_errors(tiny_ckpts, tmp_path):
+    out = run("inspect", str(tiny_ckpts["flux2"]), "--json")
+    assert out.returncode == 0, out.stderr
+    info = last_json(out)
+    assert (info["arch"], info["preset"], info["double_blocks"], info["single_blocks"]) == ("flux2", "tiny-flux2", 2, 4)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 5)
+    out = run("inspect", str(bad))
+    assert out.returncode == 1
+    lines = [l for l in out.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and "not a readable safetensors file" in lines[0]
+    out = run("demo", "--colour", "red")
+    assert out.returncode == 2 and "No such option" in out.stderr
+
+
+def test_status_from_another_process_lists_the_stages(ray_local, tiny_ckpts):
+    mesh = connect()
+    split = mesh.split(str(tiny_ckpts["flux1"]), stages=2)
+    try:
+        out = run("status", "--address", ray.get_runtime_context().gcs_address, "--json", timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        status = last_json(out)
+        mine = [a for a in status["actors"] if a["name"].startswith(f"mesh-ray/{split.id}/")]
+        assert sorted(a["blocks"] for a in mine) == ["double:0-single:0", "single:1-3"]
+        assert status["total"]["CPU"] >= 2
+    finally:
+        split.close()
+
+
+def test_status_unreachable_is_one_line():
+    out = run("status", "--address", "127.0.0.1:9", timeout=60)
+    assert out.returncode == 1
+    lines = [l for l in out.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and "cannot reach a Ray cluster at 127.0.0.1:9" in lines[0]
