@@ -24,6 +24,13 @@ class Arch(str, Enum):
     flux2 = "flux2"
 
 
+class Codec(str, Enum):
+    raw = "raw"
+    quant8 = "quant8"
+    hevc = "hevc"
+    auto = "auto"
+
+
 def _emit(result: dict, as_json: bool, title: str) -> None:
     """A table on stderr for people; with --json, one JSON object as the last stdout line."""
     if as_json:
@@ -53,11 +60,14 @@ def demo(arch: Arch = typer.Option(Arch.flux1, help="FLUX.1 or FLUX.2 tiny model
          size: int = typer.Option(256, min=16, help="Image size in pixels (multiple of 16)."),
          seed: int = typer.Option(0, help="Seed for weights, conditioning and noise."),
          out: str = typer.Option("out", help="Directory for the PNG."),
+         codec: Codec = typer.Option(Codec.raw, help="How activations are coded on every link."),
+         qp: Optional[int] = typer.Option(None, min=0, max=51, help="HEVC quantisation parameter (hevc only)."),
          as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")) -> None:
     """Split a seeded tiny FLUX model over stages on an embedded Ray, generate, compare with one process."""
     from mesh_ray.demo import run_demo
 
-    result = _run(lambda: run_demo(arch.value, stages, steps, size, seed, out, progress=not as_json))
+    result = _run(lambda: run_demo(arch.value, stages, steps, size, seed, out, progress=not as_json,
+                                   codec=codec.value, qp=qp))
     _emit(result, as_json, "mesh-ray demo")
 
 
@@ -116,6 +126,54 @@ def bench_split(arch: Arch = typer.Option(Arch.flux1), hidden: int = typer.Optio
 
     result = _run(lambda: run_split_bench(arch.value, hidden, heads, depth, single, image_tokens, txt_tokens, stages, repeats))
     _emit(result, as_json, "mesh-ray bench split")
+
+
+@bench_app.command("codec")
+def bench_codec(quick: bool = typer.Option(False, "--quick", help="Small tensors: seconds instead of a minute."),
+                as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")) -> None:
+    """Every codec mode/QP on the standard activation set (captured tiny-FLUX + synthetic), vs bf16 raw."""
+    from mesh_ray.bench.codec import format_table, run_codec_bench
+
+    result = _run(lambda: run_codec_bench(quick=quick))
+    print(format_table(result))
+    if as_json:
+        print(json.dumps(result, default=str))
+
+
+@bench_app.command("offload")
+def bench_offload(hidden: Optional[int] = typer.Option(None, min=64), tokens: Optional[int] = typer.Option(None, min=1),
+                  blocks: Optional[int] = typer.Option(None, min=1), windows: str = typer.Option("1,2,4,8"),
+                  budget_fraction: float = typer.Option(0.25), quick: bool = typer.Option(False, "--quick"),
+                  steps: Optional[int] = typer.Option(None, min=1), device: Optional[str] = typer.Option(None),
+                  dtype: Optional[str] = typer.Option(None),
+                  as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")) -> None:
+    """Resident vs streamed weights (windows and a memory budget) side by side; diffusers peer on a GPU."""
+    from mesh_ray.bench.offload import format_table, run_offload_bench
+
+    def body() -> dict:
+        try:
+            wins = tuple(int(w) for w in windows.split(","))
+        except ValueError:
+            raise MeshError(f"--windows {windows!r} is not a comma-separated list of integers: use e.g. 1,2,4,8") from None
+        return run_offload_bench(hidden, tokens, blocks, wins, budget_fraction, quick, steps=steps, device=device, dtype=dtype)
+
+    result = _run(body)
+    print(format_table(result))
+    if as_json:
+        print(json.dumps(result, default=str))
+
+
+@app.command()
+def doctor() -> None:
+    """Which codec backends work on this machine, and why not where they do not."""
+    from mesh_ray.codec import probe_backends
+
+    table = Table(title="codec backends")
+    for col in ("backend", "usable", "reason"):
+        table.add_column(col)
+    for s in probe_backends():
+        table.add_row(s.name, "yes" if s.usable else "no", s.reason)
+    Console().print(table)
 
 
 def main() -> None:

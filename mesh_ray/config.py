@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from mesh_ray.codec import CodecSpec
 from mesh_ray.errors import ConfigError
+from mesh_ray.memory import OffloadSpec
 
 M = TypeVar("M", bound=BaseModel)
 ENV_PREFIX = "MESH_RAY_"
@@ -97,6 +99,12 @@ class SplitOptions(BaseModel):
     (default ~/.cache/mesh-ray/shards); start_timeout_s (float, 120); step_timeout_s (float, 600);
     torch_threads (int | None): threads per stage actor (None: on CPU the caller's own count, so
     the split is bit-exact with the local forward; on GPU Ray's default).
+    codec (CodecSpec | dict | str, "auto"): how activations are coded on each link, e.g. "raw",
+    "quant8", {"mode": "hevc", "qp": 18}; "auto" = raw between processes of one node, hevc/nvenc
+    across nodes when an encoder exists, else quant8 (see docs/codec.md). Both directions of a
+    link use the caller's spec.
+    offload (OffloadSpec | dict | None, None): stream each stage's block weights from host memory
+    a window at a time (see docs/offload.md).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -109,6 +117,13 @@ class SplitOptions(BaseModel):
     start_timeout_s: float = Field(default=120.0, gt=0)
     step_timeout_s: float = Field(default=600.0, gt=0)
     torch_threads: int | None = Field(default=None, ge=1)
+    codec: CodecSpec = CodecSpec(mode="auto")
+    offload: OffloadSpec | None = None
+
+    @field_validator("codec", mode="before")
+    @classmethod
+    def _codec(cls, v: Any) -> Any:
+        return {"mode": v} if isinstance(v, str) else v
 
 
 class ConnectOptions(BaseModel):

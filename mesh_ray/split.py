@@ -20,7 +20,9 @@ import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from mesh_ray.actors.stage import StageActor, StageInit, default_cache_dir, move_cond, move_state
+from mesh_ray.actors.stage import StageActor, StageInit, default_cache_dir, move_cond
+from mesh_ray.actors.wire import pack_state, unpack_state
+from mesh_ray.codec import CodecSpec, choose_spec
 from mesh_ray.cluster import cluster_gpus, explain_unschedulable, node_affinity
 from mesh_ray.config import SplitOptions, StageSpec, validate
 from mesh_ray.errors import ClusterError, ConfigError, MeshError, StageError
@@ -39,33 +41,44 @@ class Segment:
     spec: StageSpec
     actor: Any = None
     index: int = -1
+    node_id: str | None = None
+    in_spec: CodecSpec | None = None  # codec of the link into this stage
+    out_spec: CodecSpec | None = None  # codec of the link out of it
+    in_link: str = ""
+    out_link: str = ""
 
 
 @dataclass
 class _Flight:
     """One micro-batch moving through the segments."""
 
-    state: Any  # BlockState, or an ObjectRef of one
+    state: Any  # BlockState, or an ObjectRef of a WireState
     cond: BlockCond
     gen: dict
     cursor: int = 0
-    hops: int = 0
-    bytes: int = 0
-    full_bytes: int = 0  # one activation with text and image tokens: what a stage-to-stage hop carries
+    transfers: list = field(default_factory=list)
 
 
 @dataclass
 class StepStats:
-    """What the last forward moved: hops between processes and the bytes of activations sent."""
+    """What the last forward moved: one entry per hop (link, mode, raw/wire bytes, encode/decode ms)."""
 
-    hops: int = 0
-    bytes: int = 0
+    transfers: list = field(default_factory=list)
     ms: float = 0.0
-    per_hop: list = field(default_factory=list)
 
+    @property
+    def hops(self) -> int:
+        return len(self.transfers)
 
-def _state_bytes(state: BlockState) -> int:
-    return sum(t.numel() * t.element_size() for t in state.tensors())
+    @property
+    def bytes(self) -> int:
+        """Bytes on the wire for all hops."""
+        return sum(t["wire_bytes"] for t in self.transfers)
+
+    @property
+    def raw_bytes(self) -> int:
+        """What the same hops would have carried uncoded."""
+        return sum(t["raw_bytes"] for t in self.transfers)
 
 
 def _tensor_key(*tensors: torch.Tensor) -> str:
@@ -158,7 +171,8 @@ class SplitModel:
                              checkpoint_path=seg.spec.checkpoint_path or self.checkpoint,
                              dtype=str(self.dtype).removeprefix("torch."), cache_dir=cache_dir,
                              torch_threads=seg.spec.torch_threads or self.options.torch_threads
-                             or (torch.get_num_threads() if self.device.type == "cpu" else None))
+                             or (torch.get_num_threads() if self.device.type == "cpu" else None),
+                             offload=self.options.offload)
             seg.actor = StageActor.options(**self._stage_options(seg, k)).remote(init)
         for seg in remote:
             need = {"CPU": seg.spec.num_cpus, "GPU": self._stage_options(seg, None)["num_gpus"]}
@@ -168,7 +182,22 @@ class SplitModel:
                 raise ClusterError(explain_unschedulable(need, f"stage {seg.index} ({seg.range})")) from None
         loads = [self._load(seg) for seg in remote]
         for seg, ref in zip(remote, loads):
-            self._get(ref, seg, self.options.start_timeout_s, "loading its blocks")
+            seg.node_id = self._get(ref, seg, self.options.start_timeout_s, "loading its blocks")["node_id"]
+        self._plan_links()
+
+    def _plan_links(self) -> None:
+        """Resolve the codec spec of every link from where its two ends run (auto: raw on one node)."""
+        here = ray.get_runtime_context().get_node_id()
+        segs = self.segments
+        for i, seg in enumerate(segs):
+            if seg.spec.local:
+                continue
+            prev = segs[i - 1] if i > 0 and not segs[i - 1].spec.local else None
+            nxt = segs[i + 1] if i + 1 < len(segs) and not segs[i + 1].spec.local else None
+            seg.in_spec = choose_spec(self.options.codec, same_node=(prev.node_id if prev else here) == seg.node_id)
+            seg.out_spec = choose_spec(self.options.codec, same_node=(nxt.node_id if nxt else here) == seg.node_id)
+            seg.in_link = f"{f'stage{prev.index}' if prev else 'caller'}->stage{seg.index}"
+            seg.out_link = f"stage{seg.index}->{f'stage{nxt.index}' if nxt else 'caller'}"
 
     def _load(self, seg: Segment) -> Any:
         """Load from the worker's own file when it can read it, else ship the shard once."""
@@ -228,12 +257,10 @@ class SplitModel:
                 cond = self.model.conditioning(args[4], args[5], args[6], dtype=self.dtype)
                 key = f"{gen_id}:{i}/{n}:{bounds[i]}-{bounds[i + 1]}" if gen_id else _tensor_key(args[1], args[2], args[3])
                 gen, state = self._generation(key, args, cond)
-                full = state.img.shape[0] * (state.img.shape[1] + state.txt_len) * state.img.shape[2] * state.img.element_size()
-                flights.append(_Flight(state=state, cond=cond, gen=gen, full_bytes=full))
+                flights.append(_Flight(state=state, cond=cond, gen=gen))
             self._run(flights)
             out = torch.cat([self.model.finish(f.state, f.cond) for f in flights], dim=0)
-        self.last = StepStats(hops=sum(f.hops for f in flights), bytes=sum(f.bytes for f in flights),
-                              ms=(time.perf_counter() - t0) * 1000)
+        self.last = StepStats([t for f in flights for t in f.transfers], (time.perf_counter() - t0) * 1000)
         return out
 
     def _generation(self, key: str, args: list, cond: BlockCond) -> tuple[dict, BlockState]:
@@ -253,7 +280,8 @@ class SplitModel:
         self._gen_refs.move_to_end(key)
         txt_tokens = g["txt_local"]
         state = BlockState(state.img, txt_tokens[:, :0] if cache_txt else txt_tokens, state.txt_len)
-        return {"id": key, "pe": g["pe"], "txt": g["txt"], "pe_local": g["pe_local"], "txt_local": txt_tokens}, state
+        return {"id": key, "pe": g["pe"], "txt": g["txt"], "grid": _grid(img_ids),
+                "pe_local": g["pe_local"], "txt_local": txt_tokens}, state
 
     def _run(self, flights: list[_Flight]) -> None:
         """Advance every micro-batch: local segments here, remote chains submitted without waiting."""
@@ -265,12 +293,13 @@ class SplitModel:
                 f = flights[i]
                 if isinstance(f.state, ray.ObjectRef):
                     seg = self.segments[f.cursor - 1]
-                    f.state = self._get(f.state, seg, self.options.step_timeout_s, "a forward step")
-                    f.bytes += _state_bytes(f.state)
+                    wire = self._get(f.state, seg, self.options.step_timeout_s, "a forward step")
+                    f.state, hops = unpack_state(wire, self.device)
+                    f.transfers.extend(hops)
             pending = [i for i in pending if flights[i].cursor < len(self.segments)]
 
     def _advance(self, f: _Flight) -> None:
-        gen_remote = {"id": f.gen["id"], "pe": f.gen["pe"], "txt": f.gen["txt"]}
+        gen_remote = {"id": f.gen["id"], "pe": f.gen["pe"], "txt": f.gen["txt"], "grid": f.gen["grid"]}
         while f.cursor < len(self.segments):
             seg = self.segments[f.cursor]
             if seg.spec.local:
@@ -282,15 +311,11 @@ class SplitModel:
                 f.state = self.model.run_blocks(state, f.cond, f.gen["pe_local"], seg.range.start, seg.range.stop)
             else:
                 if isinstance(f.state, BlockState):
-                    f.bytes += _state_bytes(f.state)
-                    f.state = _cpu_state(f.state)
-                else:
-                    f.bytes += f.full_bytes
-                f.state = seg.actor.forward.remote(f.state, _cpu_cond(f.cond), gen_remote)
-                f.hops += 1
+                    f.state = pack_state(f.state, seg.in_spec, f.gen["grid"], seg.in_link)
+                out = {"spec": seg.out_spec.model_dump(), "link": seg.out_link}
+                f.state = seg.actor.forward.remote(f.state, _cpu_cond(f.cond), gen_remote, out)
             f.cursor += 1
             if isinstance(f.state, ray.ObjectRef) and (f.cursor >= len(self.segments) or self.segments[f.cursor].spec.local):
-                f.hops += 1  # the way back to the caller; its bytes are counted on arrival
                 return
 
     # -- block replacement for a foreign forward (e.g. ComfyUI's own FLUX model) ----------------
@@ -328,11 +353,13 @@ class SplitModel:
                 state = BlockState(img.cpu(), args["txt"].cpu(), args["txt"].shape[1])
             else:  # joined stream; the text length only matters to a caller that unjoins
                 state = BlockState(img.cpu(), None, 0)
-            ref = state
+            ref = pack_state(state, chain[0].in_spec, None, chain[0].in_link)
             cond = _cpu_cond(args["cond"])
             for seg in chain:
-                ref = seg.actor.forward.remote(ref, cond, gen)
-            out = self._get(ref, chain[-1], self.options.step_timeout_s, "a patched block range")
+                ref = seg.actor.forward.remote(ref, cond, gen, {"spec": seg.out_spec.model_dump(), "link": seg.out_link})
+            wire = self._get(ref, chain[-1], self.options.step_timeout_s, "a patched block range")
+            out, hops = unpack_state(wire, img.device)
+            self.last = StepStats(hops)
             if first < self.config.depth:
                 out = out.unjoin()
                 return {"img": out.img.to(img.device), "txt": out.txt.to(img.device)}
@@ -389,9 +416,13 @@ def _cpu_cond(cond: BlockCond) -> BlockCond:
     return move_cond(cond, torch.device("cpu"))
 
 
-def _cpu_state(state: BlockState) -> BlockState:
-    """Host copy for the object store (Ray would copy CUDA tensors through host memory anyway)."""
-    return move_state(state, torch.device("cpu"))
+def _grid(img_ids: torch.Tensor) -> tuple[int, int] | None:
+    """(rows, cols) of the image-token grid from the position ids, when the tokens form one."""
+    if img_ids.shape[1] == 0:
+        return None
+    rows = int(img_ids[0, :, 1].max()) + 1
+    cols = int(img_ids[0, :, 2].max()) + 1
+    return (rows, cols) if rows * cols == img_ids.shape[1] else None
 
 
 def make_split(checkpoint: str, stages: int | list | None = None, n_blocks_remote: int | None = None,

@@ -67,3 +67,20 @@ def test_status_unreachable_is_one_line():
     assert out.returncode == 1
     lines = [l for l in out.stderr.strip().splitlines() if l.strip()]
     assert len(lines) == 1 and "cannot reach a Ray cluster at 127.0.0.1:9" in lines[0]
+
+
+def test_bench_split_json_small():
+    out = run("bench", "split", "--hidden", "64", "--heads", "2", "--image-tokens", "64", "--txt-tokens", "8",
+              "--repeats", "1", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = last_json(out)
+    for key in ("ratio_split_over_local", "step_ms_local", "step_ms_split", "hop_ms", "bytes_per_step"):
+        assert r[key] > 0
+    assert r["max_abs_diff"] == 0.0
+
+
+def test_doctor_names_every_backend():
+    out = run("doctor", timeout=120)
+    assert out.returncode == 0
+    for name in ("raw", "zstd", "nvcomp", "nvenc", "nvdec", "x265"):
+        assert name in out.stdout

@@ -6,6 +6,7 @@ creation (see ``mesh_ray.split``), not code in here.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import OrderedDict
@@ -16,7 +17,10 @@ import ray
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from mesh_ray.actors.wire import WireState, pack_state, unpack_state
+from mesh_ray.codec import CodecSpec
 from mesh_ray.errors import StageError
+from mesh_ray.memory import AutoOffload, OffloadSpec
 from mesh_ray.models.blocks import BlockRange
 from mesh_ray.models.checkpoint import load_blocks, save_checkpoint, shard_digest
 from mesh_ray.models.flux import BlockCond, BlockState, FluxConfig, build
@@ -37,6 +41,7 @@ class StageInit(BaseModel):
     dtype: str
     cache_dir: str
     torch_threads: int | None = None
+    offload: OffloadSpec | None = None
 
 
 def default_cache_dir() -> str:
@@ -82,6 +87,7 @@ class StageClass:
         self.shard_source = "none"
         self.shard_digest: str | None = None
         self._consts: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self.offload: AutoOffload | None = None
         self.calls = 0
         self.busy_s = 0.0
 
@@ -135,8 +141,16 @@ class StageClass:
         except RuntimeError as e:
             raise StageError(f"stage {self.init.index} ({self.range}): tensor shapes do not match the model "
                              f"({str(e).splitlines()[-1].strip()}): the checkpoint does not match its config") from None
-        for b in self.range:
-            self.model.block(b).to(self.device)
+        spec = self.init.offload
+        if self.offload is not None:
+            self.offload.detach()
+            self.offload = None
+        if spec is not None and spec.enabled:
+            # Weights stay in host memory and stream to the device a window of blocks at a time.
+            self.offload = AutoOffload.from_spec(self.model, spec.model_copy(update={"device": spec.device or str(self.device)}))
+        else:
+            for b in self.range:
+                self.model.block(b).to(self.device)
         self.loaded = True
         self.shard_source = source
         self.shard_digest = digest
@@ -157,22 +171,26 @@ class StageClass:
         return c["pe"], c["txt"]
 
     @torch.inference_mode()
-    def forward(self, state: BlockState, cond: BlockCond, gen: dict) -> BlockState:
-        """Run this stage's blocks on ``state``; the result goes to the next stage as an ObjectRef."""
+    def forward(self, state: WireState, cond: BlockCond, gen: dict, out: dict | None = None) -> WireState:
+        """Run this stage's blocks on ``state``; the result goes on as an ObjectRef, coded with
+        ``out["spec"]`` (the codec spec the caller chose for the outgoing link) unless raw."""
         if not self.loaded:
             raise StageError(f"stage {self.init.index} has no weights loaded: create the split through mesh.split()")
         t0 = time.perf_counter()
         pe, txt = self._constants(gen)
-        state = move_state(state, self.device)
+        state, hops = unpack_state(state, self.device)
         if txt is not None and self.range.start == 0 and not state.joined and state.txt.numel() == 0:
             state = BlockState(state.img, txt, state.txt_len)  # text tokens cached for the generation
-        state = self.model.run_blocks(state, move_cond(cond, self.device), pe, self.range.start, self.range.stop)
-        out = move_state(state, torch.device("cpu"))
+        with self.offload.forward_pass() if self.offload else contextlib.nullcontext():
+            state = self.model.run_blocks(state, move_cond(cond, self.device), pe, self.range.start, self.range.stop)
+        out = out or {}
+        spec = CodecSpec.parse(out.get("spec") or "raw")
+        result = pack_state(state, spec, gen.get("grid"), out.get("link", f"stage{self.init.index}->next"), hops)
         self.calls += 1
         self.busy_s += time.perf_counter() - t0
-        return out
+        return result
 
-    def echo(self, state: BlockState) -> BlockState:
+    def echo(self, state: WireState) -> WireState:
         """Return the input unchanged: the cost of one hop without compute (for benchmarks)."""
         return state
 
@@ -191,7 +209,8 @@ class StageClass:
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "loaded": self.loaded,
                 "shard_source": self.shard_source, "weight_bytes": weights, "rss_bytes": rss,
                 "cuda_bytes": torch.cuda.memory_allocated() if self.device.type == "cuda" else 0,
-                "calls": self.calls, "busy_s": round(self.busy_s, 3), "threads": torch.get_num_threads()}
+                "calls": self.calls, "busy_s": round(self.busy_s, 3), "threads": torch.get_num_threads(),
+                "offload": self.offload.stats() if self.offload else None}
 
 
 StageActor = ray.remote(StageClass)

@@ -1,0 +1,72 @@
+"""Block states on the wire: coded with the link's codec spec before they enter the object store.
+
+Every hop sends a ``WireState``: the streams as tensors (raw link: Ray moves them, nothing is
+copied twice) or as codec payloads (coded link), plus the metrics of every hop the activation
+has made so far in its chain, so the caller sees the cost of each transfer.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from mesh_ray.codec import CodecSpec, decode, encode_with_metrics
+from mesh_ray.models.flux import BlockState
+
+
+@dataclass
+class WireState:
+    """A BlockState for one link: ``img`` (and ``txt`` unless joined) as tensors or codec payloads."""
+
+    img: torch.Tensor | bytes
+    txt: torch.Tensor | bytes | None
+    txt_len: int
+    hops: list[dict] = field(default_factory=list)
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def pack_state(state: BlockState, spec: CodecSpec, grid: tuple[int, int] | None, link: str,
+               hops: list[dict] | None = None) -> WireState:
+    """Code ``state`` for a link (raw: the host tensors themselves) and record the hop."""
+    if spec.mode == "raw":
+        img, txt = state.img.cpu(), state.txt.cpu() if state.txt is not None else None
+        size = _nbytes(img) + _nbytes(txt)
+        hop = {"link": link, "mode": "raw", "raw_bytes": size, "wire_bytes": size, "encode_ms": 0.0, "decode_ms": 0.0}
+        return WireState(img, txt, state.txt_len, [*(hops or []), hop])
+    t0 = time.perf_counter()
+    if state.joined:
+        img, m_img = encode_with_metrics(state.img, spec, grid, state.txt_len)
+        txt, m_txt = None, None
+    elif state.txt.numel() == 0:  # text tokens cached on the stage: nothing to code
+        img, m_img = encode_with_metrics(state.img, spec, grid, 0)
+        txt, m_txt = state.txt.cpu(), None
+    else:
+        img, m_img = encode_with_metrics(state.img, spec, grid, 0)
+        txt, m_txt = encode_with_metrics(state.txt, spec, None, 0)
+    ms = [m for m in (m_img, m_txt) if m is not None]
+    hop = {"link": link, "mode": spec.mode, "raw_bytes": sum(m.raw_bytes for m in ms),
+           "wire_bytes": sum(m.wire_bytes for m in ms), "encode_ms": round((time.perf_counter() - t0) * 1e3, 3),
+           "decode_ms": None}
+    if spec.debug_metrics:  # the image stream dominates; its error stands for the hop
+        hop["cosine"], hop["max_abs"] = m_img.cosine, max(m.max_abs for m in ms)
+    return WireState(img, txt, state.txt_len, [*(hops or []), hop])
+
+
+def unpack_state(obj: WireState, device: torch.device) -> tuple[BlockState, list[dict]]:
+    """Decode a WireState onto ``device``, recording the decode time on its last hop."""
+    if isinstance(obj.img, torch.Tensor):
+        txt = obj.txt.to(device) if obj.txt is not None else None
+        return BlockState(obj.img.to(device), txt, obj.txt_len), obj.hops
+    t0 = time.perf_counter()
+    img = decode(obj.img, device)
+    txt = obj.txt if obj.txt is None or isinstance(obj.txt, torch.Tensor) else decode(obj.txt, device)
+    txt = txt.to(device) if txt is not None else None
+    hops = [dict(h) for h in obj.hops]
+    if hops:
+        hops[-1]["decode_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
+    return BlockState(img, txt, obj.txt_len), hops
