@@ -128,3 +128,14 @@ def test_status_lists_stage_actors(mesh, tiny_ckpts):
     assert sorted(a["blocks"] for a in actors) == ["double:0-single:0", "single:1-3"]
     assert all(a["loaded"] and a["weight_bytes"] > 0 and a["node_ip"] for a in actors)
     split.close()
+
+
+def test_micro_batches_run_on_stages_at_the_same_time(mesh, tiny_ckpts):
+    split = mesh.split(str(tiny_ckpts["flux2"]), stages=2, micro_batches=4, torch_threads=1)
+    args = inputs(split.config, b=4, h=24, w=24)  # enough tokens that a stage call takes a while
+    split(*args)
+    first, second = (i["recent_calls"] for i in split.stage_info())
+    assert len(first) == len(second) == 4
+    overlaps = [(a, b) for a in first for b in second if a[0] < b[1] and b[0] < a[1]]
+    assert overlaps, "stage 1 never worked while stage 0 did: micro-batches did not pipeline"
+    split.close()

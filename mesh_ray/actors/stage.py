@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,7 @@ class StageClass:
         self.offload: AutoOffload | None = None
         self.calls = 0
         self.busy_s = 0.0
+        self.recent: deque[tuple[float, float]] = deque(maxlen=64)  # wall-clock (start, end) of forwards
 
     # -- loading --------------------------------------------------------------------------------
 
@@ -176,7 +177,7 @@ class StageClass:
         ``out["spec"]`` (the codec spec the caller chose for the outgoing link) unless raw."""
         if not self.loaded:
             raise StageError(f"stage {self.init.index} has no weights loaded: create the split through mesh.split()")
-        t0 = time.perf_counter()
+        t0, wall0 = time.perf_counter(), time.time()
         pe, txt = self._constants(gen)
         state, hops = unpack_state(state, self.device)
         if txt is not None and self.range.start == 0 and not state.joined and state.txt.numel() == 0:
@@ -188,6 +189,7 @@ class StageClass:
         result = pack_state(state, spec, gen.get("grid"), out.get("link", f"stage{self.init.index}->next"), hops)
         self.calls += 1
         self.busy_s += time.perf_counter() - t0
+        self.recent.append((wall0, time.time()))
         return result
 
     def echo(self, state: WireState) -> WireState:
@@ -210,7 +212,7 @@ class StageClass:
                 "shard_source": self.shard_source, "weight_bytes": weights, "rss_bytes": rss,
                 "cuda_bytes": torch.cuda.memory_allocated() if self.device.type == "cuda" else 0,
                 "calls": self.calls, "busy_s": round(self.busy_s, 3), "threads": torch.get_num_threads(),
-                "offload": self.offload.stats() if self.offload else None}
+                "offload": self.offload.stats() if self.offload else None, "recent_calls": list(self.recent)}
 
 
 StageActor = ray.remote(StageClass)
