@@ -24,6 +24,12 @@ class Arch(str, Enum):
     flux2 = "flux2"
 
 
+class VaeMode(str, Enum):
+    wait = "wait"
+    forget = "forget"
+    promise = "promise"
+
+
 class Codec(str, Enum):
     raw = "raw"
     quant8 = "quant8"
@@ -62,12 +68,13 @@ def demo(arch: Arch = typer.Option(Arch.flux1, help="FLUX.1 or FLUX.2 tiny model
          out: str = typer.Option("out", help="Directory for the PNG."),
          codec: Codec = typer.Option(Codec.raw, help="How activations are coded on every link."),
          qp: Optional[int] = typer.Option(None, min=0, max=51, help="HEVC quantisation parameter (hevc only)."),
+         vae: Optional[VaeMode] = typer.Option(None, help="Decode on a VAE decoder actor: wait, forget or promise."),
          as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")) -> None:
     """Split a seeded tiny FLUX model over stages on an embedded Ray, generate, compare with one process."""
     from mesh_ray.demo import run_demo
 
     result = _run(lambda: run_demo(arch.value, stages, steps, size, seed, out, progress=not as_json,
-                                   codec=codec.value, qp=qp))
+                                   codec=codec.value, qp=qp, vae=vae.value if vae else None))
     _emit(result, as_json, "mesh-ray demo")
 
 
@@ -158,6 +165,19 @@ def bench_offload(hidden: Optional[int] = typer.Option(None, min=64), tokens: Op
         return run_offload_bench(hidden, tokens, blocks, wins, budget_fraction, quick, steps=steps, device=device, dtype=dtype)
 
     result = _run(body)
+    print(format_table(result))
+    if as_json:
+        print(json.dumps(result, default=str))
+
+
+@bench_app.command("vae")
+def bench_vae(generations: int = typer.Option(6, min=2), size: int = typer.Option(512, min=16),
+              rounds: int = typer.Option(2, min=1), threads: int = typer.Option(1, min=1),
+              as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")) -> None:
+    """Wait vs Promise decoding over several generations, side by side; goal ratio >= 1.6, < 5 ms blocked."""
+    from mesh_ray.bench.vae import format_table, run_vae_bench
+
+    result = _run(lambda: run_vae_bench(generations=generations, size=size, rounds=rounds, threads=threads))
     print(format_table(result))
     if as_json:
         print(json.dumps(result, default=str))

@@ -57,7 +57,8 @@ def ensure_ray(options: ConnectOptions) -> str:
         _init(address=address, **common)
         return address
     num_cpus = options.num_cpus or os.cpu_count() or 1
-    _init(num_cpus=num_cpus, num_gpus=options.num_gpus, include_dashboard=False, **common)
+    # address="local": always a new embedded cluster, never a stranger's `ray start` on this machine.
+    _init(address="local", num_cpus=num_cpus, num_gpus=options.num_gpus, include_dashboard=False, **common)
     return "embedded"
 
 

@@ -14,6 +14,7 @@ import torch
 from mesh_ray.mesh import connect
 from mesh_ray.models.checkpoint import inspect, load_blocks, write_random_checkpoint
 from mesh_ray.models.flux import build
+from mesh_ray.models.vae import write_random_vae
 from mesh_ray.preview import latent_to_rgb, save_png
 from mesh_ray.sampler import generate, random_conditioning
 
@@ -46,13 +47,42 @@ def _split_generate(mesh: Any, ckpt: Path, stages: int, codec: dict, txt: torch.
     return latent, ms, per_step
 
 
+def _decode_remote(mesh: Any, vae_path: Path, latent: torch.Tensor, mode: str, out_dir: Path, meta: dict,
+                   timeout_s: float = 300) -> dict:
+    """Decode through a VAE decoder actor in ``mode``; returns the files written and the caller's blocked ms."""
+    service = mesh.vae(str(vae_path), replicas=1, output_dir=str(out_dir), timeout_s=timeout_s)
+    try:
+        t0 = time.perf_counter()
+        if mode == "wait":
+            images = service.decode(latent, mode="wait")
+            blocked = (time.perf_counter() - t0) * 1000
+            path = save_png((images[0].numpy() * 255).round().astype("uint8"), out_dir / "demo-vae-wait.png", meta)
+            paths = [path]
+        elif mode == "forget":
+            request = service.decode(latent, mode="forget", save="demo-vae-forget", metadata=meta)
+            blocked = (time.perf_counter() - t0) * 1000
+            service.drain(timeout_s)
+            paths = sorted(out_dir.glob(f"demo-vae-forget_{request}_*.png"))
+        else:
+            promise = service.decode(latent, mode="promise")
+            handle = promise.save(out_dir / "demo-vae-promise.png", metadata=meta)
+            blocked = (time.perf_counter() - t0) * 1000
+            paths = handle.result(timeout_s)
+        return {"vae": mode, "vae_blocked_ms": round(blocked, 3), "image_paths": [str(Path(p).resolve()) for p in paths],
+                "vae_failures": service.stats().get("failed", 0)}
+    finally:
+        service.close()
+
+
 def run_demo(arch: str = "flux1", stages: int = 2, steps: int = 4, size: int = 256, seed: int = 0,
              out_dir: str | os.PathLike = "out", progress: bool = True, codec: str | None = None,
-             qp: int | None = None) -> dict:
+             qp: int | None = None, vae: str | None = None) -> dict:
     """Generate one image split over ``stages`` stage actors and the same image in this process.
 
     With ``codec`` (raw | quant8 | hevc | auto) every link codes its activations; the result then
     also reports the raw bytes the same hops would carry and the difference against a raw split.
+    With ``vae`` (wait | forget | promise) the latent is decoded by a VAE decoder actor (a seeded
+    tiny FLUX VAE) in that mode; otherwise the PNG is a latent preview.
     """
     spec = {"mode": codec or "raw", **({"qp": qp} if qp is not None else {})}
     with tempfile.TemporaryDirectory(prefix="mesh-ray-demo-") as tmp:
@@ -68,9 +98,14 @@ def run_demo(arch: str = "flux1", stages: int = 2, steps: int = 4, size: int = 2
         latent_raw = latent_split
         if spec["mode"] != "raw":
             latent_raw, _, _ = _split_generate(mesh, ckpt, stages, {"mode": "raw"}, txt, y, **gen_kw)
+        meta = {"mesh_ray.arch": arch, "mesh_ray.stages": str(stages), "mesh_ray.seed": str(seed),
+                "mesh_ray.codec": json.dumps(spec), "mesh_ray.note": "random-weight tiny model"}
+        decoded: dict = {}
+        if vae:
+            vae_path = write_random_vae(Path(tmp) / "ae.safetensors", f"tiny-{arch}", seed=seed)
+            decoded = _decode_remote(mesh, vae_path, latent_split, vae, Path(out_dir), meta)
     image = save_png(latent_to_rgb(latent_split[0]), Path(out_dir) / f"demo-{arch}-{stages}stages.png",
-                     {"mesh_ray.arch": arch, "mesh_ray.stages": str(stages), "mesh_ray.seed": str(seed),
-                      "mesh_ray.codec": json.dumps(spec), "mesh_ray.note": "latent preview of a random-weight tiny model"})
+                     {**meta, "mesh_ray.note": "latent preview of a random-weight tiny model"})
     n = max(1, len(per_step))
     return {"arch": arch, "stages": stages, "steps": steps, "size": size, "seed": seed, "codec": spec["mode"],
             "qp": qp, "max_abs_diff_vs_local": float((latent_split - latent_local).abs().max()),
@@ -81,4 +116,5 @@ def run_demo(arch: str = "flux1", stages: int = 2, steps: int = 4, size: int = 2
             "hops_per_step": per_step[-1].hops if per_step else 0,
             "encode_ms_per_step": round(sum(t["encode_ms"] for s in per_step for t in s.transfers) / n, 3),
             "decode_ms_per_step": round(sum(t["decode_ms"] or 0 for s in per_step for t in s.transfers) / n, 3),
-            "image_path": str(image.resolve())}
+            "image_path": decoded["image_paths"][0] if decoded.get("image_paths") else str(image.resolve()),
+            "latent_preview_path": str(image.resolve()), **decoded}

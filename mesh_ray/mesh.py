@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
@@ -10,6 +10,9 @@ from mesh_ray.cluster import describe_resources, ensure_ray
 from mesh_ray.config import ConnectOptions, SplitOptions, StageSpec, validate
 from mesh_ray.errors import ClusterError
 from mesh_ray.split import SplitModel, make_split
+
+if TYPE_CHECKING:
+    from mesh_ray.vae_service import VaeService
 
 
 class Mesh:
@@ -19,6 +22,7 @@ class Mesh:
         self.mode = mode
         self.options = options
         self._splits: list[SplitModel] = []
+        self._services: list = []
 
     def split(self, checkpoint: str, stages: int | list[str | dict | StageSpec] | None = None,
               n_blocks_remote: int | None = None, options: SplitOptions | dict | None = None,
@@ -33,6 +37,18 @@ class Mesh:
         s = make_split(checkpoint, stages, n_blocks_remote, options, **option_kwargs)
         self._splits.append(s)
         return s
+
+    def vae(self, checkpoint: str, replicas: int = 1, **kwargs: Any) -> "VaeService":
+        """A pool of VAE decoder actors for ``checkpoint`` (BFL ``ae.safetensors`` layout).
+
+        ``vae.decode(latent, mode="wait" | "forget" | "promise", save=...)``; keywords are
+        ``VaeService`` options (num_gpus, idle_timeout_s, output_dir, torch_threads, timeout_s).
+        """
+        from mesh_ray.vae_service import VaeService
+
+        service = VaeService(checkpoint, replicas=replicas, **kwargs)
+        self._services.append(service)
+        return service
 
     def actors(self, timeout_s: float = 30) -> list[dict]:
         """The mesh-ray actors alive in this cluster (any driver's), with where they run and what they hold."""
@@ -56,10 +72,13 @@ class Mesh:
         return {"mode": self.mode, **describe_resources(), "actors": self.actors()}
 
     def close(self) -> None:
-        """Close every split made through this handle (the Ray connection stays)."""
+        """Close every split and VAE service made through this handle (the Ray connection stays)."""
         for s in self._splits:
             s.close()
+        for v in self._services:
+            v.close(wait=False)
         self._splits.clear()
+        self._services.clear()
 
 
 def connect(address: str | None = None, **kwargs: Any) -> Mesh:

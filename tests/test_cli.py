@@ -84,3 +84,17 @@ def test_doctor_names_every_backend():
     assert out.returncode == 0
     for name in ("raw", "zstd", "nvcomp", "nvenc", "nvdec", "x265"):
         assert name in out.stdout
+
+
+@pytest.mark.parametrize("mode", ["wait", "forget", "promise"])
+def test_demo_decodes_through_the_vae_service(tmp_path, mode):
+    out = run("demo", "--vae", mode, "--steps", "1", "--size", "64", "--out", str(tmp_path), "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = last_json(out)
+    assert r["vae"] == mode and r["vae_failures"] == 0
+    assert len(r["image_paths"]) == 1 and Path(r["image_paths"][0]).is_file()
+    from PIL import Image
+    with Image.open(r["image_paths"][0]) as im:
+        assert im.size == (64, 64) and im.text.get("mesh_ray.arch") == "flux1"
+    if mode != "wait":
+        assert r["vae_blocked_ms"] < 1000  # the caller moved on; the actor decoded and wrote the file

@@ -10,6 +10,7 @@ from pathlib import Path
 import ray
 import torch
 
+from mesh_ray.bench import median_ms
 from mesh_ray.mesh import connect
 from mesh_ray.models.checkpoint import load_blocks, write_random_checkpoint
 from mesh_ray.models.flux import BlockState, FluxConfig, build, default_axes_dim, position_ids
@@ -23,15 +24,6 @@ def bench_config(arch: str = "flux1", hidden: int = 512, heads: int = 4, depth: 
                       mlp_ratio=4.0 if arch == "flux1" else 3.0, depth=depth, depth_single_blocks=single,
                       axes_dim=default_axes_dim(arch, head_dim), theta=10000 if arch == "flux1" else 2000,
                       qkv_bias=arch == "flux1", guidance_embed=arch == "flux1")
-
-
-def _median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
 
 
 def run_split_bench(arch: str = "flux1", hidden: int = 512, heads: int = 4, depth: int = 1, single: int = 3,
@@ -63,13 +55,13 @@ def run_split_bench(arch: str = "flux1", hidden: int = 512, heads: int = 4, dept
             local_ms, split_ms = [], []
             for _ in range(repeats):
                 with torch.inference_mode():
-                    local_ms.append(_median_ms(lambda: local(img, img_ids, txt, txt_ids, t, y, g), 1))
-                split_ms.append(_median_ms(lambda: split(img, img_ids, txt, txt_ids, t, y, g, transformer_options=opts), 1))
+                    local_ms.append(median_ms(lambda: local(img, img_ids, txt, txt_ids, t, y, g), 1))
+                split_ms.append(median_ms(lambda: split(img, img_ids, txt, txt_ids, t, y, g, transformer_options=opts), 1))
             bytes_per_step, hops = split.last.bytes, split.last.hops
             state = BlockState(torch.randn(1, h_tok * w_tok + txt_tokens, hidden), None, txt_tokens)
             actor = split.stages[0].actor
             ray.get(actor.echo.remote(state), timeout=120)
-            hop_ms = _median_ms(lambda: ray.get(actor.echo.remote(state), timeout=120), max(3, repeats)) / 2
+            hop_ms = median_ms(lambda: ray.get(actor.echo.remote(state), timeout=120), max(3, repeats)) / 2
         finally:
             split.close()
     step_local, step_split = statistics.median(local_ms), statistics.median(split_ms)

@@ -1,0 +1,290 @@
+"""VAE decoder actor: one FLUX VAE decoder pinned to a GPU (CPU when the cluster has none).
+
+Placement is chosen at creation, as in Ray's own examples::
+
+    actor = VaeDecoderActor.options(num_gpus=1, num_cpus=1).remote(checkpoint, output_dir="out")
+
+Public methods (the actor's API):
+  * ``decode(latent, tile, overlap, raw, as_uint8)`` -> two refs: a small status dict and numpy
+    ``[B, H, W, C]`` float32 0..1 (or uint8 0..255);
+  * ``decode_and_save(latent, prefix, request_id, metadata, tile, overlap, raw)`` -> paths of the
+    PNGs written under the actor's output directory (with text metadata);
+  * ``info()``, ``reserve()`` (control group: answered even while a decode runs).
+
+Decodes run one at a time (the default concurrency group); ``info`` / ``reserve`` /
+``exit_if_idle`` run in a small ``control`` group beside them.  With ``idle_timeout_s`` the actor
+exits on its own after that long without work, which frees its GPU; ``reserve()`` (called by the
+service before it sends work to a replica that has been idle a while) resets the idle clock or
+answers False when the actor is already leaving, so no request is sent to an exiting actor.
+
+This module also holds the PNG writer used everywhere (actor, promise, service): atomic writes
+(temporary name, then rename) so a crash or a failed image never leaves a half file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import ray
+import torch
+
+from mesh_ray.errors import ClusterError, ConfigError, MeshError
+
+log = logging.getLogger("mesh_ray.vae")
+
+CONTROL_GROUP = "control"
+PNG_COMPRESS_LEVEL = 4  # ComfyUI's SaveImage default: about half the time of zlib's 6, files ~5% larger
+
+
+# --------------------------------------------------------------------------------------------
+# Images and PNG files
+# --------------------------------------------------------------------------------------------
+
+
+def to_uint8(images: np.ndarray | torch.Tensor) -> np.ndarray:
+    """``[B, H, W, C]`` float 0..1 -> uint8 0..255 (rounded)."""
+    if isinstance(images, torch.Tensor):
+        images = images.detach().float().cpu().numpy()
+    if images.dtype == np.uint8:
+        return images
+    return (np.clip(images, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _png_info(metadata: Mapping[str, Any] | None):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for k, v in (metadata or {}).items():
+        info.add_text(str(k), v if isinstance(v, str) else json.dumps(v))
+    return info
+
+
+def write_png(image: np.ndarray, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write one ``[H, W, C]`` uint8 image as PNG with text chunks, atomically."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}[image.shape[-1]]
+    try:
+        Image.fromarray(image[..., 0] if mode == "L" else image, mode=mode).save(
+            tmp, format="PNG", pnginfo=_png_info(metadata), compress_level=PNG_COMPRESS_LEVEL)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def image_paths(target: str | os.PathLike, count: int, stem: str, as_dir: bool | None = None) -> list[Path]:
+    """Where a batch of ``count`` images goes.
+
+    ``target`` is a directory (it exists, ends with a separator or has no suffix): files are
+    ``{stem}_{k:02d}.png`` in it.  Otherwise it is a file path: used as is for one image,
+    ``{name}_{k:02d}{suffix}`` for a batch.  ``as_dir`` forces either reading.
+    """
+    as_dir = as_dir if as_dir is not None else (
+        Path(target).is_dir() or str(target).endswith(("/", os.sep)) or Path(target).suffix == "")
+    target = Path(target)
+    if as_dir:
+        return [target / f"{stem}_{k:02d}.png" for k in range(count)]
+    if count == 1:
+        return [target]
+    return [target.with_name(f"{target.stem}_{k:02d}{target.suffix}") for k in range(count)]
+
+
+def save_images(images: np.ndarray | torch.Tensor, target: str | os.PathLike, metadata: Mapping[str, Any] | None = None,
+                stem: str = "mesh_ray", as_dir: bool | None = None) -> list[Path]:
+    """Write a ``[B, H, W, C]`` batch as PNGs (see ``image_paths``), one atomic file each.
+
+    When image k fails, images 0..k-1 stay on disk and the error names them.
+    """
+    data = to_uint8(images)
+    if data.ndim != 4:
+        raise ConfigError(f"images have shape {tuple(data.shape)}, expected [B, H, W, C]: pass a batch of images")
+    written: list[Path] = []
+    for k, path in enumerate(image_paths(target, data.shape[0], stem, as_dir)):
+        try:
+            written.append(write_png(data[k], path, metadata))
+        except Exception as e:
+            kept = ", ".join(p.name for p in written) or "none"
+            raise MeshError(f"saving image {k} of {data.shape[0]} to {path} failed ({type(e).__name__}: {e}); "
+                            f"images already saved are kept ({kept}): fix the path or free disk space and save again") from None
+    return written
+
+
+def check_prefix(prefix: str) -> str:
+    """A file-name prefix relative to an output directory (sub-folders allowed, no escape)."""
+    p = Path(prefix)
+    if not prefix or p.is_absolute() or ".." in p.parts:
+        raise ConfigError(f"save prefix {prefix!r} must be a relative name inside the output directory: "
+                          f"use e.g. 'portraits/img' (no leading '/', no '..')")
+    return prefix
+
+
+def pick_device(dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """CUDA when this process was given a GPU and torch sees one, else CPU; bf16 on GPU, fp32 on CPU."""
+    gpu = torch.cuda.is_available() and (not ray.is_initialized() or len(ray.get_gpu_ids()) > 0)
+    device = torch.device("cuda" if gpu else "cpu")
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype == "auto":
+        return device, (torch.bfloat16 if gpu and torch.cuda.is_bf16_supported() else torch.float32)
+    if dtype not in names:
+        raise ConfigError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    return device, names[dtype]
+
+
+# --------------------------------------------------------------------------------------------
+# The actor
+# --------------------------------------------------------------------------------------------
+
+
+@ray.remote(concurrency_groups={CONTROL_GROUP: 2})
+class VaeDecoderActor:
+    """A FLUX VAE decoder replica.
+
+    Args:
+      checkpoint: path of the VAE safetensors file on the actor's node (decoder keys are read).
+      output_dir: where ``decode_and_save`` writes (created when needed).
+      idle_timeout_s: exit after this many seconds without work (None: never).
+      torch_threads: ``torch.set_num_threads`` for this process (None: leave Ray's default).
+      dtype: ``auto`` (bf16 on GPU, fp32 on CPU) or an explicit float type.
+    """
+
+    def __init__(self, checkpoint: str, output_dir: str = "outputs/vae", idle_timeout_s: float | None = None,
+                 torch_threads: int | None = None, dtype: str = "auto", replica: int = 0):
+        from mesh_ray.models.vae import load_vae
+
+        if torch_threads:
+            torch.set_num_threads(int(torch_threads))
+        self.device, self.dtype = pick_device(dtype)
+        self.model = load_vae(checkpoint, device=self.device, dtype=self.dtype)
+        self.arch = self.model.config.arch
+        self.checkpoint = checkpoint
+        self.output_dir = Path(output_dir)
+        self.replica = replica
+        self.idle_timeout_s = idle_timeout_s
+        self.started = time.time()
+        self._lock = threading.Lock()
+        self._busy = 0
+        self._last = time.monotonic()
+        self._closing = False
+        self._exit_asked = False
+        self._decoded = 0
+        if idle_timeout_s:
+            self._self = ray.get_runtime_context().current_actor
+            threading.Thread(target=self._watch_idle, name="vae-idle", daemon=True).start()
+
+    # -- control ------------------------------------------------------------------------------
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def info(self) -> dict:
+        with self._lock:
+            busy, last = self._busy, self._last
+        return {"replica": self.replica, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+                "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "arch": self.arch, "gpu_ids": ray.get_gpu_ids(), "busy": busy,
+                "idle_s": time.monotonic() - last, "decoded": self._decoded, "torch_threads": torch.get_num_threads(),
+                "idle_timeout_s": self.idle_timeout_s}
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def reserve(self) -> bool:
+        """Reset the idle clock; False when the actor has already decided to exit."""
+        with self._lock:
+            if self._closing:
+                return False
+            self._last = time.monotonic()
+            return True
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def exit_if_idle(self) -> bool:
+        """Exit (freeing the GPU) when still idle past the timeout; False when work came in."""
+        with self._lock:
+            idle = self._busy == 0 and time.monotonic() - self._last >= (self.idle_timeout_s or float("inf"))
+            if not idle:
+                self._exit_asked = False
+                return False
+            self._closing = True
+        log.info("VAE decoder replica %s idle for %.1f s: exiting to free %s", self.replica, self.idle_timeout_s,
+                 self.device)
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        ray.actor.exit_actor()
+        return True  # not reached
+
+    def _watch_idle(self) -> None:
+        period = max(0.05, min(1.0, self.idle_timeout_s / 5))
+        while True:
+            time.sleep(period)
+            with self._lock:
+                if self._closing:
+                    return
+                due = (not self._exit_asked and self._busy == 0
+                       and time.monotonic() - self._last >= self.idle_timeout_s)
+                if due:
+                    self._exit_asked = True
+            if due:  # exit_actor must run inside an actor task, so ask ourselves
+                self._self.exit_if_idle.remote()
+
+    # -- work ---------------------------------------------------------------------------------
+
+    def _begin(self) -> None:
+        with self._lock:
+            if self._closing:
+                raise ClusterError(f"VAE decoder replica {self.replica} is exiting after its idle timeout: "
+                                   f"send the latent again (the service starts a new replica)")
+            self._busy += 1
+            self._last = time.monotonic()
+
+    def _end(self) -> None:
+        with self._lock:
+            self._busy -= 1
+            self._last = time.monotonic()
+            self._decoded += 1
+
+    def _decode(self, latent: np.ndarray, tile: int | None, overlap: int, raw: bool) -> torch.Tensor:
+        x = torch.from_numpy(np.asarray(latent, dtype=np.float32).copy())
+        return self.model.decode(x, tile=tile, overlap=overlap, raw=raw).cpu()
+
+    @ray.method(num_returns=2)
+    def decode(self, latent: np.ndarray, tile: int | None = None, overlap: int = 64, raw: bool = False,
+               as_uint8: bool = False) -> tuple[dict, np.ndarray]:
+        """Latent ``[B, C, h, w]`` -> (status, images ``[B, H, W, C]`` float32 0..1 or uint8).
+
+        Two returns: the small status lets a caller learn that the decode finished (or failed)
+        without fetching the images: ``status_ref, images_ref = actor.decode.remote(latent)``.
+        """
+        self._begin()
+        try:
+            t0 = time.perf_counter()
+            images = self._decode(latent, tile, overlap, raw)
+            out = to_uint8(images) if as_uint8 else images.numpy()
+            return {"replica": self.replica, "ms": (time.perf_counter() - t0) * 1000, "shape": out.shape}, out
+        finally:
+            self._end()
+
+    def decode_and_save(self, latent: np.ndarray, prefix: str = "mesh_ray", request_id: str = "0",
+                        metadata: Mapping[str, Any] | None = None, tile: int | None = None, overlap: int = 64,
+                        raw: bool = False) -> list[str]:
+        """Decode and write ``{output_dir}/{prefix}_{request_id}_{k:02d}.png`` for each image."""
+        self._begin()
+        try:
+            images = self._decode(latent, tile, overlap, raw)
+            target = self.output_dir / check_prefix(prefix)
+            written = save_images(images, target.parent, metadata, stem=f"{target.name}_{request_id}", as_dir=True)
+            return [str(p) for p in written]
+        finally:
+            self._end()
+
+
+__all__ = ["VaeDecoderActor", "check_prefix", "image_paths", "pick_device", "save_images", "to_uint8", "write_png"]

@@ -1,0 +1,163 @@
+"""Promise: the handle of a decode that is still running on a VAE decoder actor.
+
+``Promise.result(timeout)`` returns the images (``[B, H, W, C]`` float 0..1, a torch tensor);
+``Promise.save(path_or_dir)`` returns a ``SaveHandle`` at once and writes the PNGs from a
+background thread when the images are ready, so the caller never blocks on it.  Errors (the
+decoder died, timed out or raised) surface from ``result`` and from the save handle's own
+``result()``; a failed promise writes nothing, so no half file is ever left.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayError, RayTaskError
+
+from mesh_ray.actors.vae import save_images
+from mesh_ray.errors import ClusterError, MeshError, StageError
+
+DEFAULT_TIMEOUT_S = 600.0
+
+
+def convert_ray_error(e: BaseException, label: str, timeout: float | None = None) -> MeshError:
+    """A Ray failure while waiting on ``label`` -> a one-line MeshError naming the fix."""
+    if isinstance(e, MeshError) and not isinstance(e, RayError):  # RayTaskError(ConfigError) is both
+        return e
+    if isinstance(e, (GetTimeoutError, TimeoutError, cf.TimeoutError)):
+        return ClusterError(f"{label} did not finish within {timeout or 0:g} s: wait longer (timeout=...) "
+                            f"or add decoder replicas; service.stats() shows the queue")
+    if isinstance(e, RayActorError):
+        return ClusterError(f"{label} failed: its decoder actor died before returning (killed, out of memory or "
+                            f"exited): the service starts a new replica on the next request; decode this latent again")
+    if isinstance(e, RayTaskError):
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, MeshError):
+            return type(cause)(str(cause))
+        detail = f"{type(cause).__name__}: {cause}" if cause is not None else str(e).splitlines()[0]
+        return StageError(f"{label} failed on the decoder ({detail[:300]}): check the latent and the VAE checkpoint")
+    if isinstance(e, ObjectLostError):
+        return ClusterError(f"{label} failed: its result was lost with the node that held it: decode this latent again")
+    if isinstance(e, RayError):
+        return ClusterError(f"{label} failed in Ray ({type(e).__name__}): check the cluster with `ray status`")
+    return MeshError(f"{label} failed ({type(e).__name__}: {e})")
+
+
+class SaveHandle:
+    """Handle of a deferred save: ``done()``, ``result(timeout)`` -> list of written paths."""
+
+    def __init__(self, future: cf.Future, label: str, timeout_s: float):
+        self._future = future
+        self._label = label
+        self._timeout_s = timeout_s
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> list[Path]:
+        """The written paths; raises the promise's error or the write error (one line)."""
+        timeout = self._timeout_s if timeout is None else timeout
+        try:
+            return self._future.result(timeout=timeout)
+        except cf.TimeoutError:
+            raise ClusterError(f"{self._label} was not written within {timeout:g} s: wait longer "
+                               f"(result(timeout=...)) or check service.stats()") from None
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        try:
+            self.result(timeout)
+        except MeshError as e:
+            return e
+        return None
+
+
+class Promise:
+    """Images that a decoder actor is still producing (wraps the Ray ObjectRef)."""
+
+    def __init__(self, ref: ray.ObjectRef, label: str = "VAE decode", timeout_s: float = DEFAULT_TIMEOUT_S):
+        self.ref = ref
+        self.label = label
+        self.timeout_s = timeout_s
+        self.id = uuid.uuid4().hex[:10]
+        self._lock = threading.Lock()
+        self._images: torch.Tensor | None = None
+        self._error: MeshError | None = None
+        self.actor_died = False  # the decoder actor died before returning (set by result())
+        self.saved: SaveHandle | None = None  # set by VaeService.decode(..., mode="promise", save=...)
+
+    def __repr__(self) -> str:
+        return f"Promise({self.label}, {'done' if self.done() else 'pending'})"
+
+    def done(self) -> bool:
+        """True once the images (or an error) are ready; never blocks."""
+        if self._images is not None or self._error is not None:
+            return True
+        ready, _ = ray.wait([self.ref], num_returns=1, timeout=0, fetch_local=False)
+        return bool(ready)
+
+    def result(self, timeout: float | None = None) -> torch.Tensor:
+        """Images ``[B, H, W, C]`` float32 0..1; waits at most ``timeout`` s (default: the service's)."""
+        timeout = self.timeout_s if timeout is None else timeout
+        with self._lock:
+            if self._images is not None:
+                return self._images
+            if self._error is not None:
+                raise type(self._error)(str(self._error))
+        try:
+            arr = ray.get(self.ref, timeout=timeout)
+        except GetTimeoutError as e:  # not final: a later call may still succeed
+            raise convert_ray_error(e, self.label, timeout) from None
+        except Exception as e:
+            err = convert_ray_error(e, self.label, timeout)
+            with self._lock:
+                self.actor_died = isinstance(e, RayActorError)
+                self._error = err
+            raise type(err)(str(err)) from None
+        images = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
+        with self._lock:
+            self._images = images
+        return images
+
+    def save(self, path_or_dir: str | os.PathLike, metadata: Mapping[str, Any] | None = None,
+             timeout: float | None = None) -> SaveHandle:
+        """Return at once; a background thread writes the PNGs (atomically) when the images are ready.
+
+        A directory gets ``mesh_ray_{promise id}_{k:02d}.png``; a file path is used as is (for a
+        batch: ``name_{k:02d}.png``).  Nothing is written when the promise fails.
+        """
+        timeout = self.timeout_s if timeout is None else timeout
+        future: cf.Future = cf.Future()
+        target = Path(path_or_dir)
+        label = f"save of {self.label} to {target}"
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                images = self.result(timeout)
+                future.set_result(save_images(images, target, metadata, stem=f"mesh_ray_{self.id}"))
+            except MeshError as e:
+                future.set_exception(e)
+            except Exception as e:  # anything else still reaches the handle, on one line
+                future.set_exception(MeshError(f"{label} failed ({type(e).__name__}: {e})"))
+
+        threading.Thread(target=run, name=f"mesh-ray-save-{self.id}", daemon=True).start()
+        return SaveHandle(future, label, timeout + 60.0)
+
+
+def save_promised(promises: Iterable[Promise], directory: str | os.PathLike,
+                  metadata: Mapping[str, Any] | None = None) -> list[SaveHandle]:
+    """"Save Promised Image": ``promise.save(directory, metadata)`` for each; returns at once."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    return [p.save(directory, metadata) for p in promises]
+
+
+__all__ = ["Promise", "SaveHandle", "convert_ray_error", "save_promised"]

@@ -1,0 +1,312 @@
+"""VaeService: a pool of VAE decoder actors with Wait / Forget / Promise decoding.
+
+    vae = VaeService("ae.safetensors", replicas=2)          # Ray must be initialised
+    images = vae.decode(latent)                              # wait: [B, H, W, C] float 0..1
+    vae.decode(latent, mode="forget", save="run1/img")       # actor writes PNGs, returns at once
+    p = vae.decode(latent, mode="promise"); p.save("out/")   # returns at once, writes when ready
+
+Dispatch goes to the replica with the fewest requests in flight.  A replica whose actor died
+(killed, crashed, out of memory) or exited on its idle timeout is started again on the next
+request.  A monitor thread collects finished requests, so forget-mode failures are logged and
+counted (``stats()``) without anyone waiting on them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import RayActorError
+
+from mesh_ray.actors.vae import VaeDecoderActor, check_prefix, save_images
+from mesh_ray.errors import ClusterError, ConfigError
+from mesh_ray.models.vae import VaeInfo, check_tiling, inspect_vae
+from mesh_ray.promise import DEFAULT_TIMEOUT_S, Promise, convert_ray_error
+
+log = logging.getLogger("mesh_ray.vae")
+
+MODES = ("wait", "forget", "promise")
+
+
+@dataclass
+class _Replica:
+    index: int
+    handle: Any = None
+    in_flight: dict = field(default_factory=dict)  # status (or forget result) ObjectRef -> mode
+    last_used: float = 0.0
+    alive: bool = False
+    starts: int = 0
+    completed: int = 0
+    failed: int = 0
+
+
+def _as_numpy(latent: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(latent, torch.Tensor):
+        return latent.detach().to("cpu", torch.float32).contiguous().numpy()
+    return np.ascontiguousarray(latent, dtype=np.float32)
+
+
+class VaeService:
+    """A pool of ``replicas`` VAE decoder actors for one checkpoint.
+
+    Args:
+      checkpoint: VAE safetensors file (``decoder.*`` keys, BFL ae.safetensors layout); its
+          header is read here, the weights by each actor.
+      replicas: number of decoder actors.
+      num_gpus: GPUs per actor; None picks 1 when the cluster has GPUs, else 0 (CPU).
+      idle_timeout_s: an actor exits after this long without work (None: never); the next
+          request starts it again.
+      output_dir: where forget-mode PNGs are written (on the actor's node).
+      torch_threads: torch threads per actor (None: Ray's default, one per CPU requested).
+      num_cpus: CPUs reserved per actor (default 1).
+      dtype: ``auto`` (bf16 on GPU, fp32 on CPU) or float32 / bfloat16 / float16.
+      timeout_s: default wait for results (every wait has one).
+    """
+
+    def __init__(self, checkpoint: str | os.PathLike, replicas: int = 1, num_gpus: float | None = None,
+                 idle_timeout_s: float | None = None, output_dir: str | os.PathLike = "outputs/vae",
+                 torch_threads: int | None = None, num_cpus: float = 1, dtype: str = "auto",
+                 timeout_s: float = DEFAULT_TIMEOUT_S):
+        if not ray.is_initialized():
+            raise ClusterError("Ray is not initialised: call mesh_ray.connect() (or ray.init()) before creating a VaeService")
+        if replicas < 1:
+            raise ConfigError(f"replicas={replicas} is invalid: use at least 1 decoder replica")
+        if idle_timeout_s is not None and idle_timeout_s <= 0:
+            raise ConfigError(f"idle_timeout_s={idle_timeout_s} is invalid: use a positive number of seconds or None")
+        self.checkpoint = str(Path(checkpoint).resolve())
+        self.info: VaeInfo = inspect_vae(self.checkpoint)
+        self.config = self.info.config
+        if num_gpus is None:
+            num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        self.num_gpus = num_gpus
+        self.num_cpus = num_cpus
+        self.idle_timeout_s = idle_timeout_s
+        self.output_dir = str(Path(output_dir).resolve())
+        self.torch_threads = torch_threads
+        self.dtype = dtype
+        self.timeout_s = timeout_s
+        self.id = uuid.uuid4().hex[:6]
+        self._seq = itertools.count()
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._closed = False
+        self._counts = {"submitted": 0, "completed": 0, "failed": 0, "forget_images": 0, "forget_failed": 0,
+                        "restarts": 0}
+        self.last_error: str | None = None
+        self._replicas = [_Replica(i) for i in range(replicas)]
+        with self._lock:
+            for r in self._replicas:
+                self._start(r)
+        self._monitor = threading.Thread(target=self._watch, name=f"mesh-ray-vae-{self.id}", daemon=True)
+        self._monitor.start()
+
+    # -- replicas -----------------------------------------------------------------------------
+
+    def _start(self, r: _Replica) -> None:
+        if r.starts:
+            self._counts["restarts"] += 1
+            log.info("starting VAE decoder replica %d again (start %d)", r.index, r.starts + 1)
+        r.handle = VaeDecoderActor.options(num_gpus=self.num_gpus, num_cpus=self.num_cpus).remote(
+            self.checkpoint, self.output_dir, self.idle_timeout_s, self.torch_threads, self.dtype, r.index)
+        r.alive, r.starts, r.last_used = True, r.starts + 1, time.monotonic()
+
+    def _probe_due(self, r: _Replica, now: float) -> bool:
+        """Check an idle replica before sending it work: it may have exited on its idle timeout."""
+        if r.in_flight:
+            return False
+        idle = now - r.last_used
+        if self.idle_timeout_s is not None:
+            return idle >= 0.5 * self.idle_timeout_s
+        return idle >= 30.0
+
+    def _acquire(self) -> _Replica:
+        with self._lock:
+            if self._closed:
+                raise ClusterError("this VaeService is closed: create a new one (or use mesh.vae(...))")
+            self._reap()
+            now = time.monotonic()
+            r = min(self._replicas, key=lambda x: (len(x.in_flight) if x.alive else 0, x.last_used))
+            if r.alive and self._probe_due(r, now):
+                try:
+                    r.alive = bool(ray.get(r.handle.reserve.remote(), timeout=self.timeout_s))
+                except RayActorError:
+                    r.alive = False
+                except Exception as e:
+                    raise convert_ray_error(e, f"VAE decoder replica {r.index} (start-up check)", self.timeout_s) from None
+            if not r.alive:
+                self._start(r)
+            r.last_used = time.monotonic()
+            return r
+
+    def _track(self, r: _Replica, ref: ray.ObjectRef, mode: str) -> None:
+        with self._lock:
+            r.in_flight[ref] = mode
+            self._counts["submitted"] += 1
+            self._wake.notify_all()
+
+    def _reap(self) -> None:
+        """Account for finished requests (lock held): counts, forget failures, dead actors."""
+        refs = [ref for r in self._replicas for ref in r.in_flight]
+        if not refs:
+            return
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+        ready_set = set(ready)
+        for r in self._replicas:
+            for ref in [x for x in r.in_flight if x in ready_set]:
+                mode = r.in_flight.pop(ref)
+                r.last_used = time.monotonic()
+                try:
+                    out = ray.get(ref, timeout=self.timeout_s)
+                except Exception as e:
+                    err = convert_ray_error(e, f"VAE {mode} request on replica {r.index}")
+                    r.failed += 1
+                    self._counts["failed"] += 1
+                    self.last_error = str(err)
+                    if isinstance(e, RayActorError):
+                        r.alive = False
+                    if mode == "forget":
+                        self._counts["forget_failed"] += 1
+                        log.warning("%s", err)
+                    continue
+                r.completed += 1
+                self._counts["completed"] += 1
+                if mode == "forget":
+                    self._counts["forget_images"] += len(out)
+
+    def _watch(self) -> None:
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                if not any(r.in_flight for r in self._replicas):
+                    self._wake.wait(timeout=1.0)
+                    continue
+                try:
+                    self._reap()
+                except Exception as e:  # never let the monitor die; report it
+                    log.warning("VAE service monitor: %s", e)
+            time.sleep(0.05)
+
+    # -- public -------------------------------------------------------------------------------
+
+    def decode(self, latent: torch.Tensor | np.ndarray, mode: Literal["wait", "forget", "promise"] = "wait",
+               save: str | os.PathLike | None = None, metadata: Mapping[str, Any] | None = None,
+               timeout: float | None = None, tile: int | None = None, overlap: int = 64, raw: bool = False):
+        """Decode a latent ``[B, C, h, w]`` on the least-loaded replica.
+
+        * ``wait``: returns images ``[B, H, W, C]`` float32 0..1; ``save`` (path or directory)
+          also writes them here as PNGs.  When the replica's actor dies mid-request the decode is
+          retried once on a freshly started replica.
+        * ``forget``: the actor writes ``{output_dir}/{save or 'mesh_ray'}_{id}_{k:02d}.png`` with
+          ``metadata`` as PNG text; returns the request id at once.
+        * ``promise``: returns a ``Promise`` at once; with ``save`` it also starts
+          ``promise.save(save, metadata)`` (its handle is ``promise.saved``).
+        """
+        if mode not in MODES:
+            raise ConfigError(f"unknown decode mode {mode!r}: use one of {', '.join(MODES)}")
+        arr = _as_numpy(latent)
+        self.config.check_latent(arr.shape)
+        check_tiling(self.config, tile, overlap)  # the actor checks too; here the caller gets it at once
+        timeout = self.timeout_s if timeout is None else timeout
+        if mode == "forget":
+            prefix = check_prefix(str(save) if save is not None else "mesh_ray")
+            request_id = f"{self.id}-{next(self._seq):05d}"
+            r = self._acquire()
+            ref = r.handle.decode_and_save.remote(arr, prefix, request_id, dict(metadata or {}), tile, overlap, raw)
+            self._track(r, ref, mode)
+            return request_id
+        for attempt in (1, 2):
+            r = self._acquire()
+            status, ref = r.handle.decode.remote(arr, tile, overlap, raw)
+            self._track(r, status, mode)  # the monitor watches the small status, never fetches images
+            promise = Promise(ref, label=f"VAE decode on replica {r.index}", timeout_s=timeout)
+            if mode == "promise":
+                promise.saved = promise.save(save, metadata) if save is not None else None
+                return promise
+            try:
+                images = promise.result(timeout)
+            except ClusterError:
+                if not promise.actor_died or attempt == 2:
+                    raise
+                # The replica died (killed, crashed, or gone idle unnoticed): once more on a fresh one.
+                log.warning("VAE decoder replica %d died during a wait-mode decode: retrying on a new actor", r.index)
+                with self._lock:
+                    r.alive = False
+                continue
+            if save is not None:
+                save_images(images, save, metadata, stem=f"mesh_ray_{promise.id}")
+            return images
+
+    def drain(self, timeout: float | None = None) -> None:
+        """Wait until no request is in flight (forget-mode writes included)."""
+        timeout = self.timeout_s if timeout is None else timeout
+        end = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                self._reap()
+                pending = sum(len(r.in_flight) for r in self._replicas)
+            if not pending:
+                return
+            if time.monotonic() > end:
+                raise ClusterError(f"{pending} VAE requests still running after {timeout:g} s: wait longer or add replicas")
+            time.sleep(0.02)
+
+    def actors(self) -> list:
+        """Current actor handles, one per replica (a restarted replica gets a new handle)."""
+        with self._lock:
+            return [r.handle for r in self._replicas]
+
+    def replica_info(self, timeout: float = 60.0) -> list[dict]:
+        """``info()`` of every live replica (device, pid, threads, decoded count)."""
+        out = []
+        for i, h in enumerate(self.actors()):
+            try:
+                out.append(ray.get(h.info.remote(), timeout=timeout))
+            except Exception as e:
+                out.append({"replica": i, "error": str(convert_ray_error(e, f"replica {i} info", timeout))})
+        return out
+
+    def stats(self) -> dict:
+        """Counters: submitted / completed / failed, forget images and failures, restarts, per replica."""
+        with self._lock:
+            self._reap()
+            return {**self._counts, "in_flight": sum(len(r.in_flight) for r in self._replicas),
+                    "last_error": self.last_error,
+                    "replicas": [{"index": r.index, "alive": r.alive, "in_flight": len(r.in_flight),
+                                  "completed": r.completed, "failed": r.failed, "starts": r.starts}
+                                 for r in self._replicas]}
+
+    def close(self, wait: bool = True, timeout: float = 60.0) -> None:
+        """Stop every replica (frees their GPUs); with ``wait``, in-flight work (forget-mode
+        writes included) first gets up to ``timeout`` s to finish."""
+        if wait and not self._closed:
+            try:
+                self.drain(timeout)
+            except ClusterError as e:
+                log.warning("closing the VAE service with work still running: %s", e)
+        with self._lock:
+            self._closed = True
+            self._wake.notify_all()
+            for r in self._replicas:
+                if r.handle is not None:
+                    ray.kill(r.handle)
+                r.alive = False
+
+    def __enter__(self) -> "VaeService":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+__all__ = ["MODES", "VaeService"]

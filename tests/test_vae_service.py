@@ -1,0 +1,148 @@
+"""VAE decoder actors on a real local Ray: wait / forget / promise, restarts, idle timeout, errors."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+import torch
+from PIL import Image
+from ray.exceptions import RayActorError
+
+from mesh_ray.errors import ClusterError, ConfigError
+from mesh_ray.models.vae import load_vae, write_random_vae
+from mesh_ray.promise import Promise, save_promised
+from mesh_ray.vae_service import VaeService
+
+ACTOR_OPTS = dict(num_cpus=0.5, torch_threads=1)
+
+
+def _latent(h: int, w: int, b: int = 1, seed: int = 0) -> torch.Tensor:
+    return torch.randn(b, 16, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def vae_file(tmp_path_factory):
+    return write_random_vae(tmp_path_factory.mktemp("vae") / "tiny-flux1.safetensors", "tiny-flux1", seed=11)
+
+
+@pytest.fixture(scope="module")
+def service(vae_file, tmp_path_factory):
+    from conftest import ensure_ray  # the session Ray of tests/conftest.py (ray_local is per test)
+
+    ensure_ray()
+    svc = VaeService(vae_file, replicas=2, output_dir=tmp_path_factory.mktemp("forget"), **ACTOR_OPTS)
+    yield svc
+    svc.close()
+
+
+def _wait_until(cond, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_actor_decode_equals_local_and_both_replicas_work(ray_local, service, vae_file):
+    local = load_vae(vae_file)
+    before = [r["completed"] for r in service.stats()["replicas"]]
+    for seed in range(4):
+        lat = _latent(8, 12, b=2, seed=seed)
+        images = service.decode(lat, mode="wait", timeout=60)
+        assert images.shape == (2, 64, 96, 3) and images.dtype == torch.float32
+        assert torch.allclose(images, local.decode(lat), atol=1e-5)
+    after = [r["completed"] for r in service.stats()["replicas"]]
+    assert all(a - b >= 1 for a, b in zip(after, before)), (before, after)
+    info = service.replica_info()
+    assert {i["device"] for i in info} == {"cpu"} and all(i["torch_threads"] == 1 for i in info)
+
+
+def test_promise_save_returns_before_the_file_exists(ray_local, service, tmp_path):
+    lat = _latent(96, 96, b=2)  # large enough that the decode outlasts the save() call
+    t0 = time.perf_counter()
+    promise = service.decode(lat, mode="promise", timeout=120)
+    handle = promise.save(tmp_path / "out", metadata={"prompt": "a promised cat"})
+    blocked = time.perf_counter() - t0
+    assert isinstance(promise, Promise) and not handle.done()
+    assert not list((tmp_path / "out").glob("*.png")) and blocked < 0.5
+    paths = handle.result(timeout=120)
+    assert [p.name for p in paths] == [f"mesh_ray_{promise.id}_00.png", f"mesh_ray_{promise.id}_01.png"]
+    assert promise.done() and promise.result(10).shape == (2, 768, 768, 3)
+    with Image.open(paths[1]) as im:
+        assert im.size == (768, 768) and im.text["prompt"] == "a promised cat"
+    # save_promised: one handle per promise, all written.
+    promises = [service.decode(_latent(4, 4, seed=s), mode="promise") for s in range(3)]
+    handles = save_promised(promises, tmp_path / "batch", metadata={"k": 1})
+    assert sorted(p.name for h in handles for p in h.result(60)) == sorted(
+        f"mesh_ray_{p.id}_00.png" for p in promises)
+
+
+def test_forget_writes_pngs_with_metadata(ray_local, service):
+    before = service.stats()
+    rid = service.decode(_latent(4, 6), mode="forget", save="runs/cat", metadata={"prompt": "a cat", "seed": 7})
+    service.drain(timeout=60)
+    path = service.output_dir + f"/runs/cat_{rid}_00.png"
+    with Image.open(path) as im:
+        assert im.size == (48, 32) and im.text == {"prompt": "a cat", "seed": "7"}
+    stats = service.stats()
+    assert stats["forget_images"] == before["forget_images"] + 1 and stats["forget_failed"] == before["forget_failed"]
+
+
+def test_bad_inputs_fail_at_once_with_one_line_errors(ray_local, service):
+    for latent, words in ((_latent(4, 4)[0], "rank 3"), (torch.randn(1, 32, 4, 4), "32 channels")):
+        with pytest.raises(ConfigError) as e:
+            service.decode(latent)
+        assert words in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="unknown decode mode"):
+        service.decode(_latent(4, 4), mode="later")
+    with pytest.raises(ConfigError, match="relative name"):
+        service.decode(_latent(4, 4), mode="forget", save="/etc/x")
+    # An error raised inside the actor comes back as the same one-line MeshError.
+    actor = service.actors()[0]
+    with pytest.raises(ConfigError) as e:
+        Promise(actor.decode.remote(torch.randn(1, 3, 4, 4).numpy())[1]).result(60)
+    assert "3 channels" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_killed_decoder_fails_the_promise_and_next_request_restarts(ray_local, vae_file, tmp_path):
+    with VaeService(vae_file, replicas=1, output_dir=tmp_path / "o", **ACTOR_OPTS) as svc:
+        svc.decode(_latent(4, 4), timeout=60)  # started and warm
+        actor = svc.actors()[0]
+        old_pid = ray.get(actor.info.remote(), timeout=30)["pid"]
+        promise = svc.decode(_latent(160, 160, b=2), mode="promise", timeout=30)
+        handle = promise.save(tmp_path / "never")
+        _wait_until(lambda: ray.get(actor.info.remote(), timeout=30)["busy"] == 1, 30, "the decode to start")
+        ray.kill(actor)
+        t0 = time.monotonic()
+        with pytest.raises(ClusterError) as e:
+            promise.result(timeout=30)
+        assert time.monotonic() - t0 < 30 and "died" in str(e.value) and "\n" not in str(e.value)
+        with pytest.raises(ClusterError, match="died"):
+            handle.result(timeout=30)
+        assert not (tmp_path / "never").exists() or not list((tmp_path / "never").iterdir())  # no half file
+        images = svc.decode(_latent(4, 4), timeout=60)
+        assert images.shape == (1, 32, 32, 3)
+        new_pid = ray.get(svc.actors()[0].info.remote(), timeout=30)["pid"]
+        stats = svc.stats()
+        assert new_pid != old_pid and stats["restarts"] == 1 and stats["failed"] == 1
+
+
+def test_idle_timeout_exits_and_comes_back_on_demand(ray_local, vae_file, tmp_path):
+    with VaeService(vae_file, replicas=1, idle_timeout_s=1.0, output_dir=tmp_path, **ACTOR_OPTS) as svc:
+        svc.decode(_latent(4, 4), timeout=60)
+        actor = svc.actors()[0]
+
+        def gone() -> bool:
+            try:
+                ray.get(actor.info.remote(), timeout=10)
+                return False
+            except RayActorError:
+                return True
+
+        _wait_until(gone, 30, "the idle actor to exit")
+        images = svc.decode(_latent(4, 4), timeout=60)
+        assert images.shape == (1, 32, 32, 3)
+        assert svc.actors()[0] is not actor and svc.stats()["restarts"] == 1
+        assert svc.replica_info()[0]["idle_timeout_s"] == 1.0
