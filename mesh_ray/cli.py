@@ -5,18 +5,18 @@ from __future__ import annotations
 import json
 import sys
 from enum import Enum
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from mesh_ray.cli_common import guard as _run
 from mesh_ray.errors import MeshError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run FLUX diffusion transformers across the GPUs of a Ray cluster.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: ratios measured side by side in one run.")
 app.add_typer(bench_app, name="bench")
-console = Console(stderr=True)
 
 
 class Arch(str, Enum):
@@ -48,15 +48,6 @@ def _emit(result: dict, as_json: bool, title: str) -> None:
     for k, v in result.items():
         table.add_row(str(k), json.dumps(v, default=str) if isinstance(v, (dict, list)) else str(v))
     Console().print(table)
-
-
-def _run(fn: Callable[[], Any]) -> Any:
-    """Run a command body; a MeshError becomes one line on stderr and exit code 1."""
-    try:
-        return fn()
-    except MeshError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -194,6 +185,16 @@ def doctor() -> None:
     for s in probe_backends():
         table.add_row(s.name, "yes" if s.usable else "no", s.reason)
     Console().print(table)
+
+
+def _register_workflow_commands() -> None:
+    """`run`, `serve` and `bench release` live with the workflow package."""
+    from mesh_ray.cli_workflow import register
+
+    register(app, bench_app)
+
+
+_register_workflow_commands()
 
 
 def main() -> None:

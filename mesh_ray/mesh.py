@@ -52,7 +52,6 @@ class Mesh:
 
     def actors(self, timeout_s: float = 30) -> list[dict]:
         """The mesh-ray actors alive in this cluster (any driver's), with where they run and what they hold."""
-        from mesh_ray.actors.stage import StageActor  # noqa: F401 - registers the class for get_actor
 
         out = []
         for entry in ray.util.list_named_actors(all_namespaces=True):

@@ -1,0 +1,166 @@
+"""ComfyUI API-format graphs ``{id: {"class_type": ..., "inputs": {name: value | [node_id, k]}}}``,
+validated before anything runs: every problem is one line naming the node and the fix."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from mesh_ray.errors import ConfigError
+from mesh_ray.workflow.registry import NodeType, get_node_type, node_types
+
+Link = tuple[str, int]
+
+
+class NodeSpec(BaseModel):
+    """One node: its type name and its inputs (extra keys such as ComfyUI's ``_meta`` are kept)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    class_type: str
+    inputs: dict[str, Any] = {}
+
+
+def is_link(value: Any) -> bool:
+    """``[node_id, output_index]`` with a string id and an int index, as in ComfyUI's API format."""
+    return (isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], str)
+            and isinstance(value[1], int) and not isinstance(value[1], bool))
+
+
+@dataclass
+class Graph:
+    """A validated graph: node specs, their types, and a topological order."""
+
+    nodes: dict[str, NodeSpec]
+    types: dict[str, NodeType]
+    order: list[str] = field(default_factory=list)
+
+    def links(self, nid: str) -> dict[str, Link]:
+        """Inputs of ``nid`` that come from another node's output."""
+        return {k: (v[0], v[1]) for k, v in self.nodes[nid].inputs.items() if is_link(v)}
+
+    def literals(self, nid: str) -> dict[str, Any]:
+        """Inputs of ``nid`` given as plain values."""
+        return {k: v for k, v in self.nodes[nid].inputs.items() if not is_link(v)}
+
+    def consumers(self) -> dict[Link, set[str]]:
+        """For every output that is linked somewhere, the nodes that take it."""
+        out: dict[Link, set[str]] = {}
+        for nid in self.nodes:
+            for src in self.links(nid).values():
+                out.setdefault(src, set()).add(nid)
+        return out
+
+    def to_json(self) -> dict[str, dict]:
+        return {nid: spec.model_dump() for nid, spec in self.nodes.items()}
+
+
+def _closest(name: str, names: list[str]) -> str:
+    near = difflib.get_close_matches(name, names, n=1)
+    return f"did you mean {near[0]!r}? " if near else ""
+
+
+def _parse_node(nid: str, raw: Any) -> NodeSpec:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"node {nid!r} is a {type(raw).__name__}, not an object: write it as "
+                          f'{{"class_type": "...", "inputs": {{...}}}}')
+    try:
+        return NodeSpec.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "node"
+        raise ConfigError(f"node {nid!r} field {where!r}: {first['msg']}: write it as "
+                          f'{{"class_type": "...", "inputs": {{...}}}}') from None
+
+
+def _check_inputs(nid: str, spec: NodeSpec, nt: NodeType, known: dict[str, NodeSpec], known_types: dict[str, NodeType]) -> None:
+    for name in nt.required:
+        if name not in spec.inputs:
+            raise ConfigError(f"node {nid!r} ({nt.name}) is missing input {name!r}: add it to its inputs "
+                              f"as a value or a link [node_id, output_index]")
+    for name, value in spec.inputs.items():
+        if name not in nt.inputs:
+            have = ", ".join(nt.inputs) or "none"
+            raise ConfigError(f"node {nid!r} ({nt.name}) has no input {name!r}: "
+                              f"{_closest(name, list(nt.inputs))}its inputs are {have}")
+        if not is_link(value):
+            continue
+        src, k = value
+        if src not in known:
+            raise ConfigError(f"node {nid!r} input {name!r} links to node {src!r}, which is not in the graph: "
+                              f"fix the link or add node {src!r}")
+        src_type = known_types[src]
+        if not 0 <= k < len(src_type.outputs):
+            raise ConfigError(f"node {nid!r} input {name!r} links to output {k} of node {src!r} ({src_type.name}), "
+                              f"which has {len(src_type.outputs)} outputs: use an index from 0 to {len(src_type.outputs) - 1}")
+
+
+def _topo_order(nodes: dict[str, NodeSpec], fixed: set[str]) -> list[str]:
+    """Kahn's algorithm over the new nodes; a leftover node is on a cycle, which is reported as a path."""
+    deps = {nid: {v[0] for v in spec.inputs.values() if is_link(v) and v[0] not in fixed} for nid, spec in nodes.items()}
+    order: list[str] = []
+    ready = sorted(n for n, d in deps.items() if not d)
+    done: set[str] = set()
+    while ready:
+        n = ready.pop(0)
+        order.append(n)
+        done.add(n)
+        for m, d in deps.items():
+            if m not in done and m not in ready and n in d and d <= done:
+                ready.append(m)
+    left = [n for n in nodes if n not in done]
+    if left:
+        path, cur = [], left[0]
+        while cur not in path:
+            path.append(cur)
+            cur = sorted(d for d in deps[cur] if d not in done)[0]
+        cycle = path[path.index(cur):] + [cur]
+        raise ConfigError(f"node {cur!r} is part of a cycle ({' -> '.join(cycle)}, each takes the next one's output): "
+                          f"remove one of these links")
+    return order
+
+
+def validate_graph(data: Any, existing: Graph | None = None) -> Graph:
+    """Check a graph (or an expansion's new nodes, linking into ``existing``) and return it as a Graph."""
+    if isinstance(data, Graph):
+        return data
+    if not isinstance(data, dict) or not data:
+        raise ConfigError("a workflow graph must be a non-empty JSON object {node_id: {\"class_type\": ..., "
+                          "\"inputs\": {...}}} (ComfyUI's API format: 'Save (API)')")
+    specs = {str(nid): _parse_node(str(nid), raw) for nid, raw in data.items()}
+    types: dict[str, NodeType] = {}
+    for nid, spec in specs.items():
+        if existing is not None and nid in existing.nodes:
+            raise ConfigError(f"expansion node {nid!r} reuses an id of the running graph: give it a new id")
+        nt = get_node_type(spec.class_type)
+        if nt is None:
+            names = sorted(node_types())
+            raise ConfigError(f"node {nid!r} has unknown class_type {spec.class_type!r}: "
+                              f"{_closest(spec.class_type, names)}known types: {', '.join(names)}")
+        types[nid] = nt
+    known = {**(existing.nodes if existing else {}), **specs}
+    known_types = {**(existing.types if existing else {}), **types}
+    for nid, spec in specs.items():
+        _check_inputs(nid, spec, types[nid], known, known_types)
+    order = _topo_order(specs, set(existing.nodes) if existing else set())
+    return Graph(specs, types, order)
+
+
+def load_graph(path: str | os.PathLike) -> Graph:
+    """Read and validate a graph from a JSON file (ComfyUI 'Save (API)' format)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"graph file {p} not found: check the path")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"graph file {p} is not valid JSON ({e.msg} at line {e.lineno}): fix its syntax") from None
+    if isinstance(data, dict) and "prompt" in data and isinstance(data["prompt"], dict):
+        data = data["prompt"]  # ComfyUI's /prompt request body
+    return validate_graph(data)

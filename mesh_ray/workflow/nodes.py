@@ -1,0 +1,192 @@
+"""Built-in node types: the mesh (split DiT, sampler, VAE decode, saving) and test/benchmark helpers.
+
+Paths given to nodes are resolved against the submitting client's working directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mesh_ray.errors import ConfigError
+from mesh_ray.workflow.registry import Expansion, node
+
+
+def _path(base_dir: str, path: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else Path(base_dir) / p
+
+
+# -- test and benchmark helpers -------------------------------------------------------------------
+
+
+@node("AllocateMemory", outputs=("DATA", "DIGEST"))
+def allocate_memory(bytes: int, seed: int = 0, after: Any = None) -> tuple[np.ndarray, str]:
+    """Hold ``bytes`` bytes (filled from ``seed``), like the release PR's AllocateVRAM; ``after`` only orders it."""
+    if not isinstance(bytes, int) or bytes < 0:
+        raise ConfigError(f"AllocateMemory bytes={bytes!r} is invalid: use a whole number of bytes >= 0")
+    data = np.full(bytes, seed % 251, dtype=np.uint8)
+    return data, f"{bytes}:{seed}"
+
+
+@node("Checksum", outputs=("DIGEST",), output=True)
+def checksum(data: Any, extra: Any = None) -> str:
+    """A short digest of ``data`` (and ``extra``): a small, comparable output."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(np.ascontiguousarray(data).view(np.uint8).tobytes() if isinstance(data, np.ndarray) else repr(data).encode())
+    h.update(repr(extra).encode())
+    return h.hexdigest()
+
+
+@node("Passthrough", outputs=("VALUE",))
+def passthrough(value: Any) -> Any:
+    """Return the input unchanged."""
+    return value
+
+
+@node("ExpandLink", outputs=("VALUE",))
+def expand_link(node: str, output: int = 0, after: Any = None) -> Expansion:
+    """Expand at run time into a Passthrough of output ``output`` of node ``node`` (which may have been released)."""
+    return Expansion({"pass": {"class_type": "Passthrough", "inputs": {"value": [str(node), int(output)]}}},
+                     result=[["pass", 0]])
+
+
+@node("Fail", outputs=("VALUE",), cache=False)
+def fail(message: str = "this node always fails", after: Any = None) -> Any:
+    """Raise ``RuntimeError(message)``: for testing failure handling."""
+    raise RuntimeError(message)
+
+
+@node("Sleep", outputs=("VALUE",), cache=False)
+def sleep(seconds: float, value: Any = None, progress: Any = None) -> Any:
+    """Wait ``seconds`` (reporting progress every 0.1 s) and return ``value``."""
+    steps = max(1, int(seconds / 0.1))
+    for i in range(steps):
+        time.sleep(seconds / steps)
+        progress(i + 1, steps)
+    return value
+
+
+@node("EmptyImage", outputs=("IMAGE",))
+def empty_image(width: int = 64, height: int = 64, batch: int = 1, color: float = 0.5) -> np.ndarray:
+    """Images [batch, height, width, 3] of one grey level (0..1), e.g. to test saving."""
+    return np.full((batch, height, width, 3), float(color), dtype=np.float32)
+
+
+# -- checkpoints (seeded random weights: nothing is downloaded) ------------------------------------
+
+
+def _write_once(base_dir: str, path: str, write: Any) -> str:
+    """Write a file with ``write(path)`` unless it exists; reruns reuse it."""
+    p = _path(base_dir, path)
+    if not p.exists():
+        write(p)
+    return str(p)
+
+
+@node("WriteRandomCheckpoint", outputs=("CHECKPOINT",))
+def write_random_checkpoint_node(path: str, preset: str = "tiny-flux1", seed: int = 0, base_dir: str = ".") -> str:
+    """Write a seeded random FLUX checkpoint (once; an existing file is reused) and return its path."""
+    from mesh_ray.models.checkpoint import write_random_checkpoint
+
+    return _write_once(base_dir, path, lambda p: write_random_checkpoint(p, preset, seed=seed))
+
+
+@node("WriteRandomVAE", outputs=("VAE_CHECKPOINT",))
+def write_random_vae_node(path: str, preset: str = "tiny-flux1", seed: int = 0, base_dir: str = ".") -> str:
+    """Write a seeded random VAE decoder checkpoint (once) and return its path."""
+    from mesh_ray.models.vae import write_random_vae
+
+    return _write_once(base_dir, path, lambda p: write_random_vae(p, preset, seed=seed))
+
+
+# -- the mesh ----------------------------------------------------------------------------------
+
+
+@node("LoadSplitDiT", outputs=("MODEL",), host=True, num_cpus=0)  # the stage actors reserve their own
+def load_split_dit(checkpoint: str, stages: int = 2, n_blocks_remote: int | None = None, codec: str = "raw",
+                   base_dir: str = ".") -> Any:
+    """Split a FLUX checkpoint over stage actors (``Mesh.split``); the model lives in this node's host actor."""
+    from mesh_ray.split import make_split
+
+    ckpt = _path(base_dir, checkpoint)
+    if n_blocks_remote is not None:
+        return make_split(str(ckpt), n_blocks_remote=n_blocks_remote, codec=codec)
+    return make_split(str(ckpt), stages=stages, codec=codec)
+
+
+@node("Sample", outputs=("LATENT",))
+def sample(model: Any, width: int = 256, height: int = 256, steps: int = 4, seed: int = 0, guidance: float = 3.5,
+           txt_len: int = 16, conditioning_seed: int = 0, progress: Any = None) -> Any:
+    """Sample a latent [1, C, h, w] with seeded stand-in text conditioning; reports every step."""
+    from mesh_ray.sampler import generate, random_conditioning
+
+    txt, y = random_conditioning(model.config, batch=1, txt_len=txt_len, seed=conditioning_seed)
+    return generate(model, txt, y, width=width, height=height, steps=steps, seed=seed, guidance=guidance,
+                    progress=False, callback=lambda i, n, _x: progress(i, n))
+
+
+@node("LatentPreview", outputs=("IMAGE",))
+def latent_preview(latent: Any) -> np.ndarray:
+    """A latent -> images [B, H, W, 3] float 0..1 without a VAE (first three channels, stretched)."""
+    from mesh_ray.preview import latent_to_rgb
+
+    return np.stack([latent_to_rgb(x) for x in latent]).astype(np.float32) / 255.0
+
+
+@node("LoadVAE", outputs=("VAE",), host=True, num_cpus=0)  # the decoder replicas reserve their own
+def load_vae(checkpoint: str, replicas: int = 1, output_dir: str = "outputs/vae", base_dir: str = ".") -> Any:
+    """Start a VAE decode service (``VaeService``) for a checkpoint; it lives in this node's host actor."""
+    from mesh_ray.vae_service import VaeService
+
+    return VaeService(_path(base_dir, checkpoint), replicas=replicas, output_dir=_path(base_dir, output_dir))
+
+
+@dataclass(frozen=True)
+class PromisedImages:
+    """A decode still running on a VAE replica (picklable: the Ray ref and a label)."""
+
+    ref: Any
+    label: str
+
+
+@node("VAEDecode", outputs=("IMAGE",))
+def vae_decode(vae: Any, latent: Any, mode: str = "wait", save: str | None = None) -> Any:
+    """Decode on the VAE service: ``wait`` -> images, ``forget`` -> request id (the replica writes
+    ``output_dir/{save}_*.png``), ``promise`` -> promised images for SavePromisedImage."""
+    if mode not in ("wait", "forget", "promise"):
+        raise ConfigError(f"VAEDecode mode {mode!r} is unknown: use wait, forget or promise")
+    if mode == "wait":
+        return vae.decode(latent, mode="wait").numpy()
+    if mode == "forget":
+        return vae.decode(latent, mode="forget", save=save or "mesh_ray")
+    p = vae.decode(latent, mode="promise")
+    return PromisedImages(p.ref, p.label)
+
+
+@node("SavePromisedImage", outputs=("PATHS",), output=True)
+def save_promised_image(images: Any, directory: str = "outputs/workflow", timeout_s: float = 600.0,
+                        base_dir: str = ".") -> list[str]:
+    """Write promised images once the decode finishes (the deferred "Save Promised Image")."""
+    from mesh_ray.promise import Promise, save_promised
+
+    if not isinstance(images, PromisedImages):
+        raise ConfigError(f"SavePromisedImage takes the output of VAEDecode with mode 'promise', got "
+                          f"{type(images).__name__}: set mode to promise or use SaveImage")
+    handles = save_promised([Promise(images.ref, images.label, timeout_s)], _path(base_dir, directory))
+    return [str(p) for h in handles for p in h.result(timeout_s)]
+
+
+@node("SaveImage", outputs=("PATHS",), output=True)
+def save_image(images: Any, directory: str = "outputs/workflow", prefix: str = "mesh_ray",
+               metadata: dict | None = None, base_dir: str = ".") -> list[str]:
+    """Write images [B, H, W, C] (0..1) as ``{directory}/{prefix}_{k:02d}.png``, atomically."""
+    from mesh_ray.actors.vae import save_images
+
+    written = save_images(np.asarray(images), _path(base_dir, directory), metadata, stem=prefix, as_dir=True)
+    return [str(p) for p in written]

@@ -1,0 +1,88 @@
+"""Node types registered by name: ``@node("Name", outputs=(...))`` on a plain function.
+
+The function's parameters are the node's inputs (no default = required).  Three keyword names are
+reserved and injected by the executor, never taken from the graph: ``progress`` (a callable
+``progress(step, total)`` that emits a progress event), ``node_id`` (the node's id) and ``base_dir``
+(the submitting client's working directory, against which relative paths are resolved).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from mesh_ray.errors import ConfigError
+
+INJECTED = ("progress", "node_id", "base_dir")
+
+
+@dataclass(frozen=True)
+class NodeType:
+    """What the executor needs to know about one node type (resources, inputs, outputs, where it runs)."""
+
+    name: str
+    fn: Callable[..., Any]
+    outputs: tuple[str, ...]
+    required: tuple[str, ...]
+    optional: tuple[str, ...]
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    host: bool = False      # runs in its own actor that keeps the outputs (models); consumers run there too
+    output: bool = False    # an output node: its values are returned in the run result
+    cache: bool = True      # may be reused across runs at release level 0
+    injected: tuple[str, ...] = ()
+    doc: str = ""
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return self.required + self.optional
+
+
+@dataclass
+class Expansion:
+    """Returned by a node that expands the graph at run time.
+
+    ``nodes``: new nodes in API format; a link to an id among them points into the expansion,
+    any other id points to a node of the running graph (which may have to run again if its output
+    was released).  ``result``: one entry per output of the expanding node, a link ``[id, k]`` or a
+    literal value; consumers of the expanding node are re-pointed to these.
+    """
+
+    nodes: dict[str, dict]
+    result: list[Any] = field(default_factory=list)
+
+
+REGISTRY: dict[str, NodeType] = {}
+
+
+def node(name: str, outputs: tuple[str, ...] | list[str] = (), num_gpus: float = 0, num_cpus: float = 1,
+         host: bool = False, output: bool = False, cache: bool = True) -> Callable[[Callable], Callable]:
+    """Register ``fn`` as node type ``name`` with the given output names and Ray resources."""
+    def wrap(fn: Callable) -> Callable:
+        if name in REGISTRY and REGISTRY[name].fn is not fn:
+            raise ConfigError(f"node type {name!r} is registered twice: give the second one another name")
+        sig = inspect.signature(fn)
+        params = [p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        required = tuple(p.name for p in params if p.default is p.empty and p.name not in INJECTED)
+        optional = tuple(p.name for p in params if p.default is not p.empty and p.name not in INJECTED)
+        injected = tuple(p.name for p in params if p.name in INJECTED)
+        doc = (inspect.getdoc(fn) or "").split("\n")[0]
+        REGISTRY[name] = NodeType(name, fn, tuple(outputs), required, optional, float(num_cpus), float(num_gpus),
+                                  host, output, cache, injected, doc)
+        return fn
+    return wrap
+
+
+def get_node_type(name: str) -> NodeType | None:
+    """The registered type ``name`` (built-ins are registered on first use), or None."""
+    from mesh_ray.workflow import nodes  # noqa: F401 - registers the built-ins
+
+    return REGISTRY.get(name)
+
+
+def node_types() -> dict[str, NodeType]:
+    """Every registered node type by name, built-ins included."""
+    from mesh_ray.workflow import nodes  # noqa: F401
+
+    return dict(REGISTRY)
