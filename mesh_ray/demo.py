@@ -15,7 +15,7 @@ from mesh_ray.mesh import connect
 from mesh_ray.models.checkpoint import inspect, load_blocks, write_random_checkpoint
 from mesh_ray.models.flux import build
 from mesh_ray.models.vae import write_random_vae
-from mesh_ray.preview import latent_to_rgb, save_png
+from mesh_ray.images import latent_to_rgb, save_images, write_png
 from mesh_ray.sampler import generate, random_conditioning
 
 
@@ -56,8 +56,7 @@ def _decode_remote(mesh: Any, vae_path: Path, latent: torch.Tensor, mode: str, o
         if mode == "wait":
             images = service.decode(latent, mode="wait")
             blocked = (time.perf_counter() - t0) * 1000
-            path = save_png((images[0].numpy() * 255).round().astype("uint8"), out_dir / "demo-vae-wait.png", meta)
-            paths = [path]
+            paths = save_images(images, out_dir / "demo-vae-wait.png", meta)
         elif mode == "forget":
             request = service.decode(latent, mode="forget", save="demo-vae-forget", metadata=meta)
             blocked = (time.perf_counter() - t0) * 1000
@@ -104,7 +103,7 @@ def run_demo(arch: str = "flux1", stages: int = 2, steps: int = 4, size: int = 2
         if vae:
             vae_path = write_random_vae(Path(tmp) / "ae.safetensors", f"tiny-{arch}", seed=seed)
             decoded = _decode_remote(mesh, vae_path, latent_split, vae, Path(out_dir), meta)
-    image = save_png(latent_to_rgb(latent_split[0]), Path(out_dir) / f"demo-{arch}-{stages}stages.png",
+    image = write_png(latent_to_rgb(latent_split[0]), Path(out_dir) / f"demo-{arch}-{stages}stages.png",
                      {**meta, "mesh_ray.note": "latent preview of a random-weight tiny model"})
     n = max(1, len(per_step))
     return {"arch": arch, "stages": stages, "steps": steps, "size": size, "seed": seed, "codec": spec["mode"],

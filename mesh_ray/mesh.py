@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from mesh_ray.cluster import describe_resources, ensure_ray
-from mesh_ray.config import ConnectOptions, SplitOptions, StageSpec, validate
+from mesh_ray.config import ConnectOptions, SplitOptions, StageSpec, load_settings
 from mesh_ray.errors import ClusterError
 from mesh_ray.split import SplitModel, make_split
 
@@ -25,14 +25,15 @@ class Mesh:
         self._services: list = []
 
     def split(self, checkpoint: str, stages: int | list[str | dict | StageSpec] | None = None,
-              n_blocks_remote: int | None = None, options: SplitOptions | dict | None = None,
+              n_blocks_remote: int | None = None, options: SplitOptions | dict | str | None = None,
               **option_kwargs: Any) -> SplitModel:
         """Split a FLUX checkpoint over stage actors.
 
         ``stages``: a number of remote stages with an even split (default 2), or a list of block
         ranges (``"double:0-9"``) / ``StageSpec`` dicts covering every block once, in order.
         ``n_blocks_remote``: instead, keep the front blocks in this process and run the back N
-        blocks on one remote stage.  Other keywords are ``SplitOptions`` fields.
+        blocks on one remote stage.  ``options`` (a ``SplitOptions``, a dict or a YAML/JSON file) and
+        other keywords are ``SplitOptions`` fields; ``MESH_RAY_<FIELD>`` variables fill the rest.
         """
         s = make_split(checkpoint, stages, n_blocks_remote, options, **option_kwargs)
         self._splits.append(s)
@@ -84,7 +85,7 @@ def connect(address: str | None = None, **kwargs: Any) -> Mesh:
     """Join the Ray cluster at ``address`` ("auto", "host:port", "ray://…", or RAY_ADDRESS), or
     start an embedded local Ray sized to this machine when there is none.  Unreachable
     addresses fail within ``timeout_s`` with a one-line ClusterError."""
-    options = validate(ConnectOptions, {"address": address, **kwargs})
+    options = load_settings(ConnectOptions, None, address=address, **kwargs)
     mode = ensure_ray(options)
     if not ray.is_initialized():  # pragma: no cover - ensure_ray raises instead
         raise ClusterError("Ray did not start: see the log above")

@@ -21,7 +21,7 @@ import ray
 import torch
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayError, RayTaskError
 
-from mesh_ray.actors.vae import save_images
+from mesh_ray.images import save_images
 from mesh_ray.errors import ClusterError, MeshError, StageError
 
 DEFAULT_TIMEOUT_S = 600.0

@@ -10,6 +10,7 @@ and cached on the stages by generation id; per-step conditioning is sent raw.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 import uuid
 from collections import OrderedDict
@@ -21,10 +22,10 @@ import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from mesh_ray.actors.stage import StageActor, StageInit, default_cache_dir, move_cond
-from mesh_ray.actors.wire import pack_state, unpack_state
+from mesh_ray.actors.wire import pack_state, unpack_state, with_cached_text
 from mesh_ray.codec import CodecSpec, choose_spec
 from mesh_ray.cluster import cluster_gpus, explain_unschedulable, node_affinity
-from mesh_ray.config import SplitOptions, StageSpec, validate
+from mesh_ray.config import SplitOptions, StageSpec, load_settings, validate
 from mesh_ray.errors import ClusterError, ConfigError, MeshError, StageError
 from mesh_ray.models.blocks import BlockRange, check_cover
 from mesh_ray.models.checkpoint import CheckpointInfo, inspect, load_blocks, shard_digest
@@ -43,9 +44,8 @@ class Segment:
     index: int = -1
     node_id: str | None = None
     in_spec: CodecSpec | None = None  # codec of the link into this stage
-    out_spec: CodecSpec | None = None  # codec of the link out of it
     in_link: str = ""
-    out_link: str = ""
+    out: dict = field(default_factory=dict)  # what the stage needs for its outgoing link: spec and name
 
 
 @dataclass
@@ -55,6 +55,7 @@ class _Flight:
     state: Any  # BlockState, or an ObjectRef of a WireState
     cond: BlockCond
     gen: dict
+    cond_host: BlockCond | None = None  # the same conditioning on the host, for stage calls
     cursor: int = 0
     transfers: list = field(default_factory=list)
 
@@ -109,6 +110,7 @@ class SplitModel:
         self._gen_refs: OrderedDict[str, dict] = OrderedDict()
         self._pg = None
         self._closed = False
+        self._cluster_gpus = cluster_gpus()
         # The caller's part: embedders, final layer, and blocks of local segments only.
         self.model = build(self.config, "meta", self.dtype)
         local = [s.range for s in self.segments if s.spec.local]
@@ -131,10 +133,13 @@ class SplitModel:
             for b in r:
                 self.model.block(b).to(self.device)
 
+    def _num_gpus(self, spec: StageSpec) -> float:
+        """GPUs a stage asks for: its own setting, else one when the cluster has GPUs."""
+        return spec.num_gpus if spec.num_gpus is not None else (1.0 if self._cluster_gpus >= 1 else 0.0)
+
     def _stage_options(self, seg: Segment, bundle: int | None) -> dict:
         spec = seg.spec
-        num_gpus = spec.num_gpus if spec.num_gpus is not None else (1.0 if cluster_gpus() >= 1 else 0.0)
-        opts: dict[str, Any] = {"num_cpus": spec.num_cpus, "num_gpus": num_gpus,
+        opts: dict[str, Any] = {"num_cpus": spec.num_cpus, "num_gpus": self._num_gpus(spec),
                                 "name": f"mesh-ray/{self.id}/stage{seg.index}", "max_restarts": 0}
         if spec.node:
             opts["scheduling_strategy"] = node_affinity(spec.node)
@@ -152,8 +157,8 @@ class SplitModel:
 
         bundles = []
         for seg in remote:
-            g = seg.spec.num_gpus if seg.spec.num_gpus is not None else (1.0 if cluster_gpus() >= 1 else 0.0)
-            bundles.append({k: v for k, v in {"CPU": seg.spec.num_cpus, "GPU": g}.items() if v} or {"CPU": 0.01})
+            need = {"CPU": seg.spec.num_cpus, "GPU": self._num_gpus(seg.spec)}
+            bundles.append({k: v for k, v in need.items() if v} or {"CPU": 0.01})
         self._pg = placement_group(bundles, strategy=self.options.placement.upper())
         try:
             ray.get(self._pg.ready(), timeout=self.options.start_timeout_s)
@@ -175,7 +180,7 @@ class SplitModel:
                              offload=self.options.offload)
             seg.actor = StageActor.options(**self._stage_options(seg, k)).remote(init)
         for seg in remote:
-            need = {"CPU": seg.spec.num_cpus, "GPU": self._stage_options(seg, None)["num_gpus"]}
+            need = {"CPU": seg.spec.num_cpus, "GPU": self._num_gpus(seg.spec)}
             try:
                 ray.get(seg.actor.ready.remote(), timeout=self.options.start_timeout_s)
             except GetTimeoutError:
@@ -195,9 +200,9 @@ class SplitModel:
             prev = segs[i - 1] if i > 0 and not segs[i - 1].spec.local else None
             nxt = segs[i + 1] if i + 1 < len(segs) and not segs[i + 1].spec.local else None
             seg.in_spec = choose_spec(self.options.codec, same_node=(prev.node_id if prev else here) == seg.node_id)
-            seg.out_spec = choose_spec(self.options.codec, same_node=(nxt.node_id if nxt else here) == seg.node_id)
             seg.in_link = f"{f'stage{prev.index}' if prev else 'caller'}->stage{seg.index}"
-            seg.out_link = f"stage{seg.index}->{f'stage{nxt.index}' if nxt else 'caller'}"
+            seg.out = {"spec": choose_spec(self.options.codec, same_node=(nxt.node_id if nxt else here) == seg.node_id),
+                       "link": f"stage{seg.index}->{f'stage{nxt.index}' if nxt else 'caller'}"}
 
     def _load(self, seg: Segment) -> Any:
         """Load from the worker's own file when it can read it, else ship the shard once."""
@@ -257,7 +262,7 @@ class SplitModel:
                 cond = self.model.conditioning(args[4], args[5], args[6], dtype=self.dtype)
                 key = f"{gen_id}:{i}/{n}:{bounds[i]}-{bounds[i + 1]}" if gen_id else _tensor_key(args[1], args[2], args[3])
                 gen, state = self._generation(key, args, cond)
-                flights.append(_Flight(state=state, cond=cond, gen=gen))
+                flights.append(_Flight(state=state, cond=cond, gen=gen, cond_host=_cpu_cond(cond)))
             self._run(flights)
             out = torch.cat([self.model.finish(f.state, f.cond) for f in flights], dim=0)
         self.last = StepStats([t for f in flights for t in f.transfers], (time.perf_counter() - t0) * 1000)
@@ -273,14 +278,14 @@ class SplitModel:
             pe = self.model.embed_positions(img_ids, txt_ids)
             txt_emb = self.model.embed_text(txt)
             self._gen_refs[key] = {"id": key, "pe": [ray.put(pe.cpu())], "txt": [ray.put(txt_emb.cpu())] if cache_txt else None,
-                                   "pe_local": pe, "txt_local": txt_emb}
+                                   "grid": _grid(img_ids), "pe_local": pe, "txt_local": txt_emb}
             while len(self._gen_refs) > 4 * max(1, self.options.micro_batches):
                 self._gen_refs.popitem(last=False)
         g = self._gen_refs[key]
         self._gen_refs.move_to_end(key)
         txt_tokens = g["txt_local"]
         state = BlockState(state.img, txt_tokens[:, :0] if cache_txt else txt_tokens, state.txt_len)
-        return {"id": key, "pe": g["pe"], "txt": g["txt"], "grid": _grid(img_ids),
+        return {"id": key, "pe": g["pe"], "txt": g["txt"], "grid": g["grid"],
                 "pe_local": g["pe_local"], "txt_local": txt_tokens}, state
 
     def _run(self, flights: list[_Flight]) -> None:
@@ -305,15 +310,12 @@ class SplitModel:
             if seg.spec.local:
                 if isinstance(f.state, ray.ObjectRef):
                     return
-                state = f.state
-                if state.txt is not None and state.txt.numel() == 0 and state.txt_len:
-                    state = BlockState(state.img, f.gen["txt_local"], state.txt_len)
+                state = with_cached_text(f.state, f.gen["txt_local"])
                 f.state = self.model.run_blocks(state, f.cond, f.gen["pe_local"], seg.range.start, seg.range.stop)
             else:
                 if isinstance(f.state, BlockState):
                     f.state = pack_state(f.state, seg.in_spec, f.gen["grid"], seg.in_link)
-                out = {"spec": seg.out_spec.model_dump(), "link": seg.out_link}
-                f.state = seg.actor.forward.remote(f.state, _cpu_cond(f.cond), gen_remote, out)
+                f.state = seg.actor.forward.remote(f.state, f.cond_host, gen_remote, seg.out)
             f.cursor += 1
             if isinstance(f.state, ray.ObjectRef) and (f.cursor >= len(self.segments) or self.segments[f.cursor].spec.local):
                 return
@@ -356,7 +358,7 @@ class SplitModel:
             ref = pack_state(state, chain[0].in_spec, None, chain[0].in_link)
             cond = _cpu_cond(args["cond"])
             for seg in chain:
-                ref = seg.actor.forward.remote(ref, cond, gen, {"spec": seg.out_spec.model_dump(), "link": seg.out_link})
+                ref = seg.actor.forward.remote(ref, cond, gen, seg.out)
             wire = self._get(ref, chain[-1], self.options.step_timeout_s, "a patched block range")
             out, hops = unpack_state(wire, img.device)
             self.last = StepStats(hops)
@@ -426,11 +428,14 @@ def _grid(img_ids: torch.Tensor) -> tuple[int, int] | None:
 
 
 def make_split(checkpoint: str, stages: int | list | None = None, n_blocks_remote: int | None = None,
-               options: SplitOptions | dict | None = None, **option_kwargs: Any) -> SplitModel:
+               options: SplitOptions | dict | str | os.PathLike | None = None, **option_kwargs: Any) -> SplitModel:
     """Resolve the stage list and build a SplitModel (``Mesh.split`` documents the arguments)."""
     info = inspect(checkpoint)
-    opts = validate(SplitOptions, {**(options.model_dump() if isinstance(options, SplitOptions) else options or {}),
-                                   **option_kwargs})
+    if isinstance(options, (str, os.PathLike)):  # a YAML/JSON settings file
+        opts = load_settings(SplitOptions, options, **option_kwargs)
+    else:
+        given = options.model_dump() if isinstance(options, SplitOptions) else dict(options or {})
+        opts = load_settings(SplitOptions, None, **given, **option_kwargs)
     n = info.config.num_blocks
     if n_blocks_remote is not None and stages is not None:
         raise ConfigError("give either stages or n_blocks_remote, not both")

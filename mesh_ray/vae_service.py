@@ -28,7 +28,8 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
-from mesh_ray.actors.vae import VaeDecoderActor, check_prefix, save_images
+from mesh_ray.actors.vae import VaeDecoderActor, check_prefix
+from mesh_ray.images import save_images
 from mesh_ray.errors import ClusterError, ConfigError
 from mesh_ray.models.vae import VaeInfo, check_tiling, inspect_vae
 from mesh_ray.promise import DEFAULT_TIMEOUT_S, Promise, convert_ray_error

@@ -17,13 +17,14 @@ import ray
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from mesh_ray.actors.wire import WireState, pack_state, unpack_state
+from mesh_ray.actors.device import pick_device
+from mesh_ray.actors.wire import WireState, pack_state, unpack_state, with_cached_text
 from mesh_ray.codec import CodecSpec
 from mesh_ray.errors import StageError
 from mesh_ray.memory import AutoOffload, OffloadSpec
 from mesh_ray.models.blocks import BlockRange
 from mesh_ray.models.checkpoint import load_blocks, save_checkpoint, shard_digest
-from mesh_ray.models.flux import BlockCond, BlockState, FluxConfig, build
+from mesh_ray.models.flux import BlockCond, FluxConfig, build
 
 GENERATIONS_KEPT = 4  # per-generation constants cached per stage (LRU)
 
@@ -48,18 +49,6 @@ def default_cache_dir() -> str:
     return os.environ.get("MESH_RAY_CACHE_DIR") or str(Path.home() / ".cache" / "mesh-ray" / "shards")
 
 
-def pick_device() -> torch.device:
-    """The GPU Ray assigned to this process, else the CPU."""
-    if torch.cuda.is_available() and ray.get_gpu_ids():
-        return torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU(s)
-    return torch.device("cpu")
-
-
-def move_state(state: BlockState, device: torch.device) -> BlockState:
-    txt = state.txt.to(device) if state.txt is not None else None
-    return BlockState(state.img.to(device), txt, state.txt_len)
-
-
 def move_cond(cond: BlockCond, device: torch.device) -> BlockCond:
     def mv(x: Any) -> Any:
         if x is None:
@@ -79,8 +68,7 @@ class StageClass:
         self.init = init
         if init.torch_threads:
             torch.set_num_threads(init.torch_threads)
-        self.device = pick_device()
-        self.dtype = getattr(torch, init.dtype)
+        self.device, self.dtype = pick_device(init.dtype)
         self.range = BlockRange(init.start, init.stop, init.config.depth, init.config.num_blocks)
         self.model = build(init.config, "meta", self.dtype)
         self.loaded = False
@@ -180,12 +168,11 @@ class StageClass:
         t0, wall0 = time.perf_counter(), time.time()
         pe, txt = self._constants(gen)
         state, hops = unpack_state(state, self.device)
-        if txt is not None and self.range.start == 0 and not state.joined and state.txt.numel() == 0:
-            state = BlockState(state.img, txt, state.txt_len)  # text tokens cached for the generation
+        state = with_cached_text(state, txt)
         with self.offload.forward_pass() if self.offload else contextlib.nullcontext():
             state = self.model.run_blocks(state, move_cond(cond, self.device), pe, self.range.start, self.range.stop)
         out = out or {}
-        spec = CodecSpec.parse(out.get("spec") or "raw")
+        spec = CodecSpec.parse(out.get("spec") or "raw")  # a CodecSpec passes through unchanged
         result = pack_state(state, spec, gen.get("grid"), out.get("link", f"stage{self.init.index}->next"), hops)
         self.calls += 1
         self.busy_s += time.perf_counter() - t0

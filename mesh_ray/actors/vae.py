@@ -17,13 +17,11 @@ exits on its own after that long without work, which frees its GPU; ``reserve()`
 service before it sends work to a replica that has been idle a while) resets the idle clock or
 answers False when the actor is already leaving, so no request is sent to an exiting actor.
 
-This module also holds the PNG writer used everywhere (actor, promise, service): atomic writes
-(temporary name, then rename) so a crash or a failed image never leaves a half file.
+PNGs are written with ``mesh_ray.images`` (atomic: temporary name, then rename).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -35,90 +33,13 @@ import numpy as np
 import ray
 import torch
 
-from mesh_ray.errors import ClusterError, ConfigError, MeshError
+from mesh_ray.actors.device import pick_device
+from mesh_ray.errors import ClusterError, ConfigError
+from mesh_ray.images import save_images, to_uint8
 
 log = logging.getLogger("mesh_ray.vae")
 
 CONTROL_GROUP = "control"
-PNG_COMPRESS_LEVEL = 4  # ComfyUI's SaveImage default: about half the time of zlib's 6, files ~5% larger
-
-
-# --------------------------------------------------------------------------------------------
-# Images and PNG files
-# --------------------------------------------------------------------------------------------
-
-
-def to_uint8(images: np.ndarray | torch.Tensor) -> np.ndarray:
-    """``[B, H, W, C]`` float 0..1 -> uint8 0..255 (rounded)."""
-    if isinstance(images, torch.Tensor):
-        images = images.detach().float().cpu().numpy()
-    if images.dtype == np.uint8:
-        return images
-    return (np.clip(images, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
-def _png_info(metadata: Mapping[str, Any] | None):
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    for k, v in (metadata or {}).items():
-        info.add_text(str(k), v if isinstance(v, str) else json.dumps(v))
-    return info
-
-
-def write_png(image: np.ndarray, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> Path:
-    """Write one ``[H, W, C]`` uint8 image as PNG with text chunks, atomically."""
-    from PIL import Image
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    mode = {1: "L", 3: "RGB", 4: "RGBA"}[image.shape[-1]]
-    try:
-        Image.fromarray(image[..., 0] if mode == "L" else image, mode=mode).save(
-            tmp, format="PNG", pnginfo=_png_info(metadata), compress_level=PNG_COMPRESS_LEVEL)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def image_paths(target: str | os.PathLike, count: int, stem: str, as_dir: bool | None = None) -> list[Path]:
-    """Where a batch of ``count`` images goes.
-
-    ``target`` is a directory (it exists, ends with a separator or has no suffix): files are
-    ``{stem}_{k:02d}.png`` in it.  Otherwise it is a file path: used as is for one image,
-    ``{name}_{k:02d}{suffix}`` for a batch.  ``as_dir`` forces either reading.
-    """
-    as_dir = as_dir if as_dir is not None else (
-        Path(target).is_dir() or str(target).endswith(("/", os.sep)) or Path(target).suffix == "")
-    target = Path(target)
-    if as_dir:
-        return [target / f"{stem}_{k:02d}.png" for k in range(count)]
-    if count == 1:
-        return [target]
-    return [target.with_name(f"{target.stem}_{k:02d}{target.suffix}") for k in range(count)]
-
-
-def save_images(images: np.ndarray | torch.Tensor, target: str | os.PathLike, metadata: Mapping[str, Any] | None = None,
-                stem: str = "mesh_ray", as_dir: bool | None = None) -> list[Path]:
-    """Write a ``[B, H, W, C]`` batch as PNGs (see ``image_paths``), one atomic file each.
-
-    When image k fails, images 0..k-1 stay on disk and the error names them.
-    """
-    data = to_uint8(images)
-    if data.ndim != 4:
-        raise ConfigError(f"images have shape {tuple(data.shape)}, expected [B, H, W, C]: pass a batch of images")
-    written: list[Path] = []
-    for k, path in enumerate(image_paths(target, data.shape[0], stem, as_dir)):
-        try:
-            written.append(write_png(data[k], path, metadata))
-        except Exception as e:
-            kept = ", ".join(p.name for p in written) or "none"
-            raise MeshError(f"saving image {k} of {data.shape[0]} to {path} failed ({type(e).__name__}: {e}); "
-                            f"images already saved are kept ({kept}): fix the path or free disk space and save again") from None
-    return written
 
 
 def check_prefix(prefix: str) -> str:
@@ -128,19 +49,6 @@ def check_prefix(prefix: str) -> str:
         raise ConfigError(f"save prefix {prefix!r} must be a relative name inside the output directory: "
                           f"use e.g. 'portraits/img' (no leading '/', no '..')")
     return prefix
-
-
-def pick_device(dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
-    """CUDA when this process was given a GPU and torch sees one, else CPU; bf16 on GPU, fp32 on CPU."""
-    gpu = torch.cuda.is_available() and (not ray.is_initialized() or len(ray.get_gpu_ids()) > 0)
-    device = torch.device("cuda" if gpu else "cpu")
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype == "auto":
-        return device, (torch.bfloat16 if gpu and torch.cuda.is_bf16_supported() else torch.float32)
-    if dtype not in names:
-        raise ConfigError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
-    return device, names[dtype]
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,4 +195,4 @@ class VaeDecoderActor:
             self._end()
 
 
-__all__ = ["VaeDecoderActor", "check_prefix", "image_paths", "pick_device", "save_images", "to_uint8", "write_png"]
+__all__ = ["VaeDecoderActor", "check_prefix"]

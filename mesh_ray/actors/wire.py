@@ -30,6 +30,13 @@ def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
+def with_cached_text(state: BlockState, txt: torch.Tensor | None) -> BlockState:
+    """Put the generation's cached text tokens back where the caller sent an empty placeholder."""
+    if txt is not None and state.txt is not None and state.txt.numel() == 0 and state.txt_len:
+        return BlockState(state.img, txt, state.txt_len)
+    return state
+
+
 def pack_state(state: BlockState, spec: CodecSpec, grid: tuple[int, int] | None, link: str,
                hops: list[dict] | None = None) -> WireState:
     """Code ``state`` for a link (raw: the host tensors themselves) and record the hop."""

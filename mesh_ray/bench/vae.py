@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from mesh_ray.actors.vae import save_images
 from mesh_ray.bench import median_ms
+from mesh_ray.images import save_images
 from mesh_ray.mesh import connect
 from mesh_ray.models.flux import PRESETS, build, random_state_dict
 from mesh_ray.models.vae import VAE_PRESETS, write_random_vae

@@ -134,7 +134,7 @@ def sample(model: Any, width: int = 256, height: int = 256, steps: int = 4, seed
 @node("LatentPreview", outputs=("IMAGE",))
 def latent_preview(latent: Any) -> np.ndarray:
     """A latent -> images [B, H, W, 3] float 0..1 without a VAE (first three channels, stretched)."""
-    from mesh_ray.preview import latent_to_rgb
+    from mesh_ray.images import latent_to_rgb
 
     return np.stack([latent_to_rgb(x) for x in latent]).astype(np.float32) / 255.0
 
@@ -186,7 +186,7 @@ def save_promised_image(images: Any, directory: str = "outputs/workflow", timeou
 def save_image(images: Any, directory: str = "outputs/workflow", prefix: str = "mesh_ray",
                metadata: dict | None = None, base_dir: str = ".") -> list[str]:
     """Write images [B, H, W, C] (0..1) as ``{directory}/{prefix}_{k:02d}.png``, atomically."""
-    from mesh_ray.actors.vae import save_images
+    from mesh_ray.images import save_images
 
     written = save_images(np.asarray(images), _path(base_dir, directory), metadata, stem=prefix, as_dir=True)
     return [str(p) for p in written]
