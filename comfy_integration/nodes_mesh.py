@@ -1,0 +1,4 @@
+"""(to be written)"""
+
+NODE_CLASS_MAPPINGS: dict = {}
+NODE_DISPLAY_NAME_MAPPINGS: dict = {}
