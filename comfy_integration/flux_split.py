@@ -69,19 +69,27 @@ def compute_dtype(model: Any) -> str:
     return _DTYPE_NAMES.get(dt, "bfloat16")  # fp8 storage computes in a 16-bit type
 
 
-def block_module(dm: torch.nn.Module, b: int) -> torch.nn.Module:
-    depth = len(dm.double_blocks)
-    return dm.double_blocks[b] if b < depth else dm.single_blocks[b - depth]
+def block_list(model: Any, attr: str) -> torch.nn.ModuleList:
+    """The model's own ``double_blocks``/``single_blocks``, even while a split clone's object patch
+    (placeholders for remote blocks) is applied: ComfyUI keeps the original in the shared backup."""
+    own = model.object_patches_backup.get(f"diffusion_model.{attr}")
+    return own if own is not None else getattr(model.model.diffusion_model, attr)
 
 
-def block_prefix(dm: torch.nn.Module, b: int) -> str:
-    depth = len(dm.double_blocks)
+def block_module(model: Any, b: int) -> torch.nn.Module:
+    depth = len(block_list(model, "double_blocks"))
+    return block_list(model, "double_blocks")[b] if b < depth else block_list(model, "single_blocks")[b - depth]
+
+
+def block_prefix(model: Any, b: int) -> str:
+    depth = len(block_list(model, "double_blocks"))
     return f"double_blocks.{b}." if b < depth else f"single_blocks.{b - depth}."
 
 
-def remote_bytes(dm: torch.nn.Module, ranges: list[BlockRange]) -> int:
+def remote_bytes(model: Any, ranges: list[BlockRange]) -> int:
     """Parameter bytes of the blocks that run remotely (what the ComfyUI process no longer loads)."""
-    return sum(t.numel() * t.element_size() for r in ranges for b in r for t in block_module(dm, b).state_dict().values())
+    return sum(t.numel() * t.element_size() for r in ranges for b in r
+               for t in block_module(model, b).state_dict().values())
 
 
 # -- the shard the stages load ------------------------------------------------------------------
@@ -92,12 +100,11 @@ _shard_lock = threading.Lock()
 
 def remote_state_dict(model: Any, ranges: list[BlockRange], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The remote blocks' base weights (without ComfyUI's weight patches, e.g. LoRAs) on the CPU."""
-    dm = model.model.diffusion_model
     out = {}
     for r in ranges:
         for b in r:
-            prefix = block_prefix(dm, b)
-            for name, t in block_module(dm, b).state_dict().items():
+            prefix = block_prefix(model, b)
+            for name, t in block_module(model, b).state_dict().items():
                 backup = model.backup.get(f"diffusion_model.{prefix}{name}")  # patched in place: the original
                 t = backup.weight if backup is not None else t
                 out[prefix + name] = t.detach().to("cpu", dtype).contiguous()
@@ -203,13 +210,12 @@ class RemotePlaceholder(torch.nn.Module):
 
 def split_clone(model: Any, remote: RemoteBlocks, ranges: list[BlockRange]) -> Any:
     """A clone of ``model`` whose ``ranges`` run through ``remote``; ``model`` stays as it was."""
-    dm = model.model.diffusion_model
-    depth = len(dm.double_blocks)
+    depth = len(block_list(model, "double_blocks"))
     replace = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
     clone = model.clone()
     blocks = {b for r in ranges for b in r}
     for attr, offset, kind in (("double_blocks", 0, "double_block"), ("single_blocks", depth, "single_block")):
-        mods = getattr(dm, attr)
+        mods = block_list(model, attr)
         mine = [i for i in range(len(mods)) if i + offset in blocks]
         if not mine:
             continue
@@ -223,9 +229,9 @@ def split_clone(model: Any, remote: RemoteBlocks, ranges: list[BlockRange]) -> A
             clone.set_model_patch_replace(remote.patch((kind, i)), "dit", kind, i)
     clone.model_options["transformer_options"][MARK] = {"key": remote.key, "plan": remote.plan}
     # Weight patches of remote blocks do not apply here: drop them (forwarded to the stages instead).
-    prefixes = tuple(f"diffusion_model.{block_prefix(dm, b)}" for b in blocks)
+    prefixes = tuple(f"diffusion_model.{block_prefix(model, b)}" for b in blocks)
     for k in [k for k in clone.patches if k.startswith(prefixes)]:
         del clone.patches[k]
     clone.patches_uuid = uuid.uuid4()  # its own weight state: switching to it unloads the full model
-    clone.size = max(0, model.model_size() - remote_bytes(dm, ranges))
+    clone.size = max(0, model.model_size() - remote_bytes(model, ranges))
     return clone

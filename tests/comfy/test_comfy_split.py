@@ -43,3 +43,100 @@ def test_split_ksampler_equals_unsplit(comfy, n_blocks_remote, stages, n_stages)
     assert got["diff"] <= RTOL * got["scale"], got
     assert got["scale"] > 0.1 and got["same_input"] and got["intact"]
     assert len(got["stages"]) == n_stages and got["calls"] > 0
+
+
+def _loaded_bytes():
+    import comfy.model_management as mm
+    import comfy.patcher_extension as pe
+
+    model = h.flux_patcher(seed=0)
+    full = model.model_size()
+    dm = model.model.diffusion_model
+    remote_ids = {id(p) for blk in list(dm.double_blocks)[1:] + list(dm.single_blocks) for p in blk.parameters()}
+    remote = sum(p.numel() * p.element_size() for blk in list(dm.double_blocks)[1:] + list(dm.single_blocks)
+                 for p in blk.parameters())
+    mesh, = h.run_node("MeshConnect", address="")
+    split, = h.run_node("MeshSplitFlux", model=model, mesh=mesh, n_blocks_remote=5, stages="", codec_mode="raw",
+                        unique_id="bytes")
+    seen = {}
+
+    def on_load(patcher, device_to, *args):
+        # What ComfyUI's model management moves: every parameter in the module tree while loading.
+        seen["ids"] = {id(p) for p in patcher.model.parameters()}
+        seen["bytes"] = mm.module_size(patcher.model)  # parameters and buffers, as ComfyUI counts them
+
+    split.add_callback(pe.CallbacksMP.ON_LOAD, on_load)
+    h.ksample(split, seed=1, steps=1)
+    loaded = split.loaded_size()
+    mm.unload_all_models()
+    h.remote_of(split).close()
+    return {"full": full, "remote": remote, "seen": seen["bytes"], "overlap": len(seen["ids"] & remote_ids),
+            "loaded": loaded, "size": split.model_size()}
+
+
+def test_comfyui_loads_only_the_local_blocks(comfy):
+    got = comfy(_loaded_bytes)
+    assert got["remote"] > 0.5 * got["full"]  # 5 of 6 blocks: most of the model
+    assert got["overlap"] == 0, got           # no remote-block parameter was in the tree ComfyUI loaded
+    assert got["seen"] == got["full"] - got["remote"] == got["loaded"] == got["size"], got
+
+
+def _reconfigure():
+    import ray
+    import torch
+
+    model = h.flux_patcher(seed=0)
+    ref = h.ksample(model, seed=4, steps=2)
+    mesh, = h.run_node("MeshConnect", address="")
+    out = []
+    old_actors = []
+    for n in (2, 5, 1):  # up, then down, the same node between queues
+        split, = h.run_node("MeshSplitFlux", model=model, mesh=mesh, n_blocks_remote=n, stages="", codec_mode="raw",
+                            unique_id="reconf")
+        lat = h.ksample(split, seed=4, steps=2)
+        remote = h.remote_of(split)
+        out.append((n, float((lat - ref).abs().max()), [s["blocks"] for s in remote.split.stage_info()]))
+        old_actors.append([s.actor for s in remote.split.segments if s.actor is not None])
+    h.remote_of(split).close()
+    dead = []
+    for actors in old_actors[:-1]:
+        for a in actors:
+            try:
+                ray.get(a.ready.remote(), timeout=30)
+                dead.append(False)
+            except Exception:  # noqa: BLE001 - RayActorError: killed as it should be
+                dead.append(True)
+    return {"runs": out, "old_dead": dead, "scale": float(ref.abs().max()), "finite": bool(torch.isfinite(ref).all())}
+
+
+def test_reconfigure_up_and_down_between_queues(comfy):
+    got = comfy(_reconfigure)
+    assert [r[2][-1] for r in got["runs"]] == ["single:2-3", "double:1-single:3", "single:3-3"]
+    assert all(r[1] <= RTOL * got["scale"] for r in got["runs"]), got
+    assert got["old_dead"] and all(got["old_dead"])  # the stages of the previous plan were closed
+
+
+def _stage_death():
+    import ray
+
+    model = h.flux_patcher(seed=0)
+    ref = h.ksample(model, seed=8, steps=2)
+    mesh, = h.run_node("MeshConnect", address="")
+    split, = h.run_node("MeshSplitFlux", model=model, mesh=mesh, n_blocks_remote=3, stages="", codec_mode="raw",
+                        unique_id="death")
+    first = h.ksample(split, seed=8, steps=2)
+    remote = h.remote_of(split)
+    for seg in remote.split.segments:
+        if seg.actor is not None:
+            ray.kill(seg.actor)  # the stage's worker dies between two queues
+    second = h.ksample(split, seed=8, steps=2)  # the same MODEL, as ComfyUI's cache hands it out again
+    builds = remote.builds
+    remote.close()
+    return {"first": float((first - ref).abs().max()), "second": float((second - ref).abs().max()),
+            "builds": builds, "scale": float(ref.abs().max())}
+
+
+def test_killed_stage_is_recreated_on_the_next_queue(comfy):
+    got = comfy(_stage_death)
+    assert got["builds"] == 2, got
+    assert got["first"] <= RTOL * got["scale"] and got["second"] <= RTOL * got["scale"], got
