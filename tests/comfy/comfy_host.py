@@ -22,6 +22,8 @@ SMALL_FLUX = dict(in_channels=16, out_channels=16, patch_size=2, vec_in_dim=32, 
                   hidden_size=128, mlp_ratio=4.0, num_heads=4, depth=2, depth_single_blocks=4,
                   axes_dim=[4, 14, 14], theta=10000, qkv_bias=True, guidance_embed=True)
 TXT_LEN = 8  # text tokens of the test conditioning
+REPO = Path(__file__).resolve().parents[2]
+CALL_TIMEOUT_S = 600
 
 
 class ComfyHost:

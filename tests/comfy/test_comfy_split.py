@@ -140,3 +140,56 @@ def test_killed_stage_is_recreated_on_the_next_queue(comfy):
     got = comfy(_stage_death)
     assert got["builds"] == 2, got
     assert got["first"] <= RTOL * got["scale"] and got["second"] <= RTOL * got["scale"], got
+
+
+def _bad_inputs(closed_port: int):
+    import torch
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    from mesh_ray.errors import MeshError
+
+    def err(fn):
+        try:
+            fn()
+        except MeshError as e:
+            return str(e)
+        return None
+
+    model = h.flux_patcher(seed=0)
+    mesh, = h.run_node("MeshConnect", address="")
+    not_flux = comfy.model_patcher.ModelPatcher(torch.nn.Linear(2, 2), mm.get_torch_device(), mm.unet_offload_device())
+    split = lambda m, **kw: h.run_node("MeshSplitFlux", model=m, mesh=mesh, **{"n_blocks_remote": 0, "stages": "",
+                                                                             "codec_mode": "raw", **kw})
+    unreachable = err(lambda: h.run_node("MeshConnect", address=f"127.0.0.1:{closed_port}", timeout_s=5.0))
+    still, = h.run_node("MeshConnect", address="")  # the working connection survived the bad address
+    good, = split(model, n_blocks_remote=2, unique_id="bad-chain")
+    out = {
+        "not_flux": err(lambda: split(not_flux, n_blocks_remote=2)),
+        "overlap": err(lambda: split(model, stages="double:1-single:1; single:1-3")),
+        "past_end": err(lambda: split(model, stages="single:2-7")),
+        "too_many": err(lambda: split(model, n_blocks_remote=9)),
+        "nothing": err(lambda: split(model)),
+        "split_twice": err(lambda: split(good, n_blocks_remote=1)),
+        "lossless_hevc": err(lambda: split(model, n_blocks_remote=1, codec_mode="hevc", codec_lossless=True)),
+        "unreachable": unreachable,
+    }
+    h.remote_of(good).close()
+    return {"errors": out, "same_mesh": still is mesh}
+
+
+def test_bad_inputs_are_one_line_node_errors(comfy):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    got = comfy(_bad_inputs, port)
+    errors = got["errors"]
+    expect = {"not_flux": "needs a FLUX.1 model", "overlap": "overlaps", "past_end": "runs past the model",
+              "too_many": "n_blocks_remote=9", "nothing": "nothing to split", "split_twice": "already split",
+              "lossless_hevc": "lossless", "unreachable": "cannot reach a Ray cluster at 127.0.0.1"}
+    for name, text in expect.items():
+        assert errors[name] and text in errors[name], (name, errors[name])
+        assert "\n" not in errors[name]
+    assert got["same_mesh"]
