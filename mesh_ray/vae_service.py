@@ -323,6 +323,11 @@ class VaeService:
                                   "completed": r.completed, "failed": r.failed, "starts": r.starts}
                                  for r in self._replicas]}
 
+    @property
+    def closed(self) -> bool:
+        """True once ``close()`` was called (a new service is needed)."""
+        return self._closed
+
     def close(self, wait: bool = True, timeout: float = 60.0) -> None:
         """Stop every replica (frees their GPUs); with ``wait``, in-flight work (forget-mode
         writes included) first gets up to ``timeout`` s to finish."""
