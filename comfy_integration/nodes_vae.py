@@ -25,6 +25,7 @@ import numpy as np
 import ray
 import torch
 
+from .registry import prompt_server
 from mesh_ray.errors import ConfigError, MeshError
 from mesh_ray.images import latent_to_rgb
 from mesh_ray.promise import Promise, SaveHandle
@@ -203,9 +204,7 @@ def _target(prefix: str, output_dir: str, p: PromisedImages) -> tuple[str, str]:
 
 def _send_executed(node: str | None, prompt_id: str | None, client_id: str | None, output: dict) -> None:
     """ComfyUI's ``executed`` event for a node that finished after its prompt did: the page shows the images."""
-    import server
-
-    instance = getattr(server.PromptServer, "instance", None)
+    instance = prompt_server()
     if instance is None or node is None:
         return
     instance.send_sync("executed", {"node": node, "display_node": node, "output": output, "prompt_id": prompt_id},
@@ -237,12 +236,11 @@ class MeshSavePromisedImage:
     def save(self, promise: PromisedImages | None, filename_prefix: str = "mesh_ray", prompt: Any = None,
              extra_pnginfo: Any = None, unique_id: str | None = None) -> dict:
         import folder_paths
-        import server
 
         if promise is None:
             raise ConfigError("Mesh Save Promised Image got no promise: Mesh VAE Decode in forget mode saves by "
                               "itself; use mode promise or wait to save here")
-        instance = getattr(server.PromptServer, "instance", None)
+        instance = prompt_server()
         client_id = getattr(instance, "client_id", None)
         prompt_id = getattr(instance, "last_prompt_id", None)
         path, subfolder = _target(filename_prefix, folder_paths.get_output_directory(), promise)

@@ -108,11 +108,16 @@ def status(timeout_s: float = STATUS_TIMEOUT_S) -> dict:
     return {"address": address, "splits": splits}
 
 
+def prompt_server() -> Any:
+    """The running ComfyUI's ``PromptServer`` instance, or None (a script, a test without a server)."""
+    server = sys.modules.get("server")  # ComfyUI's own module, loaded only by a running ComfyUI
+    return getattr(getattr(server, "PromptServer", None), "instance", None)
+
+
 def register_routes() -> bool:
     """Add ``GET /mesh/status`` to the running ComfyUI's PromptServer (once); False without a server."""
     global _routes_added
-    server = sys.modules.get("server")  # ComfyUI's own module, present only inside ComfyUI
-    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    instance = prompt_server()
     if instance is None:
         return False
     with _lock:
@@ -134,4 +139,4 @@ def register_routes() -> bool:
 
 register_routes()
 
-__all__ = ["ROUTE", "STATUS_TIMEOUT_S", "forget_split", "record_split", "register_routes", "status"]
+__all__ = ["ROUTE", "STATUS_TIMEOUT_S", "forget_split", "prompt_server", "record_split", "register_routes", "status"]
