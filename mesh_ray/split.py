@@ -95,7 +95,8 @@ def _tensor_key(*tensors: torch.Tensor) -> str:
 class SplitModel:
     """Callable like ``Flux.forward``; built by ``Mesh.split`` (see there for the arguments)."""
 
-    def __init__(self, checkpoint: str, stages: list[StageSpec], options: SplitOptions, info: CheckpointInfo):
+    def __init__(self, checkpoint: str, stages: list[StageSpec], options: SplitOptions, info: CheckpointInfo,
+                 load_local: bool = True):
         self.checkpoint = checkpoint
         self.info = info
         self.config = info.config
@@ -112,12 +113,14 @@ class SplitModel:
         self._pg = None
         self._closed = False
         self._cluster_gpus = cluster_gpus()
-        # The caller's part: embedders, final layer, and blocks of local segments only.
+        # The caller's part: embedders, final layer, and blocks of local segments only (none when
+        # the caller has its own model and uses only block_patches(), as inside ComfyUI).
         self.model = build(self.config, "meta", self.dtype)
-        local = [s.range for s in self.segments if s.spec.local]
-        sd = load_blocks(checkpoint, local, non_block=True, dtype=self.dtype, info=info)
-        self.model.load_state_dict(sd, strict=False, assign=True)
-        self._to_device(local)
+        if load_local:
+            local = [s.range for s in self.segments if s.spec.local]
+            sd = load_blocks(checkpoint, local, non_block=True, dtype=self.dtype, info=info)
+            self.model.load_state_dict(sd, strict=False, assign=True)
+            self._to_device(local)
         try:
             self._start_stages()
         except BaseException:
@@ -342,19 +345,28 @@ class SplitModel:
         return patches
 
     def _chain_patch(self, chain: list[Segment], first: int):
+        """One patch that runs a chain of remote stages.  ``args`` as ComfyUI's FLUX.1 forward passes
+        them (img, txt, vec, pe, attn_mask, transformer_options) or as ours does (plus ``cond``)."""
         def run(args: dict, _extra: dict) -> dict:
+            if self._closed:
+                raise MeshError("this split was closed: create a new one with mesh.split(...)")
+            if args.get("attn_mask") is not None:
+                raise ConfigError("an attention mask reached a remote block range: remote stages run unmasked "
+                                  "attention; drop the masking node or keep these blocks local")
             pe = args["pe"]
             key = "patch:" + _tensor_key(pe)
             if key not in self._gen_refs:
                 self._gen_refs[key] = {"pe": [ray.put(pe.cpu())]}
+                while len(self._gen_refs) > 4 * max(1, self.options.micro_batches):
+                    self._gen_refs.popitem(last=False)
             gen = {"id": key, "pe": self._gen_refs[key]["pe"], "txt": None}
             img = args["img"]
             if first < self.config.depth:
-                state = BlockState(img.cpu(), args["txt"].cpu(), args["txt"].shape[1])
+                state = BlockState(img.to("cpu", self.dtype), args["txt"].to("cpu", self.dtype), args["txt"].shape[1])
             else:  # joined stream; the text length only matters to a caller that unjoins
-                state = BlockState(img.cpu(), None, 0)
+                state = BlockState(img.to("cpu", self.dtype), None, 0)
             ref = pack_state(state, chain[0].in_spec, None, chain[0].in_link)
-            cond = _cpu_cond(args["cond"])
+            cond = _cpu_cond(_patch_cond(args, self.dtype))
             for seg in chain:
                 ref = seg.actor.forward.remote(ref, cond, gen, seg.out)
             wire = self._get(ref, chain[-1], self.options.step_timeout_s, "a patched block range")
@@ -362,8 +374,8 @@ class SplitModel:
             self.last = StepStats(hops)
             if first < self.config.depth:
                 out = out.unjoin()
-                return {"img": out.img.to(img.device), "txt": out.txt.to(img.device)}
-            return {"img": out.join().img.to(img.device)}
+                return {"img": out.img.to(img.device, img.dtype), "txt": out.txt.to(img.device, img.dtype)}
+            return {"img": out.join().img.to(img.device, img.dtype)}
         return run
 
     # -- info and teardown ----------------------------------------------------------------------
@@ -408,6 +420,17 @@ class SplitModel:
         self.close()
 
 
+def _patch_cond(args: dict, dtype: torch.dtype) -> BlockCond:
+    """The blocks' conditioning from patch args: ours pass ``cond``; ComfyUI's FLUX.1 passes ``vec``."""
+    if args.get("cond") is not None:
+        return args["cond"]
+    vec = args["vec"]
+    if not isinstance(vec, torch.Tensor):
+        raise ConfigError("this forward passes the block modulation as a tuple (a FLUX.2-style model): remote "
+                          "block patches support FLUX.1 models in ComfyUI; use mesh.split() for FLUX.2")
+    return BlockCond(vec=vec.to(dtype))
+
+
 def _passthrough(args: dict, _extra: dict) -> dict:
     return {k: args[k] for k in ("img", "txt") if k in args}
 
@@ -426,7 +449,8 @@ def _grid(img_ids: torch.Tensor) -> tuple[int, int] | None:
 
 
 def make_split(checkpoint: str, stages: int | list | None = None, n_blocks_remote: int | None = None,
-               options: SplitOptions | dict | str | os.PathLike | None = None, **option_kwargs: Any) -> SplitModel:
+               options: SplitOptions | dict | str | os.PathLike | None = None, load_local: bool = True,
+               **option_kwargs: Any) -> SplitModel:
     """Resolve the stage list and build a SplitModel (``Mesh.split`` documents the arguments)."""
     info = inspect(checkpoint)
     if isinstance(options, (str, os.PathLike)):  # a YAML/JSON settings file
@@ -448,7 +472,7 @@ def make_split(checkpoint: str, stages: int | list | None = None, n_blocks_remot
         specs = [StageSpec(blocks=f"{r.start}-{r.stop - 1}") for r in split_evenly(info.num_double, info.num_single, stages or 2)]
     else:
         specs = [validate(StageSpec, {"blocks": s} if isinstance(s, str) else s) for s in stages]
-    return SplitModel(str(checkpoint), specs, opts, info)
+    return SplitModel(str(checkpoint), specs, opts, info, load_local=load_local)
 
 
 __all__ = ["SplitModel", "make_split", "Flux"]

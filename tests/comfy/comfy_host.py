@@ -33,6 +33,7 @@ class ComfyHost:
         torch.set_num_threads(threads)
         self.workdir = Path(workdir)
         sys.pycache_prefix = str(self.workdir / "pycache")  # never write __pycache__ into the shared tree
+        os.environ["MESH_RAY_CACHE_DIR"] = str(self.workdir / "cache" / "shards")  # not ~/.cache
         for p in (comfy_path, *([stubs] if stubs else []), repo):
             if p not in sys.path:
                 sys.path.insert(0, p)
@@ -173,3 +174,12 @@ def run_node(name: str, **inputs: Any) -> tuple:
     """Call a node the way ComfyUI's executor does: instantiate the class, call FUNCTION."""
     cls = node_class(name)
     return getattr(cls(), cls.FUNCTION)(**inputs)
+
+
+def remote_of(split_model):
+    """The RemoteBlocks behind a MODEL that MeshSplitFlux returned."""
+    import sys
+
+    mark = split_model.model_options["transformer_options"]["mesh_ray_split"]
+    nodes_mesh = sys.modules[node_class("MeshSplitFlux").__module__]
+    return nodes_mesh._live[mark["key"]]
