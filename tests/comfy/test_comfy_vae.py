@@ -125,9 +125,10 @@ def _forget_mode():
 
     name = _vae("forget-vae.safetensors", seed=5)
     out = folder_paths.get_output_directory()
-    _, promised = _decode(samples={"samples": _latent(8, seed=6)}, mesh=mesh_ray.connect(),
-                          vae_name=name, mode="forget", replicas=1, idle_timeout_s=0.0,
-                          filename_prefix="forgotten/run", prompt=PROMPT, extra_pnginfo=EXTRA)
+    ran = h.run_node("MeshVAEDecode", samples={"samples": _latent(8, seed=6)}, mesh=mesh_ray.connect(),
+                     vae_name=name, mode="forget", replicas=1, idle_timeout_s=0.0, filename_prefix="forgotten/run",
+                     prompt=PROMPT, extra_pnginfo=EXTRA)
+    _, promised = ran["result"]
     (path,) = _wait_for(os.path.join(out, "forgotten", "run_*_00.png"))
     text, _ = _png(path)
     try:
@@ -135,12 +136,13 @@ def _forget_mode():
         no_promise_error = None
     except Exception as e:  # noqa: BLE001 - the node error ComfyUI would show
         no_promise_error = f"{type(e).__name__}: {e}"
-    return os.path.dirname(path) == os.path.join(out, "forgotten"), text, no_promise_error
+    return os.path.dirname(path) == os.path.join(out, "forgotten"), text, no_promise_error, ran["ui"]["text"][0], out
 
 
 def test_forget_mode_writes_into_the_output_folder(comfy):
-    in_output, text, no_promise_error = comfy(_forget_mode)
+    in_output, text, no_promise_error, note, out = comfy(_forget_mode)
     assert in_output
+    assert note.startswith("forget: the decoder writes forgotten/run_") and note.endswith(f"_NN.png into {out} on this machine")
     assert json.loads(text["prompt"]) == PROMPT and json.loads(text["workflow"]) == EXTRA["workflow"]
     assert no_promise_error.startswith("ConfigError: Mesh Save Promised Image got no promise")
     assert "\n" not in no_promise_error
