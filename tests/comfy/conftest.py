@@ -15,9 +15,7 @@ from pathlib import Path
 import pytest
 import ray
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-CALL_TIMEOUT_S = 600
+from comfy_host import CALL_TIMEOUT_S, REPO  # noqa: E402 - tests/comfy is on sys.path here
 
 
 def comfy_path() -> Path | None:
