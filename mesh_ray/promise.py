@@ -14,7 +14,7 @@ import os
 import threading
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import ray
@@ -60,6 +60,10 @@ class SaveHandle:
 
     def done(self) -> bool:
         return self._future.done()
+
+    def add_done_callback(self, fn: Callable[["SaveHandle"], Any]) -> None:
+        """Call ``fn(handle)`` from the writer thread once the save finished or failed (at once if it has)."""
+        self._future.add_done_callback(lambda _f: fn(self))
 
     def result(self, timeout: float | None = None) -> list[Path]:
         """The written paths; raises the promise's error or the write error (one line)."""

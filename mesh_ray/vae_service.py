@@ -28,15 +28,17 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
+from mesh_ray.actors.shards import send_shard
 from mesh_ray.actors.vae import VaeDecoderActor, check_prefix
 from mesh_ray.images import save_images
 from mesh_ray.errors import ClusterError, ConfigError
-from mesh_ray.models.vae import VaeInfo, check_tiling, inspect_vae
+from mesh_ray.models.vae import VaeInfo, check_tiling, inspect_vae, load_vae_state
 from mesh_ray.promise import DEFAULT_TIMEOUT_S, Promise, convert_ray_error
 
 log = logging.getLogger("mesh_ray.vae")
 
 MODES = ("wait", "forget", "promise")
+SHIP = ("auto", "always", "never")
 
 
 @dataclass
@@ -49,6 +51,10 @@ class _Replica:
     starts: int = 0
     completed: int = 0
     failed: int = 0
+
+
+def _nodes_alive() -> int:
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
 
 
 def _as_numpy(latent: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -72,16 +78,23 @@ class VaeService:
       num_cpus: CPUs reserved per actor (default 1).
       dtype: ``auto`` (bf16 on GPU, fp32 on CPU) or float32 / bfloat16 / float16.
       timeout_s: default wait for results (every wait has one).
+      ship: ``auto`` sends the decoder weights (once per node, cached by content hash) to a
+          replica whose node cannot read ``checkpoint`` (checked when the cluster has several
+          nodes); ``always`` sends them to every replica; ``never`` fails instead.
+      cache_dir: where shipped weights are cached on the replicas' nodes (default
+          ``MESH_RAY_CACHE_DIR`` or ``~/.cache/mesh-ray/shards``).
     """
 
     def __init__(self, checkpoint: str | os.PathLike, replicas: int = 1, num_gpus: float | None = None,
                  idle_timeout_s: float | None = None, output_dir: str | os.PathLike = "outputs/vae",
                  torch_threads: int | None = None, num_cpus: float = 1, dtype: str = "auto",
-                 timeout_s: float = DEFAULT_TIMEOUT_S):
+                 timeout_s: float = DEFAULT_TIMEOUT_S, ship: str = "auto", cache_dir: str | None = None):
         if not ray.is_initialized():
             raise ClusterError("Ray is not initialised: call mesh_ray.connect() (or ray.init()) before creating a VaeService")
         if replicas < 1:
             raise ConfigError(f"replicas={replicas} is invalid: use at least 1 decoder replica")
+        if ship not in SHIP:
+            raise ConfigError(f"ship={ship!r} is invalid: use one of {', '.join(SHIP)}")
         if idle_timeout_s is not None and idle_timeout_s <= 0:
             raise ConfigError(f"idle_timeout_s={idle_timeout_s} is invalid: use a positive number of seconds or None")
         self.checkpoint = str(Path(checkpoint).resolve())
@@ -96,6 +109,9 @@ class VaeService:
         self.torch_threads = torch_threads
         self.dtype = dtype
         self.timeout_s = timeout_s
+        self.ship = ship
+        self.cache_dir = cache_dir
+        self._state: dict | None = None  # decoder tensors, read once when a replica needs them shipped
         self.id = uuid.uuid4().hex[:6]
         self._seq = itertools.count()
         self._lock = threading.RLock()
@@ -118,8 +134,28 @@ class VaeService:
             self._counts["restarts"] += 1
             log.info("starting VAE decoder replica %d again (start %d)", r.index, r.starts + 1)
         r.handle = VaeDecoderActor.options(num_gpus=self.num_gpus, num_cpus=self.num_cpus).remote(
-            self.checkpoint, self.output_dir, self.idle_timeout_s, self.torch_threads, self.dtype, r.index)
+            self.checkpoint, self.output_dir, self.idle_timeout_s, self.torch_threads, self.dtype, r.index,
+            self.ship != "always", self.cache_dir, self.config)
         r.alive, r.starts, r.last_used = True, r.starts + 1, time.monotonic()
+        if self.ship == "always" or (self.ship == "auto" and _nodes_alive() > 1):
+            self._ensure_weights(r)
+
+    def _ensure_weights(self, r: _Replica) -> None:
+        """Ship the decoder weights to a replica that could not read the checkpoint on its node."""
+        def get(ref: ray.ObjectRef, doing: str) -> Any:
+            try:
+                return ray.get(ref, timeout=self.timeout_s)
+            except Exception as e:
+                raise convert_ray_error(e, f"VAE decoder replica {r.index} ({doing})", self.timeout_s) from None
+
+        if get(r.handle.has_weights.remote(), "starting"):
+            return
+        if self.ship == "never":
+            raise ClusterError(f"VAE decoder replica {r.index} cannot read {self.checkpoint} on its node and "
+                               f"ship='never': copy the file there or use ship='auto'")
+        if self._state is None:
+            self._state = load_vae_state(self.checkpoint, self.info)
+        get(send_shard(r.handle, self._state, get), "loading the shipped weights")
 
     def _probe_due(self, r: _Replica, now: float) -> bool:
         """Check an idle replica before sending it work: it may have exited on its idle timeout."""
@@ -286,6 +322,11 @@ class VaeService:
                     "replicas": [{"index": r.index, "alive": r.alive, "in_flight": len(r.in_flight),
                                   "completed": r.completed, "failed": r.failed, "starts": r.starts}
                                  for r in self._replicas]}
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close()`` was called (a new service is needed)."""
+        return self._closed
 
     def close(self, wait: bool = True, timeout: float = 60.0) -> None:
         """Stop every replica (frees their GPUs); with ``wait``, in-flight work (forget-mode
