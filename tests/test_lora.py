@@ -7,23 +7,14 @@ import torch
 from safetensors.torch import save_file
 
 from mesh_ray.errors import CheckpointError
-from mesh_ray.mesh import connect
-from mesh_ray.models.checkpoint import inspect, load_blocks
-from mesh_ray.models.flux import build
 
 from test_flux_model import inputs
+from test_split import local_model, mesh  # noqa: F401 - the shared fixture
 
 RANK, ALPHA = 4, 2.0
 TARGETS = ["double_blocks.0.img_attn.qkv.weight", "double_blocks.1.txt_mlp.0.weight",
            "single_blocks.1.linear1.weight", "single_blocks.3.linear2.weight"]
 STAGES = [{"blocks": "double:0-1", "local": True}, "single:0-1", "single:2-3"]  # patches land here and remote
-
-
-def local_model(path):
-    info = inspect(path)
-    model = build(info.config, "meta")
-    model.load_state_dict(load_blocks(path, ["all"], non_block=True, info=info), assign=True, strict=True)
-    return model
 
 
 def lora_weights(model, seed=3):
@@ -58,13 +49,6 @@ def patched_reference(model, lw, strength):
         for k, (up, down) in lw.items():
             params[k] += strength * (ALPHA / RANK) * (up @ down)
     return model
-
-
-@pytest.fixture
-def mesh(ray_local):
-    m = connect()
-    yield m
-    m.close()
 
 
 def test_set_loras_bfl_and_kohya_layouts_patch_local_and_remote_blocks(mesh, tiny_ckpts, tmp_path):
