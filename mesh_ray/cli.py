@@ -174,6 +174,20 @@ def bench_vae(generations: int = typer.Option(6, min=2), size: int = typer.Optio
         print(json.dumps(result, default=str))
 
 
+@bench_app.command("comfy")
+def bench_comfy(comfyui_path: Optional[str] = typer.Option(None, help="ComfyUI source tree (default: $COMFYUI_PATH)."),
+                hidden: int = typer.Option(512, min=128), n_blocks_remote: int = typer.Option(3, min=1),
+                size: int = typer.Option(64, min=8, help="Latent side (tokens: (size/2)^2)."),
+                steps: int = typer.Option(3, min=1), repeats: int = typer.Option(3, min=1),
+                as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")) -> None:
+    """The real ComfyUI KSampler per step, unsplit vs MeshSplitFlux raw; local parameter bytes before/after."""
+    from comfy_integration.bench import run_comfy_bench
+
+    result = _run(lambda: run_comfy_bench(comfyui_path, hidden=hidden, n_blocks_remote=n_blocks_remote, size=size,
+                                          steps=steps, repeats=repeats))
+    _emit(result, as_json, "mesh-ray bench comfy")
+
+
 @app.command()
 def doctor() -> None:
     """Which codec backends work on this machine, and why not where they do not."""
