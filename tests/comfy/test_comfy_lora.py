@@ -53,3 +53,33 @@ def test_lora_before_the_node_equals_unsplit_and_ships_once_per_set(comfy):
     # initial set, (same set: nothing), new strength, removal; the stages were never restarted
     assert [r["ships"] for r in runs] == [1, 1, 2, 3], runs
     assert {r["builds"] for r in runs} == {1}
+
+
+def _lora_after_the_node():
+    import os
+
+    import folder_paths
+    import nodes
+
+    name = "mesh-test-lora-after.safetensors"
+    h.write_test_lora(os.path.join(folder_paths.get_folder_paths("loras")[0], name), seed=6)
+    model = h.flux_patcher(seed=0)
+    mesh, = h.run_node("MeshConnect", address="")
+    lora = lambda m: nodes.LoraLoaderModelOnly().load_lora_model_only(m, name, 1.0)[0]
+    split = lambda m, key, fwd: h.run_node("MeshSplitFlux", model=m, mesh=mesh, n_blocks_remote=4, stages="",
+                                           codec_mode="raw", forward_loras=fwd, unique_id=key)[0]
+    s_after = lora(split(model, "after", True))  # the LoRA placed after the node
+    s_local = split(lora(model), "before", False)  # before the node, not forwarded: local blocks only
+    after, local_only = h.ksample(s_after, seed=2, steps=2), h.ksample(s_local, seed=2, steps=2)
+    s_full = split(lora(model), "before", True)
+    full = h.ksample(s_full, seed=2, steps=2)
+    for m in (s_after, s_full):
+        h.remote_of(m).close()
+    return {"after_vs_local_only": float((after - local_only).abs().max()),
+            "after_vs_full": float((after - full).abs().max()), "scale": float(full.abs().max())}
+
+
+def test_lora_after_the_node_patches_only_local_blocks(comfy):
+    got = comfy(_lora_after_the_node)
+    assert got["after_vs_local_only"] <= RTOL * got["scale"], got
+    assert got["after_vs_full"] > 100 * RTOL * got["scale"], got
