@@ -187,3 +187,15 @@ def test_missing_vae_file_is_rejected_with_a_one_line_message(server):
     (err,) = body["node_errors"]["3"]["errors"]
     assert "VAE file 'gone.safetensors' is not in ComfyUI's vae folder" in err["details"]
     assert "\n" not in err["details"]
+
+
+def test_unreachable_cluster_is_a_one_line_node_error_through_the_queue(server):
+    out = server["base"] / "output"
+    with socket.socket() as s:  # a closed port on 127.0.0.1
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    prompt = _prompt(VAE, f"127.0.0.1:{port}")
+    with pytest.raises(AssertionError) as failed:
+        asyncio.run(_queue_and_watch(server["url"], prompt, {}, out))
+    msg = str(failed.value).removeprefix("the prompt failed: ").removesuffix("\n")  # ComfyUI appends one
+    assert msg.startswith(f"cannot reach a Ray cluster at 127.0.0.1:{port}") and "\n" not in msg, msg
