@@ -79,6 +79,11 @@ class MeshSplitFlux:
                                               "Apply the LoRAs loaded before this node on the remote blocks too "
                                               "(shipped once per LoRA set)."}),
             },
+            "optional": {
+                "micro_batches": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip":
+                                          "Cut each batch (e.g. CFG's two halves) into this many pieces that "
+                                          "overlap across several stages."}),
+            },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
@@ -91,7 +96,7 @@ class MeshSplitFlux:
 
     def split(self, model, mesh, n_blocks_remote: int = 28, stages: str = "", codec_mode: str = "auto",
               codec_qp: int = 18, codec_lossless: bool = False, codec_tile_dim: int = 0, forward_loras: bool = True,
-              unique_id: str | None = None) -> tuple:
+              micro_batches: int = 1, unique_id: str | None = None) -> tuple:
         dm = flux_module(model)
         config = flux_config(dm)
         specs = plan_stages(config.depth, config.depth_single_blocks, n_blocks_remote, stages)
@@ -102,7 +107,7 @@ class MeshSplitFlux:
             raise MeshError(f"bad codec settings ({str(e).splitlines()[-1].strip()}): lossless needs codec_mode "
                             f"quant8 or auto") from None
         dtype = compute_dtype(model)
-        options = SplitOptions(dtype=dtype, codec=codec)
+        options = SplitOptions(dtype=dtype, codec=codec, micro_batches=micro_batches)
         key = str(unique_id if unique_id is not None else id(self))
         address = getattr(mesh.options, "address", None) or mesh.mode
         lset = remote_lora_set(model, ranges) if forward_loras else {}

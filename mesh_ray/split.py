@@ -353,30 +353,46 @@ class SplitModel:
             if args.get("attn_mask") is not None:
                 raise ConfigError("an attention mask reached a remote block range: remote stages run unmasked "
                                   "attention; drop the masking node or keep these blocks local")
-            pe = args["pe"]
-            key = "patch:" + _tensor_key(pe)
-            if key not in self._gen_refs:
-                self._gen_refs[key] = {"pe": [ray.put(pe.cpu())]}
-                while len(self._gen_refs) > 4 * max(1, self.options.micro_batches):
-                    self._gen_refs.popitem(last=False)
-            gen = {"id": key, "pe": self._gen_refs[key]["pe"], "txt": None}
-            img = args["img"]
-            if first < self.config.depth:
-                state = BlockState(img.to("cpu", self.dtype), args["txt"].to("cpu", self.dtype), args["txt"].shape[1])
-            else:  # joined stream; the text length only matters to a caller that unjoins
-                state = BlockState(img.to("cpu", self.dtype), None, 0)
-            ref = pack_state(state, chain[0].in_spec, None, chain[0].in_link)
+            img, pe = args["img"], args["pe"]
             cond = _cpu_cond(_patch_cond(args, self.dtype))
-            for seg in chain:
-                ref = seg.actor.forward.remote(ref, cond, gen, seg.out)
-            wire = self._get(ref, chain[-1], self.options.step_timeout_s, "a patched block range")
-            out, hops = unpack_state(wire, img.device)
+            b = img.shape[0]
+            n = min(self.options.micro_batches, b)  # e.g. CFG's two halves pipelined over the stages
+            bounds = [round(i * b / n) for i in range(n + 1)]
+            refs = []
+            for i in range(n):
+                sl = slice(bounds[i], bounds[i + 1])
+                gen = self._patch_generation(pe if pe.shape[0] == 1 else pe[sl])
+                if first < self.config.depth:
+                    txt = args["txt"][sl]
+                    state = BlockState(img[sl].to("cpu", self.dtype), txt.to("cpu", self.dtype), txt.shape[1])
+                else:  # joined stream; the text length only matters to a caller that unjoins
+                    state = BlockState(img[sl].to("cpu", self.dtype), None, 0)
+                ref = pack_state(state, chain[0].in_spec, None, chain[0].in_link)
+                part = cond if n == 1 else _slice_cond(cond, sl)
+                for seg in chain:  # submitted without waiting: micro-batch i+1 enters as i moves on
+                    ref = seg.actor.forward.remote(ref, part, gen, seg.out)
+                refs.append(ref)
+            outs, hops = [], []
+            for ref in refs:
+                out, h = unpack_state(self._get(ref, chain[-1], self.options.step_timeout_s, "a patched block range"),
+                                      img.device)
+                outs.append(out.unjoin() if first < self.config.depth else out.join())
+                hops.extend(h)
             self.last = StepStats(hops)
+            res = {"img": torch.cat([o.img for o in outs]).to(img.device, img.dtype)}
             if first < self.config.depth:
-                out = out.unjoin()
-                return {"img": out.img.to(img.device, img.dtype), "txt": out.txt.to(img.device, img.dtype)}
-            return {"img": out.join().img.to(img.device, img.dtype)}
+                res["txt"] = torch.cat([o.txt for o in outs]).to(img.device, img.dtype)
+            return res
         return run
+
+    def _patch_generation(self, pe: torch.Tensor) -> dict:
+        """The rotary embedding of a patched call, put in the object store once (keyed by content)."""
+        key = "patch:" + _tensor_key(pe)
+        if key not in self._gen_refs:
+            self._gen_refs[key] = {"pe": [ray.put(pe.cpu())]}
+            while len(self._gen_refs) > 4 * max(1, self.options.micro_batches):
+                self._gen_refs.popitem(last=False)
+        return {"id": key, "pe": self._gen_refs[key]["pe"], "txt": None}
 
     def set_loras(self, loras: list[tuple[str | os.PathLike, float]]) -> str | None:
         """Apply LoRA safetensors files ``[(path, strength), ...]`` (BFL/ComfyUI, kohya ``lora_unet_``
@@ -437,6 +453,19 @@ def _patch_cond(args: dict, dtype: torch.dtype) -> BlockCond:
         raise ConfigError("this forward passes the block modulation as a tuple (a FLUX.2-style model): remote "
                           "block patches support FLUX.1 models in ComfyUI; use mesh.split() for FLUX.2")
     return BlockCond(vec=vec.to(dtype))
+
+
+def _slice_cond(cond: BlockCond, sl: slice) -> BlockCond:
+    """One micro-batch of the conditioning (every tensor in it is batch-first)."""
+    def cut(x: Any) -> Any:
+        if x is None:
+            return None
+        if isinstance(x, torch.Tensor):
+            return x[sl] if x.shape[0] > 1 else x
+        return tuple(cut(t) for t in x)
+
+    return BlockCond(vec=cut(cond.vec), double_img=cut(cond.double_img), double_txt=cut(cond.double_txt),
+                     single=cut(cond.single))
 
 
 def _passthrough(args: dict, _extra: dict) -> dict:

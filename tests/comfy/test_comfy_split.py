@@ -12,7 +12,7 @@ import comfy_host as h
 RTOL = 1e-5
 
 
-def _split_vs_unsplit(n_blocks_remote: int, stages: str):
+def _split_vs_unsplit(n_blocks_remote: int, stages: str, micro_batches: int = 1):
     import torch
 
     model = h.flux_patcher(seed=0)
@@ -20,7 +20,7 @@ def _split_vs_unsplit(n_blocks_remote: int, stages: str):
     ref = h.ksample(model, seed=11)
     mesh, = h.run_node("MeshConnect", address="")
     split, = h.run_node("MeshSplitFlux", model=model, mesh=mesh, n_blocks_remote=n_blocks_remote, stages=stages,
-                        codec_mode="raw", unique_id=f"eq-{n_blocks_remote}-{stages}")
+                        codec_mode="raw", micro_batches=micro_batches, unique_id=f"eq-{n_blocks_remote}-{stages}")
     out = h.ksample(split, seed=11)
     again = h.ksample(model, seed=11)  # the input MODEL still samples unsplit, unchanged
     intact = all(torch.equal(before[k], v) for k, v in model.model.diffusion_model.state_dict().items())
@@ -32,17 +32,20 @@ def _split_vs_unsplit(n_blocks_remote: int, stages: str):
             "intact": intact, "calls": calls, "stages": [s["blocks"] for s in info]}
 
 
-@pytest.mark.parametrize("n_blocks_remote,stages,n_stages", [
-    (5, "", 2),                            # remote starts inside the double blocks
-    (4, "", 2),                            # at the double/single boundary
-    (2, "", 2),                            # inside the single blocks
-    (0, "double:1-single:0; single:1-2; single:3", 4),  # a 3-stage plan (front stays local)
+@pytest.mark.parametrize("n_blocks_remote,stages,n_stages,micro", [
+    (5, "", 2, 1),                            # remote starts inside the double blocks
+    (4, "", 2, 1),                            # at the double/single boundary
+    (2, "", 2, 1),                            # inside the single blocks
+    (0, "double:1-single:0; single:1-2; single:3", 4, 1),  # a 3-stage plan (front stays local)
+    (0, "double:1-single:0; single:1-2; single:3", 4, 2),  # the same with CFG's halves as micro-batches
 ])
-def test_split_ksampler_equals_unsplit(comfy, n_blocks_remote, stages, n_stages):
-    got = comfy(_split_vs_unsplit, n_blocks_remote, stages)
+def test_split_ksampler_equals_unsplit(comfy, n_blocks_remote, stages, n_stages, micro):
+    got = comfy(_split_vs_unsplit, n_blocks_remote, stages, micro)
     assert got["diff"] <= RTOL * got["scale"], got
     assert got["scale"] > 0.1 and got["same_input"] and got["intact"]
-    assert len(got["stages"]) == n_stages and got["calls"] > 0
+    assert len(got["stages"]) == n_stages
+    # 3 sampler steps, CFG's halves in one batch: one call per remote stage and step and micro-batch
+    assert got["calls"] == 3 * (n_stages - 1) * micro, got
 
 
 def _loaded_bytes():
