@@ -179,12 +179,19 @@ def doctor() -> None:
     """Which codec backends work on this machine, and why not where they do not."""
     from mesh_ray.codec import probe_backends
 
+    Console().print(doctor_table(probe_backends()))
+
+
+def doctor_table(rows: list) -> Table:
+    """The doctor rows as a table; reasons are printed verbatim (they hold text like ``mesh-ray[video]``)."""
+    from rich.markup import escape
+
     table = Table(title="codec backends")
     for col in ("backend", "usable", "reason"):
         table.add_column(col)
-    for s in probe_backends():
-        table.add_row(s.name, "yes" if s.usable else "no", s.reason)
-    Console().print(table)
+    for s in rows:
+        table.add_row(s.name, "yes" if s.usable else "no", escape(s.reason))
+    return table
 
 
 def _register_workflow_commands() -> None:
