@@ -38,7 +38,7 @@ class Codec(str, Enum):
 
 
 def _emit(result: dict, as_json: bool, title: str) -> None:
-    """A table on stderr for people; with --json, one JSON object as the last stdout line."""
+    """A table on stdout for people; with --json, instead one JSON object as the last stdout line."""
     if as_json:
         print(json.dumps(result, default=str))
         return

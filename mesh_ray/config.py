@@ -172,6 +172,29 @@ class SplitOptions(BaseModel):
         return {"mode": v} if isinstance(v, str) else v
 
 
+class VaeOptions(BaseModel):
+    """How a ``VaeService`` runs its decoder pool (``mesh.vae(ckpt, **options)``).
+
+    Fields: replicas (int, 1): decoder actors; num_gpus (float | None, None = 1 when the cluster
+    has GPUs else 0); num_cpus (float, 1) per actor; idle_timeout_s (float | None, None = never):
+    an actor exits after this long without work and starts again on the next request; output_dir
+    (str, "outputs/vae"): where forget-mode PNGs go, on the actor's node; torch_threads (int |
+    None); dtype ("auto" | "float32" | "bfloat16" | "float16", "auto": decided by each actor from
+    its device); timeout_s (float, 600): default wait for results.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    replicas: int = Field(default=1, ge=1)
+    num_gpus: float | None = Field(default=None, ge=0)
+    num_cpus: float = Field(default=1, ge=0)
+    idle_timeout_s: float | None = Field(default=None, gt=0)
+    output_dir: Path = Path("outputs/vae")
+    torch_threads: int | None = Field(default=None, ge=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    timeout_s: float = Field(default=600.0, gt=0)
+
+
 class ConnectOptions(BaseModel):
     """How ``mesh_ray.connect`` reaches Ray.
 

@@ -44,7 +44,8 @@ class Mesh:
         """A pool of VAE decoder actors for ``checkpoint`` (BFL ``ae.safetensors`` layout).
 
         ``vae.decode(latent, mode="wait" | "forget" | "promise", save=...)``; keywords are
-        ``VaeService`` options (num_gpus, idle_timeout_s, output_dir, torch_threads, timeout_s).
+        ``VaeOptions`` fields (num_gpus, num_cpus, idle_timeout_s, output_dir, torch_threads, dtype,
+        timeout_s), validated into one model: a bad one is a one-line ConfigError.
         """
         from mesh_ray.vae_service import VaeService
 
