@@ -9,7 +9,6 @@ and cached on the stages by generation id; per-step conditioning is sent raw.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 import uuid
@@ -26,12 +25,13 @@ from mesh_ray.actors.records import GenConsts, Hop, LinkPlan
 from mesh_ray.actors.stage import StageActor, StageInit, default_cache_dir, move_cond
 from mesh_ray.actors.wire import pack_state, unpack_state, with_cached_text
 from mesh_ray.codec import choose_spec
-from mesh_ray.cluster import cluster_gpus, explain_unschedulable, node_affinity
+from mesh_ray.cluster import default_num_gpus, explain_unschedulable, node_affinity
 from mesh_ray.config import SplitOptions, StageSpec, load_settings, validate
 from mesh_ray.errors import ClusterError, ConfigError, MeshError, StageError
 from mesh_ray.models.blocks import BlockRange, check_cover
 from mesh_ray.models.checkpoint import CheckpointInfo, inspect, load_blocks, shard_digest
 from mesh_ray.models.flux import BlockCond, BlockState, Flux, build
+from mesh_ray.digest import tensor_digest
 from mesh_ray.rayutil import ray_get
 
 
@@ -101,13 +101,8 @@ class StepStats:
 
 
 def tensor_key(*tensors: torch.Tensor) -> str:
-    """A content hash of tensors (dtype, shape and bytes): the cache key of per-generation constants."""
-    h = hashlib.blake2b(digest_size=12)
-    for t in tensors:
-        t = t.detach().contiguous().cpu()
-        h.update(str((t.dtype, tuple(t.shape))).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    """A content hash of tensors: the cache key of per-generation constants."""
+    return tensor_digest(((str(i), t) for i, t in enumerate(tensors)), 12)
 
 
 class SplitModel:
@@ -132,7 +127,7 @@ class SplitModel:
         self._gen_refs: OrderedDict[str, _Generation] = OrderedDict()
         self._pg = None
         self._closed = False
-        self._cluster_gpus = cluster_gpus()
+        self._default_gpus = default_num_gpus()
         # The caller's part: embedders, final layer, and blocks of local segments only.
         self.model = build(self.config, "meta", self.dtype)
         local = [s.range for s in self.segments if s.spec.local]
@@ -157,7 +152,7 @@ class SplitModel:
 
     def _num_gpus(self, spec: StageSpec) -> float:
         """GPUs a stage asks for: its own setting, else one when the cluster has GPUs."""
-        return spec.num_gpus if spec.num_gpus is not None else (1.0 if self._cluster_gpus >= 1 else 0.0)
+        return spec.num_gpus if spec.num_gpus is not None else self._default_gpus
 
     def _stage_options(self, seg: Segment, bundle: int | None) -> dict:
         spec = seg.spec

@@ -21,7 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import ray
@@ -29,15 +29,16 @@ import torch
 from ray.exceptions import RayActorError
 
 from mesh_ray.actors.vae import VaeDecoderActor, check_prefix
-from mesh_ray.images import save_images
-from mesh_ray.config import VaeOptions, validate
+from mesh_ray.cluster import default_num_gpus
+from mesh_ray.config import VAE_MODES, VaeMode, VaeOptions, validate
 from mesh_ray.errors import ClusterError, ConfigError
+from mesh_ray.images import save_images
 from mesh_ray.models.vae import VaeInfo, check_tiling, inspect_vae
 from mesh_ray.promise import Promise, decoder_error
 
 log = logging.getLogger("mesh_ray.vae")
 
-MODES = ("wait", "forget", "promise")
+MODES = VAE_MODES
 
 
 @dataclass
@@ -79,9 +80,7 @@ class VaeService:
         self.checkpoint = str(Path(checkpoint).resolve())
         self.info: VaeInfo = inspect_vae(self.checkpoint)
         self.config = self.info.config
-        if num_gpus is None:
-            num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        self.num_gpus = num_gpus
+        self.num_gpus = default_num_gpus() if num_gpus is None else num_gpus
         self.num_cpus = opts.num_cpus
         self.idle_timeout_s = opts.idle_timeout_s
         self.output_dir = str(Path(opts.output_dir).resolve())
@@ -192,7 +191,7 @@ class VaeService:
 
     # -- public -------------------------------------------------------------------------------
 
-    def decode(self, latent: torch.Tensor | np.ndarray, mode: Literal["wait", "forget", "promise"] = "wait",
+    def decode(self, latent: torch.Tensor | np.ndarray, mode: VaeMode = "wait",
                save: str | os.PathLike | None = None, metadata: Mapping[str, Any] | None = None,
                timeout: float | None = None, tile: int | None = None, overlap: int = 64, raw: bool = False):
         """Decode a latent ``[B, C, h, w]`` on the least-loaded replica.

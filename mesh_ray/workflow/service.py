@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 
 import ray
 
+from mesh_ray.cluster import ray_address
 from mesh_ray.errors import ClusterError, ConfigError
 from mesh_ray.rayutil import ray_get
 from mesh_ray.workflow.events import TERMINAL
@@ -82,7 +83,7 @@ def connect_ray(address: str | None = None) -> None:
     """``mesh_ray.connect``; an embedded Ray gets at least 4 logical CPUs, since most nodes are light."""
     from mesh_ray.mesh import connect
 
-    embedded = address is None and not os.environ.get("RAY_ADDRESS")
+    embedded = ray_address(address) is None
     connect(address, **({"num_cpus": max(os.cpu_count() or 1, 4)} if embedded else {}))
 
 
