@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mesh_ray.bench import goals
 from mesh_ray.cli_common import guard as _run
 from mesh_ray.errors import MeshError
 
@@ -38,7 +39,7 @@ class Codec(str, Enum):
 
 
 def _emit(result: dict, as_json: bool, title: str) -> None:
-    """A table on stderr for people; with --json, one JSON object as the last stdout line."""
+    """A table on stdout for people; with --json, instead one JSON object as the last stdout line."""
     if as_json:
         print(json.dumps(result, default=str))
         return
@@ -112,14 +113,14 @@ def status(address: Optional[str] = typer.Option(None, help="Ray address (defaul
     c.print(act)
 
 
-@bench_app.command("split")
+@bench_app.command("split", help="Split vs local forward at the FLUX 1024x1024 token count (raw mode); "
+                                   f"goal ratio <= {goals.SPLIT['ratio_split_over_local']}.")
 def bench_split(arch: Arch = typer.Option(Arch.flux1), hidden: int = typer.Option(512, min=64),
                 heads: int = typer.Option(4, min=1), depth: int = typer.Option(1, min=0),
                 single: int = typer.Option(3, min=0), image_tokens: int = typer.Option(4096, min=1),
                 txt_tokens: int = typer.Option(512, min=1), stages: int = typer.Option(2, min=1),
                 repeats: int = typer.Option(3, min=1),
                 as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")) -> None:
-    """Split vs local forward at the FLUX 1024x1024 token count (raw mode); goal ratio <= 1.05."""
     from mesh_ray.bench.split import run_split_bench
 
     result = _run(lambda: run_split_bench(arch.value, hidden, heads, depth, single, image_tokens, txt_tokens, stages, repeats))
@@ -161,11 +162,12 @@ def bench_offload(hidden: Optional[int] = typer.Option(None, min=64), tokens: Op
         print(json.dumps(result, default=str))
 
 
-@bench_app.command("vae")
+@bench_app.command("vae", help="Wait vs Promise decoding over several generations, side by side; goal ratio >= "
+                                 f"{goals.VAE['throughput_ratio_promise_over_wait']}, "
+                                 f"< {goals.VAE['blocked_ms_per_image_promise']:g} ms blocked.")
 def bench_vae(generations: int = typer.Option(6, min=2), size: int = typer.Option(512, min=16),
               rounds: int = typer.Option(2, min=1), threads: int = typer.Option(1, min=1),
               as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")) -> None:
-    """Wait vs Promise decoding over several generations, side by side; goal ratio >= 1.6, < 5 ms blocked."""
     from mesh_ray.bench.vae import format_table, run_vae_bench
 
     result = _run(lambda: run_vae_bench(generations=generations, size=size, rounds=rounds, threads=threads))

@@ -19,35 +19,23 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError
 
 from mesh_ray.images import save_images
-from mesh_ray.errors import ClusterError, MeshError, StageError
+from mesh_ray.config import VaeOptions
+from mesh_ray.errors import MeshError
+from mesh_ray.rayutil import ray_error
 
-DEFAULT_TIMEOUT_S = 600.0
+DEFAULT_TIMEOUT_S: float = VaeOptions.model_fields["timeout_s"].default
 
 
-def convert_ray_error(e: BaseException, label: str, timeout: float | None = None) -> MeshError:
-    """A Ray failure while waiting on ``label`` -> a one-line MeshError naming the fix."""
-    if isinstance(e, MeshError) and not isinstance(e, RayError):  # RayTaskError(ConfigError) is both
-        return e
-    if isinstance(e, (GetTimeoutError, TimeoutError, cf.TimeoutError)):
-        return ClusterError(f"{label} did not finish within {timeout or 0:g} s: wait longer (timeout=...) "
-                            f"or add decoder replicas; service.stats() shows the queue")
-    if isinstance(e, RayActorError):
-        return ClusterError(f"{label} failed: its decoder actor died before returning (killed, out of memory or "
-                            f"exited): the service starts a new replica on the next request; decode this latent again")
-    if isinstance(e, RayTaskError):
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, MeshError):
-            return type(cause)(str(cause))
-        detail = f"{type(cause).__name__}: {cause}" if cause is not None else str(e).splitlines()[0]
-        return StageError(f"{label} failed on the decoder ({detail[:300]}): check the latent and the VAE checkpoint")
-    if isinstance(e, ObjectLostError):
-        return ClusterError(f"{label} failed: its result was lost with the node that held it: decode this latent again")
-    if isinstance(e, RayError):
-        return ClusterError(f"{label} failed in Ray ({type(e).__name__}): check the cluster with `ray status`")
-    return MeshError(f"{label} failed ({type(e).__name__}: {e})")
+def decoder_error(e: BaseException, label: str, timeout: float | None = None) -> MeshError:
+    """A Ray failure while waiting on decoder work ``label`` -> a one-line MeshError (``rayutil.ray_error``)."""
+    return ray_error(e, label, timeout,
+                     timeout_fix="wait longer (timeout=...) or add decoder replicas; service.stats() shows the queue",
+                     died_fix="the decoder was killed, ran out of memory or exited; the service starts a new "
+                              "replica on the next request; decode this latent again",
+                     failed_fix="check the latent and the VAE checkpoint")
 
 
 class SaveHandle:
@@ -113,9 +101,9 @@ class Promise:
         try:
             arr = ray.get(self.ref, timeout=timeout)
         except GetTimeoutError as e:  # not final: a later call may still succeed
-            raise convert_ray_error(e, self.label, timeout) from None
+            raise decoder_error(e, self.label, timeout) from None
         except Exception as e:
-            err = convert_ray_error(e, self.label, timeout)
+            err = decoder_error(e, self.label, timeout)
             with self._lock:
                 self.actor_died = isinstance(e, RayActorError)
                 self._error = err
@@ -160,4 +148,4 @@ def save_promised(promises: Iterable[Promise], directory: str | os.PathLike,
     return [p.save(directory, metadata) for p in promises]
 
 
-__all__ = ["Promise", "SaveHandle", "convert_ray_error", "save_promised"]
+__all__ = ["Promise", "SaveHandle", "decoder_error", "save_promised"]
