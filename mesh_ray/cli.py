@@ -83,34 +83,17 @@ def inspect_cmd(checkpoint: str = typer.Argument(..., help="A .safetensors FLUX 
 @app.command()
 def status(address: Optional[str] = typer.Option(None, help="Ray address (default: RAY_ADDRESS or 'auto')."),
            as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
-    """Cluster resources and the mesh actors (kind, block range, node, GPU, memory)."""
+    """Nodes with their resources, the mesh actors on each (block range, device, memory), where this driver is."""
     import os
 
     from mesh_ray.mesh import connect
+    from mesh_ray.status import collect, render
 
-    def body() -> dict:
-        return connect(address or os.environ.get("RAY_ADDRESS") or "auto").status()
-
-    result = _run(body)
+    result = _run(lambda: collect(connect(address or os.environ.get("RAY_ADDRESS") or "auto")))
     if as_json:
         print(json.dumps(result, default=str))
-        return
-    c = Console()
-    c.print(f"mode: {result['mode']}")
-    res = Table(title="resources")
-    for col in ("resource", "total", "available"):
-        res.add_column(col)
-    for k, v in sorted(result["total"].items()):
-        if not k.startswith(("node:", "bundle_group", "memory", "object_store_memory")):
-            res.add_row(k, f"{v:g}", f"{result['available'].get(k, 0):g}")
-    c.print(res)
-    act = Table(title="mesh actors")
-    for col in ("name", "kind", "blocks", "node", "device", "weights MB", "rss MB"):
-        act.add_column(col)
-    for a in result["actors"]:
-        act.add_row(a["name"], a.get("kind", "?"), a.get("blocks", ""), a.get("node_ip", ""), a.get("device", ""),
-                    f"{a.get('weight_bytes', 0) / 1e6:.1f}", f"{(a.get('rss_bytes') or 0) / 1e6:.0f}")
-    c.print(act)
+    else:
+        render(result)
 
 
 @bench_app.command("split", help="Split vs local forward at the FLUX 1024x1024 token count (raw mode); "

@@ -64,7 +64,8 @@ class Mesh:
                 continue
             try:
                 handle = ray.get_actor(name, namespace=ns)
-                out.append({"name": name, **ray.get(handle.info.remote(), timeout=timeout_s)})
+                out.append({"name": name, "actor_id": handle._actor_id.hex(),
+                            **ray.get(handle.info.remote(), timeout=timeout_s)})
             except Exception as e:  # noqa: BLE001 - a dying actor should not break status
                 out.append({"name": name, "kind": "unknown", "error": str(e).splitlines()[0]})
         return out
