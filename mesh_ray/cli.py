@@ -112,6 +112,40 @@ def status(address: Optional[str] = typer.Option(None, help="Ray address (defaul
     c.print(act)
 
 
+@app.command("plan")
+def plan_cmd(checkpoint: str = typer.Argument(..., help="A .safetensors FLUX checkpoint."),
+             stages: Optional[int] = typer.Option(None, min=1, help="Candidate devices (default: every GPU, or 2 CPU stages)."),
+             threads: Optional[str] = typer.Option(None, help="CPU: torch threads per candidate stage, e.g. 2,1."),
+             width: int = typer.Option(1024, min=16), height: int = typer.Option(1024, min=16),
+             txt_tokens: int = typer.Option(512, min=1), steps: int = typer.Option(20, min=1),
+             in_flight: Optional[int] = typer.Option(None, min=1, help="Images in flight (default: stages + 1)."),
+             dtype: str = typer.Option("auto"), repeats: int = typer.Option(3, min=1),
+             address: Optional[str] = typer.Option(None, help="Ray address (default: embedded local Ray)."),
+             as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")) -> None:
+    """Measure the candidate devices and the caller, then print block ranges per stage, predicted images/s and the bottleneck."""
+    from mesh_ray.mesh import connect
+    from mesh_ray.planner import auto_plan
+    from mesh_ray.profiling import tokens_for
+
+    def body():
+        tokens_for(width, height)  # a bad size fails before Ray starts
+        per = None
+        if threads:
+            try:
+                per = [int(t) for t in threads.split(",")]
+            except ValueError:
+                raise MeshError(f"--threads {threads!r} is not a comma-separated list of integers: use e.g. 2,1") from None
+        connect(address, num_cpus=max(len(per or []) + 1, (stages or 2) + 1, 2) if address is None else None)
+        return auto_plan(checkpoint, stages, per, width=width, height=height, txt_tokens=txt_tokens, steps=steps,
+                         in_flight=in_flight, dtype=dtype, repeats=repeats)
+
+    plan = _run(body)
+    if as_json:
+        print(json.dumps(plan.model_dump(), default=str))
+    else:
+        print(plan.table())
+
+
 @bench_app.command("split")
 def bench_split(arch: Arch = typer.Option(Arch.flux1), hidden: int = typer.Option(512, min=64),
                 heads: int = typer.Option(4, min=1), depth: int = typer.Option(1, min=0),
