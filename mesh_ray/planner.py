@@ -330,7 +330,8 @@ def auto_plan(checkpoint: str, stages: int | None = None, threads: list[int] | N
 
     from mesh_ray.cluster import cluster_gpus
     from mesh_ray.models.checkpoint import inspect
-    from mesh_ray.profiling import candidates, measure_front, profile_devices, share_host_memory, tokens_for
+    from mesh_ray.actors.probe import candidates, profile_devices, share_host_memory
+    from mesh_ray.profiling import measure_front, tokens_for
 
     if not ray.is_initialized():
         raise ConfigError("auto_plan needs Ray: call mesh_ray.connect() first")
