@@ -160,6 +160,30 @@ def bench_split(arch: Arch = typer.Option(Arch.flux1), hidden: int = typer.Optio
     _emit(result, as_json, "mesh-ray bench split")
 
 
+@bench_app.command("pipeline")
+def bench_pipeline(quick: bool = typer.Option(False, "--quick", help="256px, 2 steps, 64 text tokens: a smoke run."),
+                   stages: int = typer.Option(2, min=1), in_flight: str = typer.Option("1,2,4,8", help="M values."),
+                   steps: Optional[int] = typer.Option(None, min=1), size: Optional[int] = typer.Option(None, min=16),
+                   threads: int = typer.Option(1, min=1, help="torch threads per stage and for the single process."),
+                   images: Optional[int] = typer.Option(None, min=1, help="Images per measurement (default 2*M, at least 4)."),
+                   hand_plans: bool = typer.Option(True, help="Also measure every hand plan of two stages."),
+                   as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")) -> None:
+    """One process vs K stages with M images in flight: throughput ratio, bubble fraction, planner predicted vs measured."""
+    from mesh_ray.bench.pipeline import format_table, run_pipeline_bench
+
+    def body() -> dict:
+        try:
+            ms = tuple(int(m) for m in in_flight.split(","))
+        except ValueError:
+            raise MeshError(f"--in-flight {in_flight!r} is not a comma-separated list of integers: use e.g. 1,2,4,8") from None
+        return run_pipeline_bench(quick, stages, ms, steps, size, None, threads, images, hand_plans)
+
+    result = _run(body)
+    print(format_table(result))
+    if as_json:
+        print(json.dumps(result, default=str))
+
+
 @bench_app.command("codec")
 def bench_codec(quick: bool = typer.Option(False, "--quick", help="Small tensors: seconds instead of a minute."),
                 as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")) -> None:
