@@ -88,11 +88,6 @@ def _is_cancelled(cancel: Cancel, index: int) -> bool:
     return bool(cancel(index))
 
 
-def _pending(step: Any) -> list:
-    """The ObjectRefs a submitted step still waits for (one per micro-batch in a remote chain)."""
-    return [f.state for f in step.flights if isinstance(f.state, ray.ObjectRef)]
-
-
 def default_in_flight(split: Any) -> int:
     """Images in flight by default: one per stage plus one being finished by the caller."""
     return len(split.stages) + 1
@@ -114,7 +109,7 @@ def generate_many(split: Any, requests: Sequence[ImageRequest | dict], *, max_in
         raise ConfigError(f"generate_many needs a split model from mesh.split(...), got {type(split).__name__}: "
                           f"use mesh_ray.generate for a single-process model")
     reqs = [validate(ImageRequest, r) for r in requests]
-    limit = max_in_flight or default_in_flight(split)
+    limit = default_in_flight(split) if max_in_flight is None else max_in_flight
     if limit < 1:
         raise ConfigError(f"max_in_flight must be at least 1, got {limit}")
     timeout_s = split.options.step_timeout_s
@@ -146,7 +141,7 @@ def generate_many(split: Any, requests: Sequence[ImageRequest | dict], *, max_in
                 active[i] = a
             if not active:
                 continue
-            waiting = {ref: i for i, a in active.items() for ref in _pending(a.step)}
+            waiting = {ref: i for i, a in active.items() for ref in a.step.pending()}
             ready: set = set()
             if waiting:
                 got, _ = ray.wait(list(waiting), num_returns=1, timeout=poll_s)
@@ -159,7 +154,7 @@ def generate_many(split: Any, requests: Sequence[ImageRequest | dict], *, max_in
                 # Everything already done, not just the first, so that no finished image waits a round.
                 ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0)
                 ready = set(ready) | set(got)
-            for i in [i for i, a in active.items() if all(ref in ready for ref in _pending(a.step))]:
+            for i in [i for i, a in active.items() if all(ref in ready for ref in a.step.pending())]:
                 a = active[i]
                 pred, _stats = split.finish_step(a.step)
                 a.run.advance(pred)
