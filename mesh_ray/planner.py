@@ -258,8 +258,9 @@ def _no_fit(devices: list[tuple[DeviceProfile, list[float]]], shape: ModelShape,
     total = sum(shape.block_bytes) / 1e9
     frees = ", ".join("unlimited" if d.free_bytes is None else f"{d.free_bytes / 1e9:.2f} GB" for d, _ in devices)
     fix = "add a device, free memory or use a smaller dtype" + ("" if allow_offload else ", or allow offload")
+    streams = allow_offload and any(d.h2d_bytes_per_s for d, _ in devices)
     return ConfigError(f"the model's {shape.num_blocks} blocks ({total:.2f} GB) do not fit on the {len(devices)} "
-                       f"device(s) (free {frees}){' even with offload' if allow_offload else ''}: {fix}")
+                       f"device(s) (free {frees}){' even with offload' if streams else ''}: {fix}")
 
 
 def _plan(devices: list[tuple[DeviceProfile, list[float]]], front_ms: float, shape: ModelShape, link_ms: float,

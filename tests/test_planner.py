@@ -10,7 +10,7 @@ from mesh_ray.errors import ConfigError
 from mesh_ray.mesh import connect
 from mesh_ray.models.blocks import check_cover, parse_range
 from mesh_ray.models.flux import preset
-from mesh_ray.planner import ModelShape, Plan, auto_plan, plan_for
+from mesh_ray.planner import ModelShape, Plan, plan_for
 
 from test_split import local_model
 from test_flux_model import inputs
@@ -96,19 +96,27 @@ def test_caller_bottleneck_is_reported():
 
 def test_auto_plan_measures_real_stages_and_mesh_split_uses_it(ray_local, tiny_ckpts):
     path = str(tiny_ckpts["flux1"])
-    plan = auto_plan(path, stages=2, threads=[1, 1], width=64, height=64, txt_tokens=16, steps=2, repeats=1)
-    info = local_model(path).config
-    covered(plan, ModelShape.from_config(info, 4))
-    assert plan.front_ms > 0 and plan.predicted_images_per_s > 0 and all(s.stage["torch_threads"] == 1 for s in plan.stages)
+    model = local_model(path)
+    args = inputs(model.config)
+    with torch.inference_mode():
+        ref = model(*args)
     mesh = connect()
     try:
-        split = mesh.split(path, plan=plan)
-        assert split.plan is plan and [str(s.range) for s in split.stages] == [s.blocks for s in plan.stages]
-        model = local_model(path)
-        args = inputs(model.config)
-        with torch.inference_mode():
-            ref = model(*args)
+        split = mesh.split(path, stages=2, plan="auto", plan_options={"threads": [1, 1], "width": 64, "height": 64,
+                                                                      "txt_tokens": 16, "steps": 2, "repeats": 1})
+        plan = split.plan
+        covered(plan, ModelShape.from_config(model.config, 4))
+        assert plan.front_ms > 0 and plan.predicted_images_per_s > 0
+        assert all(s.stage["torch_threads"] == 1 for s in plan.stages) and "predicted" in plan.table()
+        assert [str(s.range) for s in split.stages] == [s.blocks for s in plan.stages]
         assert torch.allclose(split(*args), ref, atol=1e-5)
+        # A given plan whose stage cannot hold its share turns on weight streaming for the split.
+        shape = ModelShape.from_config(model.config, 4)
+        tight = plan_for([1.0, 1.0], 0.0, [None, max(shape.block_bytes)], shape, h2d_bytes_per_s=1e9)
+        assert tight.needs_offload
+        streamed = mesh.split(path, plan=tight)
+        assert streamed.options.offload is not None and streamed.options.offload.enabled
+        assert torch.allclose(streamed(*args), ref, atol=1e-5)
         with pytest.raises(ConfigError, match="plan='auto' or a Plan"):
             mesh.split(path, plan="fastest")
     finally:

@@ -8,6 +8,7 @@ the measured rate, and the planner's plan against every hand plan of K=2.
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -46,33 +47,43 @@ def _measure(split, reqs: list[ImageRequest], in_flight: int) -> dict:
             "bubble_fraction": max(0.0, 1.0 - busy / (stages * res.wall_s)), "order": res.order}
 
 
+def _single(local, reqs: list[ImageRequest]) -> float:
+    """images/s of one process sampling ``reqs`` one after the other."""
+    t0 = time.perf_counter()
+    for r in reqs:
+        generate(local, r.txt, r.y, width=r.width, height=r.height, steps=r.steps, seed=r.seed, progress=False)
+    return len(reqs) / (time.perf_counter() - t0)
+
+
 def run_pipeline_bench(quick: bool = False, stages: int = 2, in_flight: tuple[int, ...] = (1, 2, 4, 8),
                        steps: int | None = None, size: int | None = None, txt_tokens: int | None = None,
-                       threads: int = 1, images: int | None = None, hand_plans: bool = True) -> dict:
-    """Side by side: one process vs ``stages`` stages at each M in ``in_flight``; planner vs measured."""
+                       threads: int = 1, images: int | None = None, hand_plans: bool = True,
+                       rounds: int | None = None) -> dict:
+    """Side by side: one process vs ``stages`` stages at each M in ``in_flight`` (each row next to its
+    own single-process run); the planner's plan against every hand plan of two stages, interleaved."""
     cfg = bench_config()
     size = size or (256 if quick else 1024)
     steps = steps or (2 if quick else 3)
     txt_tokens = txt_tokens or (64 if quick else 512)
+    rounds = rounds or (1 if quick else 2)
     torch.set_num_threads(threads)
     rows = []
     with tempfile.TemporaryDirectory(prefix="mesh-ray-bench-") as tmp:
         ckpt = str(write_random_checkpoint(Path(tmp) / "bench.safetensors", cfg, seed=0))
-        mesh = connect(num_cpus=max(stages + 2, 4))
+        mesh = connect(num_cpus=4 * stages + 4)  # logical CPUs: several splits stay alive side by side
         local = build(cfg, "meta")
         local.load_state_dict(load_blocks(ckpt, ["all"], non_block=True), assign=True)
-        n_single = images or max(2, min(in_flight) * 2)
-        reqs_single = _requests(cfg, n_single, size, steps, txt_tokens)
-        generate(local, reqs_single[0].txt, reqs_single[0].y, width=size, height=size, steps=1, progress=False)
-        t0 = time.perf_counter()
-        for r in reqs_single:
-            generate(local, r.txt, r.y, width=size, height=size, steps=steps, seed=r.seed, progress=False)
-        single = n_single / (time.perf_counter() - t0)
+        single_reqs = _requests(cfg, images or 4, size, steps, txt_tokens)
+        generate(local, single_reqs[0].txt, single_reqs[0].y, width=size, height=size, steps=1, progress=False)
+        singles = []
         split = mesh.split(ckpt, stages=stages, torch_threads=threads)
         try:
             for m in in_flight:
+                single = _single(local, single_reqs)  # measured next to the row, under the same load
+                singles.append(single)
                 got = _measure(split, _requests(cfg, images or max(2 * m, 4), size, steps, txt_tokens), m)
                 rows.append({"stages": stages, "in_flight": m, "images_per_s": round(got["images_per_s"], 4),
+                             "single_images_per_s": round(single, 4),
                              "throughput_ratio": round(got["images_per_s"] / single, 3),
                              "bubble_fraction": round(got["bubble_fraction"], 3)})
         finally:
@@ -81,33 +92,34 @@ def run_pipeline_bench(quick: bool = False, stages: int = 2, in_flight: tuple[in
                          steps=steps, repeats=2)
         m = plan.in_flight
         reqs = _requests(cfg, images or max(2 * m, 4), size, steps, txt_tokens)
-        planned = mesh.split(ckpt, plan=plan)
-        try:
-            measured = _measure(planned, reqs, m)["images_per_s"]
-        finally:
-            planned.close()
-        hands = []
+        runs = {"planner": mesh.split(ckpt, plan=plan)}
+        n = cfg.num_blocks
         if hand_plans and stages == 2:
-            n = cfg.num_blocks
             for cut in range(1, n):
-                s = mesh.split(ckpt, stages=[f"0-{cut - 1}", f"{cut}-{n - 1}"], torch_threads=threads)
-                try:
-                    hands.append({"blocks": [f"0-{cut - 1}", f"{cut}-{n - 1}"],
-                                  "images_per_s": round(_measure(s, reqs, m)["images_per_s"], 4)})
-                finally:
-                    s.close()
+                runs[f"0-{cut - 1} | {cut}-{n - 1}"] = mesh.split(ckpt, stages=[f"0-{cut - 1}", f"{cut}-{n - 1}"],
+                                                                  torch_threads=threads)
+        rates: dict[str, list[float]] = {k: [] for k in runs}
+        try:
+            for _ in range(rounds):  # interleaved, so that every plan sees the same machine load
+                for name, s in runs.items():
+                    rates[name].append(_measure(s, reqs, m)["images_per_s"])
+        finally:
+            for s in runs.values():
+                s.close()
         mesh.close()
+    measured = statistics.median(rates.pop("planner"))
+    hands = [{"blocks": k, "images_per_s": round(statistics.median(v), 4)} for k, v in rates.items()]
     best_hand = max((h["images_per_s"] for h in hands), default=None)
     return {"model": {"hidden": cfg.hidden_size, "blocks": cfg.num_blocks}, "size": size,
             "image_tokens": (size // 16) ** 2, "txt_tokens": txt_tokens, "steps": steps, "threads_per_device": threads,
-            "single_images_per_s": round(single, 4), "rows": rows,
+            "single_images_per_s": round(statistics.median(singles), 4), "rows": rows,
             "throughput_ratio": {str(r["in_flight"]): r["throughput_ratio"] for r in rows},
             "bubble_fraction": {str(r["in_flight"]): r["bubble_fraction"] for r in rows},
             "plan": [s.blocks for s in plan.stages], "plan_in_flight": m, "plan_bottleneck": plan.bottleneck,
             "planner_predicted_images_per_s": round(plan.predicted_images_per_s, 4),
             "planner_measured_images_per_s": round(measured, 4),
             "planner_predicted_over_measured": round(plan.predicted_images_per_s / measured, 3),
-            "hand_plans": hands,
+            "hand_plans": hands, "rounds": rounds,
             "planner_over_best_hand": round(measured / best_hand, 3) if best_hand else None}
 
 
@@ -115,15 +127,15 @@ def format_table(result: dict) -> str:
     """The side-by-side table for people."""
     lines = [f"one process ({result['threads_per_device']} thread): {result['single_images_per_s']:.4f} images/s "
              f"({result['size']}px, {result['steps']} steps, {result['model']['blocks']} blocks of {result['model']['hidden']})",
-             f"{'stages':>6} {'in flight':>9} {'images/s':>10} {'ratio':>7} {'bubble':>7}"]
+             f"{'stages':>6} {'in flight':>9} {'images/s':>10} {'single':>8} {'ratio':>7} {'bubble':>7}"]
     for r in result["rows"]:
-        lines.append(f"{r['stages']:>6} {r['in_flight']:>9} {r['images_per_s']:>10.4f} {r['throughput_ratio']:>7.3f} "
-                     f"{r['bubble_fraction']:>7.3f}")
+        lines.append(f"{r['stages']:>6} {r['in_flight']:>9} {r['images_per_s']:>10.4f} {r['single_images_per_s']:>8.4f} "
+                     f"{r['throughput_ratio']:>7.3f} {r['bubble_fraction']:>7.3f}")
     lines.append(f"planner: {result['plan']} at M={result['plan_in_flight']}: predicted "
                  f"{result['planner_predicted_images_per_s']:.4f}, measured {result['planner_measured_images_per_s']:.4f} "
                  f"images/s (bottleneck {result['plan_bottleneck']})")
     for h in result["hand_plans"]:
-        lines.append(f"hand plan {h['blocks']}: {h['images_per_s']:.4f} images/s")
+        lines.append(f"hand plan {h['blocks']}: {h['images_per_s']:.4f} images/s (median of {result['rounds']} rounds)")
     if result["planner_over_best_hand"] is not None:
         lines.append(f"planner / best hand plan: {result['planner_over_best_hand']:.3f}")
     return "\n".join(lines)
