@@ -168,6 +168,7 @@ def bench_pipeline(quick: bool = typer.Option(False, "--quick", help="256px, 2 s
                    images: Optional[int] = typer.Option(None, min=1, help="Images per measurement (default 2*M, at least 4)."),
                    hand_plans: bool = typer.Option(True, help="Also measure every hand plan of two stages."),
                    rounds: Optional[int] = typer.Option(None, min=1, help="Interleaved rounds of planner vs hand plans."),
+                   stage_threads: Optional[str] = typer.Option(None, help="Threads per stage for the planner section, e.g. 2,1."),
                    as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")) -> None:
     """One process vs K stages with M images in flight: throughput ratio, bubble fraction, planner predicted vs measured."""
     from mesh_ray.bench.pipeline import format_table, run_pipeline_bench
@@ -177,7 +178,11 @@ def bench_pipeline(quick: bool = typer.Option(False, "--quick", help="256px, 2 s
             ms = tuple(int(m) for m in in_flight.split(","))
         except ValueError:
             raise MeshError(f"--in-flight {in_flight!r} is not a comma-separated list of integers: use e.g. 1,2,4,8") from None
-        return run_pipeline_bench(quick, stages, ms, steps, size, None, threads, images, hand_plans, rounds)
+        try:
+            per = tuple(int(t) for t in stage_threads.split(",")) if stage_threads else None
+        except ValueError:
+            raise MeshError(f"--stage-threads {stage_threads!r} is not a comma-separated list of integers: use e.g. 2,1") from None
+        return run_pipeline_bench(quick, stages, ms, steps, size, None, threads, images, hand_plans, rounds, per)
 
     result = _run(body)
     print(format_table(result))

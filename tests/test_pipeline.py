@@ -93,3 +93,18 @@ def test_bad_requests_are_one_line_errors(mesh, tiny_ckpts):
     with pytest.raises(ConfigError, match="mesh.split"):
         generate_many(object(), [{"txt": txt, "y": y}], progress=False)
     split.close()
+
+
+def test_bench_pipeline_cli_reports_every_figure():
+    from test_cli import last_json, run
+
+    out = run("bench", "pipeline", "--quick", "--size", "32", "--steps", "1", "--in-flight", "1,2", "--images", "2",
+              "--rounds", "1", "--json", timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = last_json(out)
+    assert set(res["throughput_ratio"]) == {"1", "2"} and all(v > 0 for v in res["throughput_ratio"].values())
+    assert all(0 <= v <= 1 for v in res["bubble_fraction"].values())
+    assert res["planner_predicted_images_per_s"] > 0 and res["planner_measured_images_per_s"] > 0
+    assert [h["blocks"] for h in res["hand_plans"]] == ["0-0 | 1-3", "0-1 | 2-3", "0-2 | 3-3"]
+    assert res["even_split"] == "0-1 | 2-3" and res["planner_over_even_split"] > 0
+    assert "planner / best hand plan" in out.stdout

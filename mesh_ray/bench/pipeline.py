@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from mesh_ray.bench.split import bench_config
+from mesh_ray.errors import ConfigError
 from mesh_ray.mesh import connect
+from mesh_ray.models.blocks import split_evenly
 from mesh_ray.models.checkpoint import load_blocks, write_random_checkpoint
 from mesh_ray.models.flux import build
 from mesh_ray.pipeline import ImageRequest, generate_many
@@ -58,14 +60,19 @@ def _single(local, reqs: list[ImageRequest]) -> float:
 def run_pipeline_bench(quick: bool = False, stages: int = 2, in_flight: tuple[int, ...] = (1, 2, 4, 8),
                        steps: int | None = None, size: int | None = None, txt_tokens: int | None = None,
                        threads: int = 1, images: int | None = None, hand_plans: bool = True,
-                       rounds: int | None = None) -> dict:
+                       rounds: int | None = None, stage_threads: tuple[int, ...] | None = None) -> dict:
     """Side by side: one process vs ``stages`` stages at each M in ``in_flight`` (each row next to its
-    own single-process run); the planner's plan against every hand plan of two stages, interleaved."""
+    own single-process run); the planner's plan against every hand plan of two stages, interleaved.
+    ``stage_threads`` (one per stage, default ``threads`` each) makes the planner's devices unequal,
+    e.g. (2, 1) for one stage about 2x slower than the other."""
     cfg = bench_config()
     size = size or (256 if quick else 1024)
     steps = steps or (2 if quick else 3)
     txt_tokens = txt_tokens or (64 if quick else 512)
     rounds = rounds or (1 if quick else 2)
+    per_stage = list(stage_threads or [threads] * stages)
+    if len(per_stage) != stages:
+        raise ConfigError(f"{len(per_stage)} stage thread counts for {stages} stages: give one per stage")
     torch.set_num_threads(threads)
     rows = []
     with tempfile.TemporaryDirectory(prefix="mesh-ray-bench-") as tmp:
@@ -88,16 +95,18 @@ def run_pipeline_bench(quick: bool = False, stages: int = 2, in_flight: tuple[in
                              "bubble_fraction": round(got["bubble_fraction"], 3)})
         finally:
             split.close()
-        plan = auto_plan(ckpt, stages, [threads] * stages, width=size, height=size, txt_tokens=txt_tokens,
+        plan = auto_plan(ckpt, stages, per_stage, width=size, height=size, txt_tokens=txt_tokens,
                          steps=steps, repeats=2)
         m = plan.in_flight
         reqs = _requests(cfg, images or max(2 * m, 4), size, steps, txt_tokens)
         runs = {"planner": mesh.split(ckpt, plan=plan)}
         n = cfg.num_blocks
+        even = " | ".join(f"{r.start}-{r.stop - 1}" for r in split_evenly(cfg.depth, cfg.depth_single_blocks, stages))
         if hand_plans and stages == 2:
             for cut in range(1, n):
-                runs[f"0-{cut - 1} | {cut}-{n - 1}"] = mesh.split(ckpt, stages=[f"0-{cut - 1}", f"{cut}-{n - 1}"],
-                                                                  torch_threads=threads)
+                specs = [{"blocks": f"0-{cut - 1}", "torch_threads": per_stage[0]},
+                         {"blocks": f"{cut}-{n - 1}", "torch_threads": per_stage[1]}]
+                runs[f"0-{cut - 1} | {cut}-{n - 1}"] = mesh.split(ckpt, stages=specs)
         rates: dict[str, list[float]] = {k: [] for k in runs}
         try:
             for _ in range(rounds):  # interleaved, so that every plan sees the same machine load
@@ -110,6 +119,7 @@ def run_pipeline_bench(quick: bool = False, stages: int = 2, in_flight: tuple[in
     measured = statistics.median(rates.pop("planner"))
     hands = [{"blocks": k, "images_per_s": round(statistics.median(v), 4)} for k, v in rates.items()]
     best_hand = max((h["images_per_s"] for h in hands), default=None)
+    even_rate = next((h["images_per_s"] for h in hands if h["blocks"] == even), None)
     return {"model": {"hidden": cfg.hidden_size, "blocks": cfg.num_blocks}, "size": size,
             "image_tokens": (size // 16) ** 2, "txt_tokens": txt_tokens, "steps": steps, "threads_per_device": threads,
             "single_images_per_s": round(statistics.median(singles), 4), "rows": rows,
@@ -119,8 +129,9 @@ def run_pipeline_bench(quick: bool = False, stages: int = 2, in_flight: tuple[in
             "planner_predicted_images_per_s": round(plan.predicted_images_per_s, 4),
             "planner_measured_images_per_s": round(measured, 4),
             "planner_predicted_over_measured": round(plan.predicted_images_per_s / measured, 3),
-            "hand_plans": hands, "rounds": rounds,
-            "planner_over_best_hand": round(measured / best_hand, 3) if best_hand else None}
+            "hand_plans": hands, "rounds": rounds, "stage_threads": per_stage, "even_split": even,
+            "planner_over_best_hand": round(measured / best_hand, 3) if best_hand else None,
+            "planner_over_even_split": round(measured / even_rate, 3) if even_rate else None}
 
 
 def format_table(result: dict) -> str:
@@ -137,5 +148,6 @@ def format_table(result: dict) -> str:
     for h in result["hand_plans"]:
         lines.append(f"hand plan {h['blocks']}: {h['images_per_s']:.4f} images/s (median of {result['rounds']} rounds)")
     if result["planner_over_best_hand"] is not None:
-        lines.append(f"planner / best hand plan: {result['planner_over_best_hand']:.3f}")
+        lines.append(f"planner / best hand plan: {result['planner_over_best_hand']:.3f}; planner / even split "
+                     f"({result['even_split']}): {result['planner_over_even_split']:.3f} (stage threads {result['stage_threads']})")
     return "\n".join(lines)
