@@ -22,6 +22,8 @@ _EXPORTS = {
     "inspect": "mesh_ray.models.checkpoint", "load_blocks": "mesh_ray.models.checkpoint",
     "write_random_checkpoint": "mesh_ray.models.checkpoint",
     "Promise": "mesh_ray.promise", "save_promised": "mesh_ray.promise",
+    "ImageRequest": "mesh_ray.pipeline", "ManyResult": "mesh_ray.pipeline", "generate_many": "mesh_ray.pipeline",
+    "Plan": "mesh_ray.planner", "auto_plan": "mesh_ray.planner", "plan_for": "mesh_ray.planner",
     "generate": "mesh_ray.sampler", "random_conditioning": "mesh_ray.sampler", "schedule": "mesh_ray.sampler",
     "SplitModel": "mesh_ray.split",
     "VaeService": "mesh_ray.vae_service",

@@ -22,7 +22,7 @@ from ray.exceptions import GetTimeoutError
 
 from mesh_ray.actors.device import DTYPES, dtype_name, narrower, pick_device
 from mesh_ray.actors.records import GenConsts, Hop, LinkPlan
-from mesh_ray.actors.stage import StageActor, StageInit, default_cache_dir, move_cond
+from mesh_ray.actors.stage import GENERATIONS_KEPT, StageActor, StageInit, default_cache_dir, move_cond
 from mesh_ray.actors.wire import pack_state, unpack_state, with_cached_text
 from mesh_ray.codec import choose_spec
 from mesh_ray.cluster import default_num_gpus, explain_unschedulable, node_affinity
@@ -76,6 +76,10 @@ class Step:
 
     flights: list[_Flight]
     t0: float
+
+    def pending(self) -> list:
+        """The ObjectRefs this step still waits for (one per micro-batch in a remote chain)."""
+        return [f.state for f in self.flights if isinstance(f.state, ray.ObjectRef)]
 
 
 @dataclass
@@ -300,10 +304,10 @@ class SplitModel:
 
     def _remember(self, key: str, make: Any) -> _Generation:
         """The generation cached under ``key`` (``make()`` on a miss); least recently used ones are
-        dropped beyond ``4 x micro_batches``, releasing their object-store entries."""
+        dropped beyond ``max(GENERATIONS_KEPT, 4 x micro_batches)``, releasing their object-store entries."""
         if key not in self._gen_refs:
             self._gen_refs[key] = make()
-            while len(self._gen_refs) > 4 * max(1, self.options.micro_batches):
+            while len(self._gen_refs) > max(GENERATIONS_KEPT, 4 * self.options.micro_batches):
                 self._gen_refs.popitem(last=False)
         self._gen_refs.move_to_end(key)
         return self._gen_refs[key]

@@ -26,7 +26,7 @@ from mesh_ray.models.blocks import BlockRange
 from mesh_ray.models.checkpoint import load_blocks, save_checkpoint, shard_digest
 from mesh_ray.models.flux import BlockCond, FluxConfig, build
 
-GENERATIONS_KEPT = 4  # per-generation constants cached per stage (LRU)
+GENERATIONS_KEPT = 16  # per-generation constants cached per stage (LRU): images in flight at once
 
 
 class StageInit(BaseModel):
