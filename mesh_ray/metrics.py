@@ -80,15 +80,17 @@ def stage_step(stage: int, ms: float) -> None:
     _record("mesh_ray_stage_step_ms", ms, {"stage": str(stage)})
 
 
-def wire_hop(hop: dict) -> None:
-    """One activation hop as ``mesh_ray.actors.wire`` records it (link, mode, bytes, encode/decode ms)."""
-    tags = {"link": str(hop.get("link", "?")), "mode": str(hop.get("mode", "?"))}
-    _record("mesh_ray_wire_raw_bytes", hop.get("raw_bytes") or 0, tags)
-    _record("mesh_ray_wire_coded_bytes", hop.get("wire_bytes") or 0, tags)
-    if hop.get("mode") != "raw":
+def wire_hop(hop: Any) -> None:
+    """One activation hop as ``mesh_ray.actors.wire`` records it (link, mode, raw/wire bytes,
+    encode/decode ms), given as its record or as a dict with the same field names."""
+    get = hop.get if isinstance(hop, dict) else lambda k: getattr(hop, k, None)
+    tags = {"link": str(get("link") or "?"), "mode": str(get("mode") or "?")}
+    _record("mesh_ray_wire_raw_bytes", get("raw_bytes") or 0, tags)
+    _record("mesh_ray_wire_coded_bytes", get("wire_bytes") or 0, tags)
+    if tags["mode"] != "raw":
         for key in ("encode_ms", "decode_ms"):
-            if hop.get(key) is not None:
-                _record(f"mesh_ray_wire_{key}", hop[key], tags)
+            if get(key) is not None:
+                _record(f"mesh_ray_wire_{key}", get(key), tags)
 
 
 def retry(kind: str) -> None:
