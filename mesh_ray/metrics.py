@@ -114,4 +114,34 @@ def vae_decode(ms: float, mode: str) -> None:
     _record("mesh_ray_vae_decode_ms", ms, {"mode": mode})
 
 
-__all__ = ["METRICS", "restart", "retry", "service_runs", "stage_step", "vae_decode", "wire_hop"]
+def read_metrics(timeout_s: float = 10.0) -> dict[str, list[tuple[dict, float]]]:
+    """mesh-ray's samples as every node's Prometheus endpoint shows them now (Ray must be connected):
+    exported name (``ray_mesh_ray_...``, histograms as ``_bucket`` / ``_count`` / ``_sum``) -> [(labels, value)]."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, list[tuple[dict, float]]] = {}
+    for node in ray.nodes():
+        port = node.get("MetricsExportPort")
+        if not node.get("Alive") or not port:
+            continue
+        url = f"http://{node['NodeManagerAddress']}:{port}/metrics"
+        try:
+            text = urllib.request.urlopen(url, timeout=timeout_s).read().decode()
+        except OSError as e:
+            log.warning("cannot read %s (%s)", url, e)
+            continue
+        for fam in text_string_to_metric_families(text):
+            if fam.name.startswith("ray_mesh_ray_"):
+                for smp in fam.samples:
+                    out.setdefault(smp.name, []).append((dict(smp.labels), smp.value))
+    return out
+
+
+def total(samples: dict[str, list[tuple[dict, float]]], name: str, **labels: str) -> float:
+    """Sum of ``name``'s samples whose labels include ``labels`` (0.0 when none)."""
+    return sum(v for lab, v in samples.get(name, []) if all(lab.get(k) == val for k, val in labels.items()))
+
+
+__all__ = ["METRICS", "read_metrics", "total", "restart", "retry", "service_runs", "stage_step", "vae_decode", "wire_hop"]
