@@ -38,9 +38,12 @@ def _init(**kwargs: Any) -> None:
         ray.init(**kwargs)
     except Exception as e:  # noqa: BLE001 - Ray raises several unrelated types here
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "auth" in msg.lower() or "token" in msg.lower():
+        answered = where not in ("embedded", "local", "auto") and "failed to connect" in msg.lower()
+        if "auth" in msg.lower() or "token" in msg.lower() or answered:
+            # The address passed the TCP probe, so a refusal there is nearly always a token mismatch.
             raise ClusterError(f"Ray at {where} refused the connection ({msg}): copy the cluster's auth token "
-                               f"(~/.ray/auth_token on the head) to this machine or set RAY_AUTH_TOKEN") from None
+                               f"(~/.ray/auth_token on the head) to this machine or set RAY_AUTH_TOKEN (and check that both "
+                               f"run the same Ray version)") from None
         raise ClusterError(f"could not connect to Ray at {where} ({msg}): start it with `ray start --head` "
                            f"or use address=None for an embedded local Ray") from None
 
