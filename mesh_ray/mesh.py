@@ -33,7 +33,8 @@ class Mesh:
         ranges (``"double:0-9"``) / ``StageSpec`` dicts covering every block once, in order.
         ``n_blocks_remote``: instead, keep the front blocks in this process and run the back N
         blocks on one remote stage.  ``options`` (a ``SplitOptions``, a dict or a YAML/JSON file) and
-        other keywords are ``SplitOptions`` fields; ``MESH_RAY_<FIELD>`` variables fill the rest.
+        other keywords are ``SplitOptions`` fields.  Precedence: keywords > ``MESH_RAY_<FIELD>``
+        variables > ``options`` (for an object, only its explicitly set fields) > defaults.
         """
         s = make_split(checkpoint, stages, n_blocks_remote, options, **option_kwargs)
         self._splits.append(s)
@@ -81,11 +82,13 @@ class Mesh:
         self._services.clear()
 
 
-def connect(address: str | None = None, **kwargs: Any) -> Mesh:
+def connect(address: str | None = None, options: ConnectOptions | dict | str | None = None, **kwargs: Any) -> Mesh:
     """Join the Ray cluster at ``address`` ("auto", "host:port", "ray://…", or RAY_ADDRESS), or
     start an embedded local Ray sized to this machine when there is none.  Unreachable
-    addresses fail within ``timeout_s`` with a one-line ClusterError."""
-    options = load_settings(ConnectOptions, None, address=address, **kwargs)
+    addresses fail within ``timeout_s`` with a one-line ClusterError.  ``options`` (a
+    ``ConnectOptions``, dict or YAML/JSON file) and keywords are ``ConnectOptions`` fields;
+    keywords > ``MESH_RAY_<FIELD>`` variables > ``options``."""
+    options = load_settings(ConnectOptions, options, address=address, **kwargs)
     mode = ensure_ray(options)
     if not ray.is_initialized():  # pragma: no cover - ensure_ray raises instead
         raise ClusterError("Ray did not start: see the log above")

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from mesh_ray.errors import ConfigError
+from mesh_ray.errors import ConfigError, validation_line
 from mesh_ray.workflow.registry import NodeType, get_node_type, node_types
 
 Link = tuple[str, int]
@@ -73,9 +73,7 @@ def _parse_node(nid: str, raw: Any) -> NodeSpec:
     try:
         return NodeSpec.model_validate(raw)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "node"
-        raise ConfigError(f"node {nid!r} field {where!r}: {first['msg']}: write it as "
+        raise ConfigError(f"{validation_line(e, f'node {nid!r}', NodeSpec.model_fields, 'field')}: write it as "
                           f'{{"class_type": "...", "inputs": {{...}}}}') from None
 
 
