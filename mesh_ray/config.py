@@ -151,6 +151,9 @@ class SplitOptions(BaseModel):
     link use the caller's spec.
     offload (OffloadSpec | dict | None, None): stream each stage's block weights from host memory
     a window at a time (see docs/offload.md).
+    max_restarts (int, 2): times Ray starts a dead stage actor again (it reloads its shard);
+    max_step_retries (int, 2): times a step whose stage died is sent again after the stage is back
+    (see docs/faults.md).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -165,6 +168,8 @@ class SplitOptions(BaseModel):
     torch_threads: int | None = Field(default=None, ge=1)
     codec: CodecSpec = CodecSpec(mode="auto")
     offload: OffloadSpec | None = None
+    max_restarts: int = Field(default=2, ge=0)
+    max_step_retries: int = Field(default=2, ge=0)
 
     @field_validator("codec", mode="before")
     @classmethod
