@@ -32,7 +32,8 @@ from mesh_ray.models.blocks import BlockRange, check_cover
 from mesh_ray.models.checkpoint import CheckpointInfo, inspect, load_blocks, shard_digest
 from mesh_ray.models.flux import BlockCond, BlockState, Flux, build
 from mesh_ray.digest import tensor_digest
-from mesh_ray.rayutil import ray_get
+from mesh_ray.rayutil import ray_error, ray_get
+from mesh_ray.recovery import ChainCall, Recovery
 
 
 @dataclass
@@ -132,6 +133,7 @@ class SplitModel:
         self._pg = None
         self._closed = False
         self._default_gpus = default_num_gpus()
+        self.recovery = Recovery(self)  # stage restart + step retry (mesh_ray/recovery.py)
         # The caller's part: embedders, final layer, and blocks of local segments only.
         self.model = build(self.config, "meta", self.dtype)
         local = [s.range for s in self.segments if s.spec.local]
@@ -161,7 +163,8 @@ class SplitModel:
     def _stage_options(self, seg: Segment, bundle: int | None) -> dict:
         spec = seg.spec
         opts: dict[str, Any] = {"num_cpus": spec.num_cpus, "num_gpus": self._num_gpus(spec),
-                                "name": f"mesh-ray/{self.id}/stage{seg.index}", "max_restarts": 0}
+                                "name": f"mesh-ray/{self.id}/stage{seg.index}",
+                                "max_restarts": self.options.max_restarts}
         if spec.node:
             opts["scheduling_strategy"] = node_affinity(spec.node)
         elif self._pg is not None and bundle is not None:
@@ -246,10 +249,17 @@ class SplitModel:
         return seg.actor.load_from_shard.remote(digest, [ray.put(sd)])
 
     def _get(self, ref: Any, seg: Segment | None, timeout: float, doing: str) -> Any:
+        try:
+            return ray.get(ref, timeout=timeout)
+        except Exception as e:  # noqa: BLE001 - every failure becomes one line
+            raise self.stage_error(e, seg, timeout, doing) from None
+
+    def stage_error(self, e: BaseException, seg: Segment | None, timeout: float, doing: str) -> MeshError:
+        """A Ray failure while ``doing`` on ``seg`` as the one-line error the caller sees."""
         where = f"stage {seg.index} ({seg.range})" if seg else "a stage"
-        return ray_get(ref, timeout, f"{doing} on {where}", timeout_error=StageError, died_error=StageError,
-                       timeout_fix="check the worker with `mesh-ray status`, or raise step_timeout_s / start_timeout_s",
-                       died_fix="its worker crashed or its node left; create the split again with mesh.split(...)")
+        return ray_error(e, f"{doing} on {where}", timeout, timeout_error=StageError, died_error=StageError,
+                         timeout_fix="check the worker with `mesh-ray status`, or raise step_timeout_s / start_timeout_s",
+                         died_fix="its worker crashed or its node left; create the split again with mesh.split(...)")
 
     # -- forward --------------------------------------------------------------------------------
 
@@ -328,19 +338,24 @@ class SplitModel:
         state = BlockState(self.model.img_in(img), g.txt[:, :0] if cache_txt else g.txt, txt.shape[1])
         return g, state
 
-    def submit_chain(self, chain: list[Segment], state: BlockState | Any, cond: BlockCond, gen: GenConsts) -> Any:
+    def submit_chain(self, chain: list[Segment], state: BlockState | Any, cond: BlockCond, gen: GenConsts,
+                     remember: bool = True) -> Any:
         """Submit one micro-batch through consecutive remote segments without waiting; returns the
-        ObjectRef of the last stage's WireState.  The one place a step enters the stage chain."""
+        ObjectRef of the last stage's WireState.  The one place a step enters the stage chain; the
+        inputs are kept until ``collect`` so that a step lost with a stage can be sent again."""
         ref = pack_state(state, chain[0].in_plan, gen.grid) if isinstance(state, BlockState) else state
         for seg in chain:
             ref = seg.actor.forward.remote(ref, cond, gen, seg.out_plan)
+        if remember:
+            self.recovery.remember(ref, ChainCall(chain, state, cond, gen))
         return ref
 
     def collect(self, ref: Any, seg: Segment, device: torch.device | None = None, dtype: torch.dtype | None = None,
                 doing: str = "a forward step") -> tuple[BlockState, list[Hop]]:
         """Wait (step_timeout_s) for a chain submitted with ``submit_chain`` ending at ``seg``; the
-        state on ``device`` in ``dtype`` (default: the caller's) and the hops it made."""
-        wire = self._get(ref, seg, self.options.step_timeout_s, doing)
+        state on ``device`` in ``dtype`` (default: the caller's) and the hops it made.  A stage that
+        died is restarted and the chain sent again (``max_restarts``, ``max_step_retries``)."""
+        wire = self.recovery.wait(ref, seg, doing)
         return unpack_state(wire, device or self.device, dtype or self.dtype)
 
     def _run(self, flights: list[_Flight]) -> None:
@@ -437,6 +452,7 @@ class SplitModel:
     def close(self) -> None:
         """Kill the stage actors and free their resources (idempotent)."""
         self._closed = True
+        self.recovery.forget()
         for seg in self.segments:
             if seg.actor is not None:
                 try:
