@@ -26,3 +26,5 @@ for _name in _MODULES:
     NODE_DISPLAY_NAME_MAPPINGS.update(_mod.NODE_DISPLAY_NAME_MAPPINGS)
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
+
+from . import registry  # noqa: E402,F401 - inside a running ComfyUI this adds GET /mesh/status

@@ -22,14 +22,15 @@ from ray.exceptions import GetTimeoutError
 
 from mesh_ray.actors.device import DTYPES, dtype_name, narrower, pick_device
 from mesh_ray.actors.records import GenConsts, Hop, LinkPlan
-from mesh_ray.actors.stage import GENERATIONS_KEPT, StageActor, StageInit, default_cache_dir, move_cond
+from mesh_ray.actors.shards import default_cache_dir, send_shard
+from mesh_ray.actors.stage import GENERATIONS_KEPT, StageActor, StageInit, move_cond
 from mesh_ray.actors.wire import pack_state, unpack_state, with_cached_text
 from mesh_ray.codec import choose_spec
 from mesh_ray.cluster import default_num_gpus, explain_unschedulable, node_affinity
 from mesh_ray.config import SplitOptions, StageSpec, load_settings, validate
 from mesh_ray.errors import ClusterError, ConfigError, MeshError, StageError
 from mesh_ray.models.blocks import BlockRange, check_cover
-from mesh_ray.models.checkpoint import CheckpointInfo, inspect, load_blocks, shard_digest
+from mesh_ray.models.checkpoint import CheckpointInfo, inspect, load_blocks
 from mesh_ray.models.flux import BlockCond, BlockState, Flux, build
 from mesh_ray.digest import tensor_digest
 from mesh_ray.rayutil import ray_error, ray_get
@@ -246,10 +247,7 @@ class SplitModel:
             raise StageError(f"stage {seg.index} cannot read {seg.spec.checkpoint_path or self.checkpoint} on its "
                              f"node and ship='never': copy the file there, set checkpoint_path, or allow ship='auto'")
         sd = load_blocks(self.checkpoint, [seg.range], info=self.info)
-        digest = shard_digest(sd)
-        if self._get(seg.actor.has_cached_shard.remote(digest), seg, 60, "checking its shard cache"):
-            return seg.actor.load_from_cache.remote(digest)
-        return seg.actor.load_from_shard.remote(digest, [ray.put(sd)])
+        return send_shard(seg.actor, sd, lambda ref, doing: self._get(ref, seg, 60, doing))
 
     def _get(self, ref: Any, seg: Segment | None, timeout: float, doing: str) -> Any:
         try:
