@@ -28,7 +28,7 @@ from mesh_ray.codec import choose_spec
 from mesh_ray.cluster import default_num_gpus, explain_unschedulable, node_affinity
 from mesh_ray.config import SplitOptions, StageSpec, load_settings, validate
 from mesh_ray.errors import ClusterError, ConfigError, MeshError, StageError
-from mesh_ray.models.blocks import BlockRange, check_cover
+from mesh_ray.models.blocks import BlockRange, check_cover, locate
 from mesh_ray.models.checkpoint import CheckpointInfo, inspect, load_blocks, shard_digest
 from mesh_ray.models.flux import BlockCond, BlockState, Flux, build
 from mesh_ray.digest import tensor_digest
@@ -386,7 +386,8 @@ class SplitModel:
             chain = self.segments[i : j + 1]
             first, stop = chain[0].range.start, chain[-1].range.stop
             for b in range(first, stop):
-                key = ("double_block", b) if b < depth else ("single_block", b - depth)
+                kind, k = locate(b, depth)
+                key = (f"{kind}_block", k)
                 patches[key] = self._chain_patch(chain, first) if b == first else _passthrough
             i = j + 1
         return patches

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from torch import Tensor, nn
 
 from mesh_ray.errors import ConfigError
+from mesh_ray.models.blocks import KINDS, locate
 
 # --------------------------------------------------------------------------------------------
 # Config and presets
@@ -420,7 +421,7 @@ class Flux(nn.Module):
     ``f(args, {"original_block": fn}) -> dict`` that runs instead of that block, as in ComfyUI.
     """
 
-    shard_unit = ("double_blocks", "single_blocks")
+    shard_unit = tuple(f"{kind}_blocks" for kind in KINDS)
 
     def __init__(self, config: FluxConfig):
         super().__init__()
@@ -448,8 +449,8 @@ class Flux(nn.Module):
 
     def block(self, index: int) -> nn.Module:
         """The block at global index ``index`` (double blocks first)."""
-        d = self.config.depth
-        return self.double_blocks[index] if index < d else self.single_blocks[index - d]
+        kind, i = locate(index, self.config.depth)
+        return getattr(self, f"{kind}_blocks")[i]
 
     # -- validation -------------------------------------------------------------------------
 
@@ -517,9 +518,10 @@ class Flux(nn.Module):
         replace: dict = ((transformer_options or {}).get("patches_replace") or {}).get("dit") or {}
         depth = self.config.depth
         for b in range(start, stop):
-            if b < depth:
+            kind, i = locate(b, depth)
+            key = (f"{kind}_block", i)
+            if kind == "double":
                 state = state.unjoin()
-                key = ("double_block", b)
                 if key in replace:
                     out = replace[key](
                         {"img": state.img, "txt": state.txt, "vec": cond.vec, "pe": pe, "cond": cond,
@@ -531,7 +533,6 @@ class Flux(nn.Module):
                     state = BlockState(img, txt, state.txt_len)
             else:
                 state = state.join()
-                i, key = b - depth, ("single_block", b - depth)
                 if key in replace:
                     out = replace[key]({"img": state.img, "vec": cond.vec, "pe": pe, "cond": cond,
                                         "transformer_options": transformer_options},
