@@ -151,6 +151,9 @@ class SplitOptions(BaseModel):
     link use the caller's spec.
     offload (OffloadSpec | dict | None, None): stream each stage's block weights from host memory
     a window at a time (see docs/offload.md).
+    max_restarts (int, 2): times Ray starts a dead stage actor again (it reloads its shard);
+    max_step_retries (int, 2): times a step whose stage died is sent again after the stage is back
+    (see docs/faults.md).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -165,6 +168,8 @@ class SplitOptions(BaseModel):
     torch_threads: int | None = Field(default=None, ge=1)
     codec: CodecSpec = CodecSpec(mode="auto")
     offload: OffloadSpec | None = None
+    max_restarts: int = Field(default=2, ge=0)
+    max_step_retries: int = Field(default=2, ge=0)
 
     @field_validator("codec", mode="before")
     @classmethod
@@ -184,7 +189,8 @@ class VaeOptions(BaseModel):
     an actor exits after this long without work and starts again on the next request; output_dir
     (str, "outputs/vae"): where forget-mode PNGs go, on the actor's node; torch_threads (int |
     None); dtype ("auto" | "float32" | "bfloat16" | "float16", "auto": decided by each actor from
-    its device); timeout_s (float, 600): default wait for results.
+    its device); timeout_s (float, 600): default wait for results; max_retries (int, 2): times a
+    request is sent again when its decoder actor dies before answering.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -197,6 +203,7 @@ class VaeOptions(BaseModel):
     torch_threads: int | None = Field(default=None, ge=1)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     timeout_s: float = Field(default=600.0, gt=0)
+    max_retries: int = Field(default=2, ge=0)
 
 
 class ConnectOptions(BaseModel):

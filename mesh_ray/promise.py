@@ -4,7 +4,8 @@
 ``Promise.save(path_or_dir)`` returns a ``SaveHandle`` at once and writes the PNGs from a
 background thread when the images are ready, so the caller never blocks on it.  Errors (the
 decoder died, timed out or raised) surface from ``result`` and from the save handle's own
-``result()``; a failed promise writes nothing, so no half file is ever left.
+``result()``; a failed promise writes nothing, so no half file is ever left.  A promise made by
+the VAE service is re-sent to another (or a restarted) replica when its decoder actor dies.
 """
 
 from __future__ import annotations
@@ -12,18 +13,19 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import threading
+import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError
 
 from mesh_ray.images import save_images
 from mesh_ray.config import VaeOptions
-from mesh_ray.errors import MeshError
+from mesh_ray.errors import ClusterError, MeshError
 from mesh_ray.rayutil import ray_error
 
 DEFAULT_TIMEOUT_S: float = VaeOptions.model_fields["timeout_s"].default
@@ -36,6 +38,11 @@ def decoder_error(e: BaseException, label: str, timeout: float | None = None) ->
                      died_fix="the decoder was killed, ran out of memory or exited; the service starts a new "
                               "replica on the next request; decode this latent again",
                      failed_fix="check the latent and the VAE checkpoint")
+
+
+def actor_lost(e: BaseException) -> bool:
+    """True when a Ray error means the worker (or its node) died, so the same call may succeed elsewhere."""
+    return isinstance(e, (RayActorError, ObjectLostError))
 
 
 class SaveHandle:
@@ -69,8 +76,11 @@ class SaveHandle:
 class Promise:
     """Images that a decoder actor is still producing (wraps the Ray ObjectRef)."""
 
-    def __init__(self, ref: ray.ObjectRef, label: str = "VAE decode", timeout_s: float = DEFAULT_TIMEOUT_S):
+    def __init__(self, ref: ray.ObjectRef, label: str = "VAE decode", timeout_s: float = DEFAULT_TIMEOUT_S,
+                 resubmit: Callable[[ray.ObjectRef], ray.ObjectRef | None] | None = None):
         self.ref = ref
+        # resubmit(dead_ref) -> the ref of the same decode sent again (or already re-sent), None when spent
+        self._resubmit = resubmit
         self.label = label
         self.timeout_s = timeout_s
         self.id = uuid.uuid4().hex[:10]
@@ -98,16 +108,24 @@ class Promise:
                 return self._images
             if self._error is not None:
                 raise type(self._error)(str(self._error))
-        try:
-            arr = ray.get(self.ref, timeout=timeout)
-        except GetTimeoutError as e:  # not final: a later call may still succeed
-            raise decoder_error(e, self.label, timeout) from None
-        except Exception as e:
-            err = decoder_error(e, self.label, timeout)
-            with self._lock:
-                self.actor_died = isinstance(e, RayActorError)
-                self._error = err
-            raise type(err)(str(err)) from None
+        end = time.monotonic() + timeout
+        while True:
+            ref = self.ref
+            try:
+                arr = ray.get(ref, timeout=max(0.0, end - time.monotonic()))
+                break
+            except GetTimeoutError as e:  # not final: a later call may still succeed
+                raise decoder_error(e, self.label, timeout) from None
+            except Exception as e:
+                again = self._resubmit(ref) if self._resubmit is not None and actor_lost(e) else None
+                if again is not None:
+                    self.ref = again  # the same decode, on another or a restarted replica
+                    continue
+                err = decoder_error(e, self.label, timeout)
+                with self._lock:
+                    self.actor_died = actor_lost(e)
+                    self._error = err
+                raise type(err)(str(err)) from None
         images = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
         with self._lock:
             self._images = images
@@ -148,4 +166,4 @@ def save_promised(promises: Iterable[Promise], directory: str | os.PathLike,
     return [p.save(directory, metadata) for p in promises]
 
 
-__all__ = ["Promise", "SaveHandle", "decoder_error", "save_promised"]
+__all__ = ["Promise", "SaveHandle", "actor_lost", "decoder_error", "save_promised"]

@@ -22,7 +22,7 @@ from ray.exceptions import GetTimeoutError
 
 from mesh_ray.actors.device import DTYPES, dtype_name, narrower, pick_device
 from mesh_ray.actors.records import GenConsts, Hop, LinkPlan
-from mesh_ray.actors.stage import StageActor, StageInit, default_cache_dir, move_cond
+from mesh_ray.actors.stage import GENERATIONS_KEPT, StageActor, StageInit, default_cache_dir, move_cond
 from mesh_ray.actors.wire import pack_state, unpack_state, with_cached_text
 from mesh_ray.codec import choose_spec
 from mesh_ray.cluster import default_num_gpus, explain_unschedulable, node_affinity
@@ -32,7 +32,8 @@ from mesh_ray.models.blocks import BlockRange, check_cover, locate
 from mesh_ray.models.checkpoint import CheckpointInfo, inspect, load_blocks, shard_digest
 from mesh_ray.models.flux import BlockCond, BlockState, Flux, build
 from mesh_ray.digest import tensor_digest
-from mesh_ray.rayutil import ray_get
+from mesh_ray.rayutil import ray_error, ray_get
+from mesh_ray.recovery import ChainCall, Recovery
 
 
 @dataclass
@@ -77,6 +78,10 @@ class Step:
 
     flights: list[_Flight]
     t0: float
+
+    def pending(self) -> list:
+        """The ObjectRefs this step still waits for (one per micro-batch in a remote chain)."""
+        return [f.state for f in self.flights if isinstance(f.state, ray.ObjectRef)]
 
 
 @dataclass
@@ -129,6 +134,7 @@ class SplitModel:
         self._pg = None
         self._closed = False
         self._default_gpus = default_num_gpus()
+        self.recovery = Recovery(self)  # stage restart + step retry (mesh_ray/recovery.py)
         # The caller's part: embedders, final layer, and blocks of local segments only.
         self.model = build(self.config, "meta", self.dtype)
         local = [s.range for s in self.segments if s.spec.local]
@@ -158,7 +164,8 @@ class SplitModel:
     def _stage_options(self, seg: Segment, bundle: int | None) -> dict:
         spec = seg.spec
         opts: dict[str, Any] = {"num_cpus": spec.num_cpus, "num_gpus": self._num_gpus(spec),
-                                "name": f"mesh-ray/{self.id}/stage{seg.index}", "max_restarts": 0}
+                                "name": f"mesh-ray/{self.id}/stage{seg.index}",
+                                "max_restarts": self.options.max_restarts}
         if spec.node:
             opts["scheduling_strategy"] = node_affinity(spec.node)
         elif self._pg is not None and bundle is not None:
@@ -243,10 +250,17 @@ class SplitModel:
         return seg.actor.load_from_shard.remote(digest, [ray.put(sd)])
 
     def _get(self, ref: Any, seg: Segment | None, timeout: float, doing: str) -> Any:
+        try:
+            return ray.get(ref, timeout=timeout)
+        except Exception as e:  # noqa: BLE001 - every failure becomes one line
+            raise self.stage_error(e, seg, timeout, doing) from None
+
+    def stage_error(self, e: BaseException, seg: Segment | None, timeout: float, doing: str) -> MeshError:
+        """A Ray failure while ``doing`` on ``seg`` as the one-line error the caller sees."""
         where = f"stage {seg.index} ({seg.range})" if seg else "a stage"
-        return ray_get(ref, timeout, f"{doing} on {where}", timeout_error=StageError, died_error=StageError,
-                       timeout_fix="check the worker with `mesh-ray status`, or raise step_timeout_s / start_timeout_s",
-                       died_fix="its worker crashed or its node left; create the split again with mesh.split(...)")
+        return ray_error(e, f"{doing} on {where}", timeout, timeout_error=StageError, died_error=StageError,
+                         timeout_fix="check the worker with `mesh-ray status`, or raise step_timeout_s / start_timeout_s",
+                         died_fix="its worker crashed or its node left; create the split again with mesh.split(...)")
 
     # -- forward --------------------------------------------------------------------------------
 
@@ -301,10 +315,10 @@ class SplitModel:
 
     def _remember(self, key: str, make: Any) -> _Generation:
         """The generation cached under ``key`` (``make()`` on a miss); least recently used ones are
-        dropped beyond ``4 x micro_batches``, releasing their object-store entries."""
+        dropped beyond ``max(GENERATIONS_KEPT, 4 x micro_batches)``, releasing their object-store entries."""
         if key not in self._gen_refs:
             self._gen_refs[key] = make()
-            while len(self._gen_refs) > 4 * max(1, self.options.micro_batches):
+            while len(self._gen_refs) > max(GENERATIONS_KEPT, 4 * self.options.micro_batches):
                 self._gen_refs.popitem(last=False)
         self._gen_refs.move_to_end(key)
         return self._gen_refs[key]
@@ -325,19 +339,24 @@ class SplitModel:
         state = BlockState(self.model.img_in(img), g.txt[:, :0] if cache_txt else g.txt, txt.shape[1])
         return g, state
 
-    def submit_chain(self, chain: list[Segment], state: BlockState | Any, cond: BlockCond, gen: GenConsts) -> Any:
+    def submit_chain(self, chain: list[Segment], state: BlockState | Any, cond: BlockCond, gen: GenConsts,
+                     remember: bool = True) -> Any:
         """Submit one micro-batch through consecutive remote segments without waiting; returns the
-        ObjectRef of the last stage's WireState.  The one place a step enters the stage chain."""
+        ObjectRef of the last stage's WireState.  The one place a step enters the stage chain; the
+        inputs are kept until ``collect`` so that a step lost with a stage can be sent again."""
         ref = pack_state(state, chain[0].in_plan, gen.grid) if isinstance(state, BlockState) else state
         for seg in chain:
             ref = seg.actor.forward.remote(ref, cond, gen, seg.out_plan)
+        if remember:
+            self.recovery.remember(ref, ChainCall(chain, state, cond, gen))
         return ref
 
     def collect(self, ref: Any, seg: Segment, device: torch.device | None = None, dtype: torch.dtype | None = None,
                 doing: str = "a forward step") -> tuple[BlockState, list[Hop]]:
         """Wait (step_timeout_s) for a chain submitted with ``submit_chain`` ending at ``seg``; the
-        state on ``device`` in ``dtype`` (default: the caller's) and the hops it made."""
-        wire = self._get(ref, seg, self.options.step_timeout_s, doing)
+        state on ``device`` in ``dtype`` (default: the caller's) and the hops it made.  A stage that
+        died is restarted and the chain sent again (``max_restarts``, ``max_step_retries``)."""
+        wire = self.recovery.wait(ref, seg, doing)
         return unpack_state(wire, device or self.device, dtype or self.dtype)
 
     def _run(self, flights: list[_Flight]) -> None:
@@ -436,6 +455,7 @@ class SplitModel:
     def close(self) -> None:
         """Kill the stage actors and free their resources (idempotent)."""
         self._closed = True
+        self.recovery.forget()
         for seg in self.segments:
             if seg.actor is not None:
                 try:

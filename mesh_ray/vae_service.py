@@ -7,8 +7,11 @@
 
 Dispatch goes to the replica with the fewest requests in flight.  A replica whose actor died
 (killed, crashed, out of memory) or exited on its idle timeout is started again on the next
-request.  A monitor thread collects finished requests, so forget-mode failures are logged and
-counted (``stats()``) without anyone waiting on them.
+request.  A request whose actor dies before answering (any mode) is sent again, up to
+``max_retries`` times, to the least-loaded replica (started again when it was the dead one); only
+then does it fail, with one ``ClusterError`` that says how often it was tried.  A monitor thread
+collects finished requests, so forget-mode failures are logged and counted (``stats()``) without
+anyone waiting on them, and re-sends the requests of a dead actor at once.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import ray
@@ -34,7 +37,8 @@ from mesh_ray.config import VAE_MODES, VaeMode, VaeOptions, validate
 from mesh_ray.errors import ClusterError, ConfigError
 from mesh_ray.images import save_images
 from mesh_ray.models.vae import VaeInfo, check_tiling, inspect_vae
-from mesh_ray.promise import Promise, decoder_error
+from mesh_ray import metrics
+from mesh_ray.promise import Promise, actor_lost, decoder_error
 
 log = logging.getLogger("mesh_ray.vae")
 
@@ -45,12 +49,27 @@ MODES = VAE_MODES
 class _Replica:
     index: int
     handle: Any = None
-    in_flight: dict = field(default_factory=dict)  # status (or forget result) ObjectRef -> mode
+    in_flight: dict = field(default_factory=dict)  # status (or forget result) ObjectRef -> _Request
     last_used: float = 0.0
     alive: bool = False
     starts: int = 0
     completed: int = 0
     failed: int = 0
+
+
+@dataclass
+class _Request:
+    """One decode, kept until it ends so that it can be sent again when its actor dies."""
+
+    mode: str
+    send: Callable[[Any], tuple[ray.ObjectRef, ray.ObjectRef]]  # actor handle -> (status ref, result ref)
+    status: Any = None
+    result: Any = None
+    replica: _Replica | None = None
+    handle: Any = None  # the actor it was sent to
+    tries: int = 0
+    promise: Promise | None = None
+    spent: bool = False  # died after its last try (counted as failed once)
 
 
 def _as_numpy(latent: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -87,13 +106,15 @@ class VaeService:
         self.torch_threads = opts.torch_threads
         self.dtype = opts.dtype
         self.timeout_s = opts.timeout_s
+        self.max_retries = opts.max_retries
         self.id = uuid.uuid4().hex[:6]
         self._seq = itertools.count()
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._closed = False
+        self._reaping = False
         self._counts = {"submitted": 0, "completed": 0, "failed": 0, "forget_images": 0, "forget_failed": 0,
-                        "restarts": 0}
+                        "restarts": 0, "retries": 0}
         self.last_error: str | None = None
         self._replicas = [_Replica(i) for i in range(replicas)]
         with self._lock:
@@ -107,7 +128,12 @@ class VaeService:
     def _start(self, r: _Replica) -> None:
         if r.starts:
             self._counts["restarts"] += 1
+            metrics.restart("vae_replica")
             log.info("starting VAE decoder replica %d again (start %d)", r.index, r.starts + 1)
+            try:  # dead or leaving already; make sure no orphan keeps its GPU
+                ray.kill(r.handle, no_restart=True)
+            except Exception:  # noqa: BLE001
+                pass
         r.handle = VaeDecoderActor.options(num_gpus=self.num_gpus, num_cpus=self.num_cpus).remote(
             self.checkpoint, self.output_dir, self.idle_timeout_s, self.torch_threads, self.dtype, r.index)
         r.alive, r.starts, r.last_used = True, r.starts + 1, time.monotonic()
@@ -140,39 +166,89 @@ class VaeService:
             r.last_used = time.monotonic()
             return r
 
-    def _track(self, r: _Replica, ref: ray.ObjectRef, mode: str) -> None:
+    def _send(self, req: _Request) -> None:
+        """Send ``req`` to the least-loaded replica and watch it (a first send or a re-send)."""
         with self._lock:
-            r.in_flight[ref] = mode
+            r = self._acquire()
+            req.status, req.result = req.send(r.handle)
+            req.replica, req.handle, req.tries = r, r.handle, req.tries + 1
+            if req.promise is not None:
+                req.promise.ref = req.result
+                req.promise.label = self._label(req)
+            r.in_flight[req.status] = req
             self._counts["submitted"] += 1
             self._wake.notify_all()
 
+    def _label(self, req: _Request) -> str:
+        tried = f", try {req.tries} of {self.max_retries + 1}" if req.tries > 1 else ""
+        return f"VAE {req.mode} decode on replica {req.replica.index}{tried}"
+
+    def _resend(self, req: _Request, dead: ray.ObjectRef) -> ray.ObjectRef | None:
+        """``dead`` (a ref of ``req``) failed because its actor died: the ref of the re-sent request,
+        the current one when it was re-sent already, or None when the retries are spent."""
+        with self._lock:
+            if dead not in (req.status, req.result):
+                return req.result  # another thread re-sent it already
+            r = req.replica
+            r.in_flight.pop(req.status, None)
+            if r.handle is req.handle:
+                r.alive = False  # start it again rather than send more work to a dead actor
+            if req.spent:
+                return None
+            if req.tries > self.max_retries or self._closed:
+                req.spent = True
+                err = ClusterError(f"{self._label(req)} failed: its decoder actor died before returning, "
+                                   f"{req.tries} times: check the decoder logs (out of memory?), then decode again")
+                r.failed += 1
+                self._counts["failed"] += 1
+                self.last_error = str(err)
+                if req.mode == "forget":
+                    self._counts["forget_failed"] += 1
+                    log.warning("%s", err)
+                return None
+            log.warning("VAE decoder replica %d died with a %s request in flight: sending it again", r.index, req.mode)
+            self._counts["retries"] += 1
+            metrics.retry("vae_decode")
+            self._send(req)
+            return req.result
+
     def _reap(self) -> None:
-        """Account for finished requests (lock held): counts, forget failures, dead actors."""
+        """Account for finished requests (lock held): counts, forget failures, dead actors (re-sent)."""
         refs = [ref for r in self._replicas for ref in r.in_flight]
-        if not refs:
+        if not refs or self._reaping:  # a re-send from inside _reap must not reap again
             return
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
         ready_set = set(ready)
+        self._reaping = True
+        try:
+            self._collect(ready_set)
+        finally:
+            self._reaping = False
+
+    def _collect(self, ready_set: set) -> None:
         for r in self._replicas:
             for ref in [x for x in r.in_flight if x in ready_set]:
-                mode = r.in_flight.pop(ref)
+                req = r.in_flight.pop(ref, None)
+                if req is None:
+                    continue
                 r.last_used = time.monotonic()
                 try:
                     out = ray.get(ref, timeout=self.timeout_s)
                 except Exception as e:
-                    err = decoder_error(e, f"VAE {mode} request on replica {r.index}")
+                    if actor_lost(e):
+                        self._resend(req, ref)  # re-sent, or counted as failed when spent
+                        continue
+                    err = decoder_error(e, self._label(req))
                     r.failed += 1
                     self._counts["failed"] += 1
                     self.last_error = str(err)
-                    if isinstance(e, RayActorError):
-                        r.alive = False
-                    if mode == "forget":
+                    if req.mode == "forget":
                         self._counts["forget_failed"] += 1
                         log.warning("%s", err)
                     continue
                 r.completed += 1
                 self._counts["completed"] += 1
-                if mode == "forget":
+                if req.mode == "forget":
                     self._counts["forget_images"] += len(out)
 
     def _watch(self) -> None:
@@ -197,12 +273,13 @@ class VaeService:
         """Decode a latent ``[B, C, h, w]`` on the least-loaded replica.
 
         * ``wait``: returns images ``[B, H, W, C]`` float32 0..1; ``save`` (path or directory)
-          also writes them here as PNGs.  When the replica's actor dies mid-request the decode is
-          retried once on a freshly started replica.
+          also writes them here as PNGs.
         * ``forget``: the actor writes ``{output_dir}/{save or 'mesh_ray'}_{id}_{k:02d}.png`` with
           ``metadata`` as PNG text; returns the request id at once.
         * ``promise``: returns a ``Promise`` at once; with ``save`` it also starts
           ``promise.save(save, metadata)`` (its handle is ``promise.saved``).
+
+        In every mode a request whose actor dies is sent again (``max_retries`` times).
         """
         if mode not in MODES:
             raise ConfigError(f"unknown decode mode {mode!r}: use one of {', '.join(MODES)}")
@@ -213,31 +290,26 @@ class VaeService:
         if mode == "forget":
             prefix = check_prefix(str(save) if save is not None else "mesh_ray")
             request_id = f"{self.id}-{next(self._seq):05d}"
-            r = self._acquire()
-            ref = r.handle.decode_and_save.remote(arr, prefix, request_id, dict(metadata or {}), tile, overlap, raw)
-            self._track(r, ref, mode)
+            meta = dict(metadata or {})
+
+            def send_forget(h: Any) -> tuple[ray.ObjectRef, ray.ObjectRef]:
+                ref = h.decode_and_save.remote(arr, prefix, request_id, meta, tile, overlap, raw)
+                return ref, ref
+
+            self._send(_Request(mode, send_forget))
             return request_id
-        for attempt in (1, 2):
-            r = self._acquire()
-            status, ref = r.handle.decode.remote(arr, tile, overlap, raw)
-            self._track(r, status, mode)  # the monitor watches the small status, never fetches images
-            promise = Promise(ref, label=f"VAE decode on replica {r.index}", timeout_s=timeout)
-            if mode == "promise":
-                promise.saved = promise.save(save, metadata) if save is not None else None
-                return promise
-            try:
-                images = promise.result(timeout)
-            except ClusterError:
-                if not promise.actor_died or attempt == 2:
-                    raise
-                # The replica died (killed, crashed, or gone idle unnoticed): once more on a fresh one.
-                log.warning("VAE decoder replica %d died during a wait-mode decode: retrying on a new actor", r.index)
-                with self._lock:
-                    r.alive = False
-                continue
-            if save is not None:
-                save_images(images, save, metadata, stem=f"mesh_ray_{promise.id}")
-            return images
+        req = _Request(mode, lambda h: tuple(h.decode.remote(arr, tile, overlap, raw)))
+        # The monitor watches the small status ref, never fetches images; the promise holds the images' ref.
+        req.promise = Promise(None, timeout_s=timeout, resubmit=lambda dead: self._resend(req, dead))
+        self._send(req)
+        promise = req.promise
+        if mode == "promise":
+            promise.saved = promise.save(save, metadata) if save is not None else None
+            return promise
+        images = promise.result(timeout)
+        if save is not None:
+            save_images(images, save, metadata, stem=f"mesh_ray_{promise.id}")
+        return images
 
     def drain(self, timeout: float | None = None) -> None:
         """Wait until no request is in flight (forget-mode writes included)."""

@@ -17,6 +17,7 @@ import ray
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from mesh_ray import metrics
 from mesh_ray.actors.device import dtype_name, pick_device
 from mesh_ray.actors.records import GenConsts, LinkPlan
 from mesh_ray.actors.wire import WireState, pack_state, unpack_state, with_cached_text
@@ -26,7 +27,11 @@ from mesh_ray.models.blocks import BlockRange
 from mesh_ray.models.checkpoint import load_blocks, save_checkpoint, shard_digest
 from mesh_ray.models.flux import BlockCond, FluxConfig, build
 
-GENERATIONS_KEPT = 4  # per-generation constants cached per stage (LRU)
+GENERATIONS_KEPT = 16  # per-generation constants cached per stage (LRU): images in flight at once
+
+
+class NotLoadedError(StageError):
+    """A step reached a stage that holds no weights (a restarted actor before its reload)."""
 
 
 class StageInit(BaseModel):
@@ -165,8 +170,8 @@ class StageClass:
     def forward(self, state: WireState, cond: BlockCond, gen: GenConsts, out: LinkPlan) -> WireState:
         """Run this stage's blocks on ``state`` in this stage's dtype; the result goes on as an
         ObjectRef, cast and coded as the caller planned the outgoing link (``out``)."""
-        if not self.loaded:
-            raise StageError(f"stage {self.init.index} has no weights loaded: create the split through mesh.split()")
+        if not self.loaded:  # e.g. just restarted by Ray: the split reloads the shard and sends the step again
+            raise NotLoadedError(f"stage {self.init.index} has no weights loaded: create the split through mesh.split()")
         t0, wall0 = time.perf_counter(), time.time()
         pe, txt = self._constants(gen)
         state, hops = unpack_state(state, self.device, self.dtype)
@@ -177,6 +182,7 @@ class StageClass:
         result = pack_state(state, out, gen.grid, hops)
         self.calls += 1
         self.busy_s += time.perf_counter() - t0
+        metrics.stage_step(self.init.index, (time.perf_counter() - t0) * 1000)
         self.recent.append((wall0, time.time()))
         return result
 

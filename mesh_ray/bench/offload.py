@@ -133,7 +133,8 @@ def run_offload_bench(hidden: int | None = None, tokens: int | None = None, bloc
 def _run(cfg: FluxConfig, dev: torch.device, torch_dtype: torch.dtype, hidden: int, tokens: int, txt_tokens: int,
          blocks: int, steps: int, windows: Sequence[int], budget_fraction: float, peer: bool) -> dict:
     model = build(cfg, "meta")
-    model.load_state_dict(random_state_dict(cfg, seed=0, dtype=torch_dtype), assign=True)
+    # drawn on the compute device: a FLUX.1-dev-size model takes minutes to draw on a CPU
+    model.load_state_dict(random_state_dict(cfg, seed=0, dtype=torch_dtype, device=dev), assign=True)
     model.eval()
     x = _inputs(cfg, tokens, txt_tokens, dev, torch_dtype)
     bandwidth, bw_kind = measure_bandwidth(dev)

@@ -144,7 +144,10 @@ def load_graph(path: str | os.PathLike) -> Graph:
     if not p.is_file():
         raise ConfigError(f"graph file {p} not found: check the path")
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:  # a pickle or other binary: graphs are JSON only, never unpickled
+        raise ConfigError(f"graph file {p} is not JSON text (binary data): save the graph as JSON "
+                          f"(ComfyUI 'Save (API)'); pickled graphs are never loaded") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"graph file {p} is not valid JSON ({e.msg} at line {e.lineno}): fix its syntax") from None
     if isinstance(data, dict) and "prompt" in data and isinstance(data["prompt"], dict):
