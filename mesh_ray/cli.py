@@ -84,12 +84,11 @@ def inspect_cmd(checkpoint: str = typer.Argument(..., help="A .safetensors FLUX 
 def status(address: Optional[str] = typer.Option(None, help="Ray address (default: RAY_ADDRESS or 'auto')."),
            as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
     """Nodes with their resources, the mesh actors on each (block range, device, memory), where this driver is."""
-    import os
-
+    from mesh_ray.cluster import ray_address
     from mesh_ray.mesh import connect
     from mesh_ray.status import collect, render
 
-    result = _run(lambda: collect(connect(address or os.environ.get("RAY_ADDRESS") or "auto")))
+    result = _run(lambda: collect(connect(ray_address(address, "auto"))))
     if as_json:
         print(json.dumps(result, default=str))
     else:

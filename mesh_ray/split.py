@@ -69,7 +69,6 @@ class _Flight:
     cond_host: BlockCond | None = None  # the same conditioning on the host, for stage calls
     cursor: int = 0
     transfers: list[Hop] = field(default_factory=list)
-    resume: tuple[int, BlockState] | None = None  # (cursor, state) the last remote chain started from: a retry point
 
 
 @dataclass
@@ -385,7 +384,6 @@ class SplitModel:
             end = f.cursor
             while end + 1 < len(segs) and not segs[end + 1].spec.local:
                 end += 1
-            f.resume = (f.cursor, f.state)
             f.state = self.submit_chain(segs[f.cursor : end + 1], f.state, f.cond_host, f.gen.consts)
             f.cursor = end + 1
 
