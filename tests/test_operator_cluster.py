@@ -240,3 +240,13 @@ def test_ray_client_without_token_gets_one_line_with_the_fix(cluster):
     line = one_line_error(cluster.status_cli(address, home="empty"))
     assert f"the Ray Client server at {address} did not let this driver in: this machine has no auth token" in line
     assert "copy the head's ~/.ray/auth_token" in line
+
+
+def test_ray_get_auth_token_generate_prints_the_token_it_keeps(tmp_path):
+    # README: on the head, `ray get-auth-token --generate` prints a new token and keeps it in ~/.ray/auth_token.
+    if not RAY.exists():
+        pytest.skip(f"no `ray` executable next to {sys.executable}")
+    out = subprocess.run([str(RAY), "get-auth-token", "--generate"], env=clean_env(tmp_path, tmp_path),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout and out.stdout == (tmp_path / ".ray" / "auth_token").read_text()
