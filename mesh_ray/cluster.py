@@ -41,7 +41,7 @@ def ensure_ray(options: ConnectOptions) -> str:
     """Join or start Ray as ``options`` says; returns "embedded" or the address joined."""
     if ray.is_initialized():
         return "existing"
-    address = options.address or os.environ.get("RAY_ADDRESS")
+    address = ray_address(options.address)
     common = dict(namespace=options.namespace, log_to_driver=False, configure_logging=False)
     if address:
         if address.startswith("ray://"):  # Ray Client: its server is not a GCS, so only reachability is checked
@@ -61,6 +61,16 @@ def ensure_ray(options: ConnectOptions) -> str:
 
 def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
+
+
+def default_num_gpus() -> float:
+    """GPUs an actor asks for when not told: one when the cluster has GPUs, else none (CPU)."""
+    return 1.0 if cluster_gpus() >= 1 else 0.0
+
+
+def ray_address(address: str | None = None, fallback: str | None = None) -> str | None:
+    """The Ray address to use: the one given, else ``RAY_ADDRESS``, else ``fallback``."""
+    return address or os.environ.get("RAY_ADDRESS") or fallback
 
 
 def describe_resources() -> dict[str, Any]:

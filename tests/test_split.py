@@ -117,7 +117,7 @@ def test_dead_stage_fails_fast_with_a_clear_error(mesh, tiny_ckpts):
     args = inputs(split.config)
     split(*args)
     ray.kill(split.stages[1].actor)
-    with pytest.raises(StageError, match=r"stage 1 \(single:1-3\) died while a forward step .* create the split again"):
+    with pytest.raises(StageError, match=r"a forward step on stage 1 \(single:1-3\) failed: its actor died .* create the split again"):
         split(*args)
     split.close()
 

@@ -10,23 +10,28 @@ import contextlib
 import os
 import time
 from collections import OrderedDict, deque
-from pathlib import Path
 from typing import Any
 
 import ray
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from mesh_ray.actors.device import pick_device
+from mesh_ray import metrics
+from mesh_ray.actors.device import dtype_name, pick_device
+from mesh_ray.actors.records import GenConsts, LinkPlan
+from mesh_ray.actors.shards import ShardCache
 from mesh_ray.actors.wire import WireState, pack_state, unpack_state, with_cached_text
-from mesh_ray.codec import CodecSpec
 from mesh_ray.errors import StageError
 from mesh_ray.memory import AutoOffload, OffloadSpec
 from mesh_ray.models.blocks import BlockRange
-from mesh_ray.models.checkpoint import load_blocks, save_checkpoint, shard_digest
+from mesh_ray.models.checkpoint import load_blocks, save_checkpoint
 from mesh_ray.models.flux import BlockCond, FluxConfig, build
 
-GENERATIONS_KEPT = 4  # per-generation constants cached per stage (LRU)
+GENERATIONS_KEPT = 16  # per-generation constants cached per stage (LRU): images in flight at once
+
+
+class NotLoadedError(StageError):
+    """A step reached a stage that holds no weights (a restarted actor before its reload)."""
 
 
 class StageInit(BaseModel):
@@ -39,22 +44,19 @@ class StageInit(BaseModel):
     start: int
     stop: int
     checkpoint_path: str
-    dtype: str
+    dtype: str = "auto"  # "auto": decided here, from this stage's own device (see actors/device.py)
     cache_dir: str
     torch_threads: int | None = None
     offload: OffloadSpec | None = None
 
 
-def default_cache_dir() -> str:
-    return os.environ.get("MESH_RAY_CACHE_DIR") or str(Path.home() / ".cache" / "mesh-ray" / "shards")
-
-
-def move_cond(cond: BlockCond, device: torch.device) -> BlockCond:
+def move_cond(cond: BlockCond, device: torch.device, dtype: torch.dtype | None = None) -> BlockCond:
+    """``cond`` on ``device`` (and in ``dtype`` when given: a stage computes in its own dtype)."""
     def mv(x: Any) -> Any:
         if x is None:
             return None
         if isinstance(x, torch.Tensor):
-            return x.to(device)
+            return x.to(device, dtype) if dtype is not None and x.is_floating_point() else x.to(device)
         return tuple(mv(t) for t in x)
 
     return BlockCond(vec=mv(cond.vec), double_img=mv(cond.double_img), double_txt=mv(cond.double_txt),
@@ -74,6 +76,7 @@ class StageClass:
         self.loaded = False
         self.shard_source = "none"
         self.shard_digest: str | None = None
+        self._cache = ShardCache(init.cache_dir)  # other stages on this node reuse what it holds
         self._consts: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self.offload: AutoOffload | None = None
         self.calls = 0
@@ -95,27 +98,17 @@ class StageClass:
         self._install(sd, "file")
         return self.info()
 
-    def _cache_path(self, digest: str) -> Path:
-        return Path(self.init.cache_dir) / f"{digest}.safetensors"
-
     def has_cached_shard(self, digest: str) -> bool:
-        return self._cache_path(digest).is_file()
+        return self._cache.has(digest)
 
     def load_from_cache(self, digest: str) -> dict:
-        sd = load_blocks(self._cache_path(digest), [self.range], dtype=self.dtype, device="cpu")
-        if shard_digest(sd) != digest:
-            self._cache_path(digest).unlink(missing_ok=True)
-            raise StageError(f"stage {self.init.index}: cached shard {digest} is corrupt and was removed: "
-                             f"create the split again to re-send it")
-        self._install(sd, "cache", digest)
+        sd = self._cache.load(digest, lambda p: load_blocks(p, [self.range], device="cpu"), f"stage {self.init.index}")
+        self._install({k: v.to(self.dtype) for k, v in sd.items()}, "cache", digest)
         return self.info()
 
     def load_from_shard(self, digest: str, shard_box: list) -> dict:
         """Load tensors sent through the object store (``shard_box`` = [ObjectRef]) and cache them."""
-        sd = ray.get(shard_box[0], timeout=600)
-        path = self._cache_path(digest)
-        if not path.is_file():
-            save_checkpoint(sd, path, self.init.config)  # atomic; other stages on this node reuse it
+        sd = self._cache.receive(digest, shard_box, lambda t, path: save_checkpoint(t, path, self.init.config))
         self._install({k: v.to(self.dtype) for k, v in sd.items()}, "object_store", digest)
         return self.info()
 
@@ -146,12 +139,12 @@ class StageClass:
 
     # -- running --------------------------------------------------------------------------------
 
-    def _constants(self, gen: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _constants(self, gen: GenConsts) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-generation constants (rotary pe, unchanged text tokens), fetched once and cached."""
-        key = gen["id"]
+        key = gen.id
         if key not in self._consts:
-            pe = ray.get(gen["pe"][0], timeout=600).to(self.device)
-            txt = ray.get(gen["txt"][0], timeout=600).to(self.device) if gen.get("txt") else None
+            pe = ray.get(gen.pe[0], timeout=600).to(self.device)  # rotary pe stays fp32, as in the local model
+            txt = ray.get(gen.txt[0], timeout=600).to(self.device, self.dtype) if gen.txt else None
             self._consts[key] = {"pe": pe, "txt": txt}
             while len(self._consts) > GENERATIONS_KEPT:
                 self._consts.popitem(last=False)
@@ -160,22 +153,22 @@ class StageClass:
         return c["pe"], c["txt"]
 
     @torch.inference_mode()
-    def forward(self, state: WireState, cond: BlockCond, gen: dict, out: dict | None = None) -> WireState:
-        """Run this stage's blocks on ``state``; the result goes on as an ObjectRef, coded with
-        ``out["spec"]`` (the codec spec the caller chose for the outgoing link) unless raw."""
-        if not self.loaded:
-            raise StageError(f"stage {self.init.index} has no weights loaded: create the split through mesh.split()")
+    def forward(self, state: WireState, cond: BlockCond, gen: GenConsts, out: LinkPlan) -> WireState:
+        """Run this stage's blocks on ``state`` in this stage's dtype; the result goes on as an
+        ObjectRef, cast and coded as the caller planned the outgoing link (``out``)."""
+        if not self.loaded:  # e.g. just restarted by Ray: the split reloads the shard and sends the step again
+            raise NotLoadedError(f"stage {self.init.index} has no weights loaded: create the split through mesh.split()")
         t0, wall0 = time.perf_counter(), time.time()
         pe, txt = self._constants(gen)
-        state, hops = unpack_state(state, self.device)
+        state, hops = unpack_state(state, self.device, self.dtype)
         state = with_cached_text(state, txt)
         with self.offload.forward_pass() if self.offload else contextlib.nullcontext():
-            state = self.model.run_blocks(state, move_cond(cond, self.device), pe, self.range.start, self.range.stop)
-        out = out or {}
-        spec = CodecSpec.parse(out.get("spec") or "raw")  # a CodecSpec passes through unchanged
-        result = pack_state(state, spec, gen.get("grid"), out.get("link", f"stage{self.init.index}->next"), hops)
+            state = self.model.run_blocks(state, move_cond(cond, self.device, self.dtype), pe, self.range.start,
+                                          self.range.stop)
+        result = pack_state(state, out, gen.grid, hops)
         self.calls += 1
         self.busy_s += time.perf_counter() - t0
+        metrics.stage_step(self.init.index, (time.perf_counter() - t0) * 1000)
         self.recent.append((wall0, time.time()))
         return result
 
@@ -195,6 +188,7 @@ class StageClass:
         weights = sum(p.numel() * p.element_size() for b in self.range for p in self.model.block(b).parameters())
         return {"kind": "stage", "index": self.init.index, "blocks": str(self.range), "node_id": ctx.get_node_id(),
                 "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid(), "device": str(self.device),
+                "dtype": dtype_name(self.dtype),
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "loaded": self.loaded,
                 "shard_source": self.shard_source, "weight_bytes": weights, "rss_bytes": rss,
                 "cuda_bytes": torch.cuda.memory_allocated() if self.device.type == "cuda" else 0,
