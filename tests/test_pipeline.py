@@ -132,3 +132,22 @@ def test_workflow_sample_many_equals_sample_per_image(ray_local, tmp_path):
     assert many.shape[0] == 3 and torch.equal(many[2:3], one)
     steps = [e for e in events if e.get("node") == "3" and e.get("type") == "progress"]
     assert [e["step"] for e in steps] == [1, 2, 3, 4, 5, 6] and {e["total"] for e in steps} == {6}
+
+
+def test_a_stage_dying_mid_run_is_a_one_line_error(mesh, tiny_ckpts):
+    import ray
+
+    from mesh_ray.errors import StageError
+
+    split = mesh.split(str(tiny_ckpts["flux1"]), stages=2)
+    killed = []
+
+    def kill_once(ev):
+        if not killed:
+            killed.append(ev.index)
+            ray.kill(split.stages[1].actor)
+
+    with pytest.raises(StageError) as e:
+        generate_many(split, requests(split.config, 3, steps=3), progress=False, callback=kill_once)
+    assert "\n" not in str(e.value) and "stage 1" in str(e.value)
+    split.close()
