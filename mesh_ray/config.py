@@ -11,7 +11,7 @@ import os
 from contextvars import ContextVar
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -151,6 +151,9 @@ class SplitOptions(BaseModel):
     link use the caller's spec.
     offload (OffloadSpec | dict | None, None): stream each stage's block weights from host memory
     a window at a time (see docs/offload.md).
+    max_restarts (int, 2): times Ray starts a dead stage actor again (it reloads its shard);
+    max_step_retries (int, 2): times a step whose stage died is sent again after the stage is back
+    (see docs/faults.md).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -165,11 +168,48 @@ class SplitOptions(BaseModel):
     torch_threads: int | None = Field(default=None, ge=1)
     codec: CodecSpec = CodecSpec(mode="auto")
     offload: OffloadSpec | None = None
+    max_restarts: int = Field(default=2, ge=0)
+    max_step_retries: int = Field(default=2, ge=0)
 
     @field_validator("codec", mode="before")
     @classmethod
     def _codec(cls, v: Any) -> Any:
         return {"mode": v} if isinstance(v, str) else v
+
+
+VaeMode = Literal["wait", "forget", "promise"]
+VAE_MODES: tuple[str, ...] = get_args(VaeMode)  # how VaeService.decode returns (docs/vae.md)
+
+
+class VaeOptions(BaseModel):
+    """How a ``VaeService`` runs its decoder pool (``mesh.vae(ckpt, **options)``).
+
+    Fields: replicas (int, 1): decoder actors; num_gpus (float | None, None = 1 when the cluster
+    has GPUs else 0); num_cpus (float, 1) per actor; idle_timeout_s (float | None, None = never):
+    an actor exits after this long without work and starts again on the next request; output_dir
+    (str, "outputs/vae"): where forget-mode PNGs go, on the actor's node; torch_threads (int |
+    None); dtype ("auto" | "float32" | "bfloat16" | "float16", "auto": decided by each actor from
+    its device); timeout_s (float, 600): default wait for results; max_retries (int, 2): times a
+    request is sent again when its decoder actor dies before answering; ship ("auto" | "always" |
+    "never", "auto"): send the decoder weights (once per node, cached by content hash) to a replica
+    whose node cannot read the checkpoint, to every replica, or fail instead; cache_dir (str | None):
+    where shipped weights are cached on the replicas' nodes (default MESH_RAY_CACHE_DIR or
+    ~/.cache/mesh-ray/shards).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    replicas: int = Field(default=1, ge=1)
+    num_gpus: float | None = Field(default=None, ge=0)
+    num_cpus: float = Field(default=1, ge=0)
+    idle_timeout_s: float | None = Field(default=None, gt=0)
+    output_dir: Path = Path("outputs/vae")
+    torch_threads: int | None = Field(default=None, ge=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    timeout_s: float = Field(default=600.0, gt=0)
+    max_retries: int = Field(default=2, ge=0)
+    ship: Literal["auto", "always", "never"] = "auto"
+    cache_dir: str | None = None
 
 
 class ConnectOptions(BaseModel):

@@ -56,7 +56,8 @@ class Mesh:
         """A pool of VAE decoder actors for ``checkpoint`` (BFL ``ae.safetensors`` layout).
 
         ``vae.decode(latent, mode="wait" | "forget" | "promise", save=...)``; keywords are
-        ``VaeService`` options (num_gpus, idle_timeout_s, output_dir, torch_threads, timeout_s).
+        ``VaeOptions`` fields (num_gpus, num_cpus, idle_timeout_s, output_dir, torch_threads, dtype,
+        timeout_s), validated into one model: a bad one is a one-line ConfigError.
         """
         from mesh_ray.vae_service import VaeService
 
@@ -75,7 +76,8 @@ class Mesh:
                 continue
             try:
                 handle = ray.get_actor(name, namespace=ns)
-                out.append({"name": name, **ray.get(handle.info.remote(), timeout=timeout_s)})
+                out.append({"name": name, "actor_id": handle._actor_id.hex(),
+                            **ray.get(handle.info.remote(), timeout=timeout_s)})
             except Exception as e:  # noqa: BLE001 - a dying actor should not break status
                 out.append({"name": name, "kind": "unknown", "error": str(e).splitlines()[0]})
         return out

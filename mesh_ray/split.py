@@ -9,7 +9,6 @@ and cached on the stages by generation id; per-step conditioning is sent raw.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 import uuid
@@ -23,16 +22,19 @@ from ray.exceptions import GetTimeoutError
 
 from mesh_ray.actors.device import DTYPES, dtype_name, narrower, pick_device
 from mesh_ray.actors.records import GenConsts, Hop, LinkPlan
-from mesh_ray.actors.stage import GENERATIONS_KEPT, StageActor, StageInit, default_cache_dir, move_cond
+from mesh_ray.actors.shards import default_cache_dir, send_shard
+from mesh_ray.actors.stage import GENERATIONS_KEPT, StageActor, StageInit, move_cond
 from mesh_ray.actors.wire import pack_state, unpack_state, with_cached_text
 from mesh_ray.codec import choose_spec
-from mesh_ray.cluster import cluster_gpus, explain_unschedulable, node_affinity
+from mesh_ray.cluster import default_num_gpus, explain_unschedulable, node_affinity
 from mesh_ray.config import SplitOptions, StageSpec, load_settings, validate
 from mesh_ray.errors import ClusterError, ConfigError, MeshError, StageError
 from mesh_ray.models.blocks import BlockRange, check_cover
-from mesh_ray.models.checkpoint import CheckpointInfo, inspect, load_blocks, shard_digest
+from mesh_ray.models.checkpoint import CheckpointInfo, inspect, load_blocks
 from mesh_ray.models.flux import BlockCond, BlockState, Flux, build
-from mesh_ray.rayutil import ray_get
+from mesh_ray.digest import tensor_digest
+from mesh_ray.rayutil import ray_error, ray_get
+from mesh_ray.recovery import ChainCall, Recovery
 
 
 @dataclass
@@ -105,19 +107,15 @@ class StepStats:
 
 
 def tensor_key(*tensors: torch.Tensor) -> str:
-    """A content hash of tensors (dtype, shape and bytes): the cache key of per-generation constants."""
-    h = hashlib.blake2b(digest_size=12)
-    for t in tensors:
-        t = t.detach().contiguous().cpu()
-        h.update(str((t.dtype, tuple(t.shape))).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    """A content hash of tensors: the cache key of per-generation constants."""
+    return tensor_digest(((str(i), t) for i, t in enumerate(tensors)), 12)
 
 
 class SplitModel:
     """Callable like ``Flux.forward``; built by ``Mesh.split`` (see there for the arguments)."""
 
-    def __init__(self, checkpoint: str, stages: list[StageSpec], options: SplitOptions, info: CheckpointInfo):
+    def __init__(self, checkpoint: str, stages: list[StageSpec], options: SplitOptions, info: CheckpointInfo,
+                 load_local: bool = True):
         self.checkpoint = checkpoint
         self.info = info
         self.config = info.config
@@ -136,13 +134,16 @@ class SplitModel:
         self._gen_refs: OrderedDict[str, _Generation] = OrderedDict()
         self._pg = None
         self._closed = False
-        self._cluster_gpus = cluster_gpus()
-        # The caller's part: embedders, final layer, and blocks of local segments only.
+        self._default_gpus = default_num_gpus()
+        self.recovery = Recovery(self)  # stage restart + step retry (mesh_ray/recovery.py)
+        # The caller's part: embedders, final layer, and blocks of local segments only (none when
+        # the caller has its own model and uses only block_patches(), as inside ComfyUI).
         self.model = build(self.config, "meta", self.dtype)
-        local = [s.range for s in self.segments if s.spec.local]
-        sd = load_blocks(checkpoint, local, non_block=True, dtype=self.dtype, info=info)
-        self.model.load_state_dict(sd, strict=False, assign=True)
-        self._to_device(local)
+        if load_local:
+            local = [s.range for s in self.segments if s.spec.local]
+            sd = load_blocks(checkpoint, local, non_block=True, dtype=self.dtype, info=info)
+            self.model.load_state_dict(sd, strict=False, assign=True)
+            self._to_device(local)
         try:
             self._start_stages()
         except BaseException:
@@ -161,12 +162,13 @@ class SplitModel:
 
     def _num_gpus(self, spec: StageSpec) -> float:
         """GPUs a stage asks for: its own setting, else one when the cluster has GPUs."""
-        return spec.num_gpus if spec.num_gpus is not None else (1.0 if self._cluster_gpus >= 1 else 0.0)
+        return spec.num_gpus if spec.num_gpus is not None else self._default_gpus
 
     def _stage_options(self, seg: Segment, bundle: int | None) -> dict:
         spec = seg.spec
         opts: dict[str, Any] = {"num_cpus": spec.num_cpus, "num_gpus": self._num_gpus(spec),
-                                "name": f"mesh-ray/{self.id}/stage{seg.index}", "max_restarts": 0}
+                                "name": f"mesh-ray/{self.id}/stage{seg.index}",
+                                "max_restarts": self.options.max_restarts}
         if spec.node:
             opts["scheduling_strategy"] = node_affinity(spec.node)
         elif self._pg is not None and bundle is not None:
@@ -245,16 +247,20 @@ class SplitModel:
             raise StageError(f"stage {seg.index} cannot read {seg.spec.checkpoint_path or self.checkpoint} on its "
                              f"node and ship='never': copy the file there, set checkpoint_path, or allow ship='auto'")
         sd = load_blocks(self.checkpoint, [seg.range], info=self.info)
-        digest = shard_digest(sd)
-        if self._get(seg.actor.has_cached_shard.remote(digest), seg, 60, "checking its shard cache"):
-            return seg.actor.load_from_cache.remote(digest)
-        return seg.actor.load_from_shard.remote(digest, [ray.put(sd)])
+        return send_shard(seg.actor, sd, lambda ref, doing: self._get(ref, seg, 60, doing))
 
     def _get(self, ref: Any, seg: Segment | None, timeout: float, doing: str) -> Any:
+        try:
+            return ray.get(ref, timeout=timeout)
+        except Exception as e:  # noqa: BLE001 - every failure becomes one line
+            raise self.stage_error(e, seg, timeout, doing) from None
+
+    def stage_error(self, e: BaseException, seg: Segment | None, timeout: float, doing: str) -> MeshError:
+        """A Ray failure while ``doing`` on ``seg`` as the one-line error the caller sees."""
         where = f"stage {seg.index} ({seg.range})" if seg else "a stage"
-        return ray_get(ref, timeout, f"{doing} on {where}", timeout_error=StageError, died_error=StageError,
-                       timeout_fix="check the worker with `mesh-ray status`, or raise step_timeout_s / start_timeout_s",
-                       died_fix="its worker crashed or its node left; create the split again with mesh.split(...)")
+        return ray_error(e, f"{doing} on {where}", timeout, timeout_error=StageError, died_error=StageError,
+                         timeout_fix="check the worker with `mesh-ray status`, or raise step_timeout_s / start_timeout_s",
+                         died_fix="its worker crashed or its node left; create the split again with mesh.split(...)")
 
     # -- forward --------------------------------------------------------------------------------
 
@@ -333,19 +339,24 @@ class SplitModel:
         state = BlockState(self.model.img_in(img), g.txt[:, :0] if cache_txt else g.txt, txt.shape[1])
         return g, state
 
-    def submit_chain(self, chain: list[Segment], state: BlockState | Any, cond: BlockCond, gen: GenConsts) -> Any:
+    def submit_chain(self, chain: list[Segment], state: BlockState | Any, cond: BlockCond, gen: GenConsts,
+                     remember: bool = True) -> Any:
         """Submit one micro-batch through consecutive remote segments without waiting; returns the
-        ObjectRef of the last stage's WireState.  The one place a step enters the stage chain."""
+        ObjectRef of the last stage's WireState.  The one place a step enters the stage chain; the
+        inputs are kept until ``collect`` so that a step lost with a stage can be sent again."""
         ref = pack_state(state, chain[0].in_plan, gen.grid) if isinstance(state, BlockState) else state
         for seg in chain:
             ref = seg.actor.forward.remote(ref, cond, gen, seg.out_plan)
+        if remember:
+            self.recovery.remember(ref, ChainCall(chain, state, cond, gen))
         return ref
 
     def collect(self, ref: Any, seg: Segment, device: torch.device | None = None, dtype: torch.dtype | None = None,
                 doing: str = "a forward step") -> tuple[BlockState, list[Hop]]:
         """Wait (step_timeout_s) for a chain submitted with ``submit_chain`` ending at ``seg``; the
-        state on ``device`` in ``dtype`` (default: the caller's) and the hops it made."""
-        wire = self._get(ref, seg, self.options.step_timeout_s, doing)
+        state on ``device`` in ``dtype`` (default: the caller's) and the hops it made.  A stage that
+        died is restarted and the chain sent again (``max_restarts``, ``max_step_retries``)."""
+        wire = self.recovery.wait(ref, seg, doing)
         return unpack_state(wire, device or self.device, dtype or self.dtype)
 
     def _run(self, flights: list[_Flight]) -> None:
@@ -401,16 +412,23 @@ class SplitModel:
         return patches
 
     def _chain_patch(self, chain: list[Segment], first: int):
+        """One patch that runs a chain of remote stages.  ``args`` as ComfyUI's FLUX.1 forward passes
+        them (img, txt, vec, pe, attn_mask, transformer_options) or as ours does (plus ``cond``)."""
         def run(args: dict, _extra: dict) -> dict:
+            if self._closed:
+                raise MeshError("this split was closed: create a new one with mesh.split(...)")
+            if args.get("attn_mask") is not None:
+                raise ConfigError("an attention mask reached a remote block range: remote stages run unmasked "
+                                  "attention; drop the masking node or keep these blocks local")
             pe = args["pe"]
             key = "patch:" + tensor_key(pe)
             gen = self._remember(key, lambda: _Generation(GenConsts(key, [ray.put(pe.cpu())]), pe)).consts
             img = args["img"]
             if first < self.config.depth:
-                state = BlockState(img.cpu(), args["txt"].cpu(), args["txt"].shape[1])
+                state = BlockState(img.to("cpu", self.dtype), args["txt"].to("cpu", self.dtype), args["txt"].shape[1])
             else:  # joined stream; the text length only matters to a caller that unjoins
-                state = BlockState(img.cpu(), None, 0)
-            ref = self.submit_chain(chain, state, _cpu_cond(args["cond"]), gen)
+                state = BlockState(img.to("cpu", self.dtype), None, 0)
+            ref = self.submit_chain(chain, state, _cpu_cond(_patch_cond(args, self.dtype)), gen)
             out, hops = self.collect(ref, chain[-1], img.device, img.dtype, "a patched block range")
             self.last = StepStats(hops)
             if first < self.config.depth:
@@ -442,6 +460,7 @@ class SplitModel:
     def close(self) -> None:
         """Kill the stage actors and free their resources (idempotent)."""
         self._closed = True
+        self.recovery.forget()
         for seg in self.segments:
             if seg.actor is not None:
                 try:
@@ -466,6 +485,17 @@ class SplitModel:
         self.close()
 
 
+def _patch_cond(args: dict, dtype: torch.dtype) -> BlockCond:
+    """The blocks' conditioning from patch args: ours pass ``cond``; ComfyUI's FLUX.1 passes ``vec``."""
+    if args.get("cond") is not None:
+        return args["cond"]
+    vec = args["vec"]
+    if not isinstance(vec, torch.Tensor):
+        raise ConfigError("this forward passes the block modulation as a tuple (a FLUX.2-style model): remote "
+                          "block patches support FLUX.1 models in ComfyUI; use mesh.split() for FLUX.2")
+    return BlockCond(vec=vec.to(dtype))
+
+
 def _passthrough(args: dict, _extra: dict) -> dict:
     return {k: args[k] for k in ("img", "txt") if k in args}
 
@@ -484,7 +514,8 @@ def _grid(img_ids: torch.Tensor) -> tuple[int, int] | None:
 
 
 def make_split(checkpoint: str, stages: int | list | None = None, n_blocks_remote: int | None = None,
-               options: SplitOptions | dict | str | os.PathLike | None = None, **option_kwargs: Any) -> SplitModel:
+               options: SplitOptions | dict | str | os.PathLike | None = None, load_local: bool = True,
+               **option_kwargs: Any) -> SplitModel:
     """Resolve the stage list and build a SplitModel (``Mesh.split`` documents the arguments)."""
     info = inspect(checkpoint)
     opts = load_settings(SplitOptions, options, **option_kwargs)  # keywords > MESH_RAY_* > options
@@ -502,7 +533,7 @@ def make_split(checkpoint: str, stages: int | list | None = None, n_blocks_remot
         specs = [StageSpec(blocks=f"{r.start}-{r.stop - 1}") for r in split_evenly(info.num_double, info.num_single, stages or 2)]
     else:
         specs = [validate(StageSpec, {"blocks": s} if isinstance(s, str) else s) for s in stages]
-    return SplitModel(str(checkpoint), specs, opts, info)
+    return SplitModel(str(checkpoint), specs, opts, info, load_local=load_local)
 
 
 __all__ = ["SplitModel", "make_split", "Flux"]

@@ -23,7 +23,8 @@ RAY_CPUS = 8  # logical CPUs: more than the 2 real cores, so several stage actor
 def ensure_ray() -> None:
     """Start the test cluster if no test has (tests that need their own cluster shut it down)."""
     if not ray.is_initialized():
-        ray.init(num_cpus=RAY_CPUS, num_gpus=0, include_dashboard=False, namespace="mesh-ray-tests",
+        # address="local": always a cluster of our own, never one a `ray start` left on this machine
+        ray.init(address="local", num_cpus=RAY_CPUS, num_gpus=0, include_dashboard=False, namespace="mesh-ray-tests",
                  log_to_driver=False, configure_logging=False)
 
 

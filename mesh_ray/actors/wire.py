@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from mesh_ray import metrics
 from mesh_ray.actors.device import DTYPES
 from mesh_ray.actors.records import Hop, LinkPlan
 from mesh_ray.codec import decode, encode_with_metrics
@@ -73,6 +74,8 @@ def unpack_state(obj: WireState, device: torch.device, dtype: torch.dtype) -> tu
     time on its last hop."""
     if isinstance(obj.img, torch.Tensor):
         txt = obj.txt.to(device, dtype) if obj.txt is not None else None
+        if obj.hops:
+            metrics.wire_hop(obj.hops[-1])  # each hop is counted once, where it is received
         return BlockState(obj.img.to(device, dtype), txt, obj.txt_len), obj.hops
     t0 = time.perf_counter()
     img = decode(obj.img, device).to(dtype)
@@ -81,4 +84,5 @@ def unpack_state(obj: WireState, device: torch.device, dtype: torch.dtype) -> tu
     hops = [replace(h) for h in obj.hops]
     if hops:
         hops[-1].decode_ms = round((time.perf_counter() - t0) * 1e3, 3)
+        metrics.wire_hop(hops[-1])
     return BlockState(img, txt, obj.txt_len), hops

@@ -605,15 +605,18 @@ def build(config: FluxConfig, device: torch.device | str = "cpu", dtype: torch.d
 
 
 def random_state_dict(config: FluxConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
-                      std: float = 0.02) -> dict[str, Tensor]:
-    """Seeded random weights with the real key layout (norm scales 1, others N(0, std))."""
+                      std: float = 0.02, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """Seeded random weights with the real key layout (norm scales 1, others N(0, std)).
+
+    ``device`` is where the numbers are drawn and kept: a GPU draws a FLUX.1-dev-size model in a
+    second where the CPU needs minutes (the same seed gives other numbers on another device type).
+    """
     model = build(config, "meta")
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed)
     out: dict[str, Tensor] = {}
     for name, p in model.named_parameters():
         if name.endswith(".scale"):
-            out[name] = torch.ones(p.shape, dtype=dtype)
+            out[name] = torch.ones(p.shape, dtype=dtype, device=device)
         else:
-            out[name] = (torch.randn(p.shape, generator=gen) * std).to(dtype)
+            out[name] = (torch.randn(p.shape, generator=gen, device=device) * std).to(dtype)
     return out
-

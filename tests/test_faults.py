@@ -1,0 +1,121 @@
+"""Stage restart + step retry and node loss on real Ray: the image equals a fault-free run bit for bit
+(raw, fp32, CPU), or one StageError names the stage, what was tried and the fix, within the timeouts."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+import torch
+from ray.cluster_utils import Cluster
+
+from mesh_ray.errors import StageError
+from mesh_ray.mesh import connect
+from mesh_ray.sampler import generate, random_conditioning
+
+from test_flux_model import inputs
+
+GEN = dict(width=64, height=64, steps=5, seed=3, progress=False)
+
+
+@pytest.fixture
+def mesh(ray_local):
+    m = connect()
+    yield m
+    m.close()
+
+
+def _pid(split, k: int) -> int:
+    return ray.get(split.segments[k].actor.info.remote(), timeout=60)["pid"]
+
+
+def test_killed_stage_restarts_and_the_generation_is_bit_identical(mesh, tiny_ckpts):
+    path = str(tiny_ckpts["flux1"])
+    with mesh.split(path, stages=2, codec="raw", dtype="float32") as split:
+        txt, y = random_conditioning(split.config, seed=1)
+        clean = generate(split, txt, y, **GEN)
+        pids = [_pid(split, 0), _pid(split, 1)]
+
+        def kill_between_steps(step: int, _steps: int, _img: torch.Tensor) -> None:
+            if step == 2:  # the next step meets a stage that Ray is starting again, without weights
+                ray.kill(split.segments[1].actor, no_restart=False)
+
+        assert torch.equal(generate(split, txt, y, callback=kill_between_steps, **GEN), clean)
+        # Mid-step: the step is in flight on both stages when stage 0 dies.
+        args = inputs(split.config)
+        ref = split(*args)
+        step = split.submit_step(*args)
+        ray.kill(split.segments[0].actor, no_restart=False)
+        out, stats = split.finish_step(step)
+        assert torch.equal(out, ref) and stats.hops == 3
+        assert _pid(split, 0) != pids[0] and _pid(split, 1) != pids[1]
+        assert split.recovery.restarts == 2 and split.recovery.retries == 2
+        info = split.stage_info()
+        assert all(i["loaded"] and i["shard_source"] == "file" for i in info)
+
+
+def test_stage_that_cannot_come_back_fails_in_one_line_within_the_timeouts(mesh, tiny_ckpts):
+    path = str(tiny_ckpts["flux1"])
+    opts = dict(codec="raw", step_timeout_s=20, start_timeout_s=40)
+    with mesh.split(path, stages=2, max_restarts=0, **opts) as split:
+        args = inputs(split.config)
+        split(*args)
+        ray.kill(split.segments[1].actor, no_restart=False)  # no restart left: max_restarts=0
+        t0 = time.monotonic()
+        with pytest.raises(StageError) as e:
+            split(*args)
+        assert time.monotonic() - t0 < 60  # step_timeout_s + start_timeout_s
+        msg = str(e.value)
+        assert "stage 1" in msg and "cannot come back" in msg and "max_restarts=0" in msg and "\n" not in msg
+    with mesh.split(path, stages=2, max_restarts=3, max_step_retries=0, **opts) as split:
+        args = inputs(split.config)
+        split(*args)
+        step = split.submit_step(*args)
+        ray.kill(split.segments[0].actor, no_restart=False)
+        with pytest.raises(StageError, match="max_step_retries=0 is spent") as e:
+            split.finish_step(step)
+        assert "\n" not in str(e.value)
+
+
+def _node_of(cluster: Cluster, node_id: str):
+    return next(n for n in cluster.worker_nodes if n.node_id == node_id)
+
+
+def test_node_loss_replaces_the_stage_on_a_survivor_then_fails_clearly(tiny_ckpts, tmp_path):
+    """Three one-CPU nodes, two stages: the node holding stage 1 leaves mid-generation; the stage is
+    placed again on the spare node with its shard shipped again, and the image is identical.  Then
+    the node of stage 0 leaves with no node free: one StageError within the timeouts."""
+    ray.shutdown()  # this test needs its own multi-node cluster
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        for _ in range(3):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        mesh = connect(cluster.address)
+        split = mesh.split(str(tiny_ckpts["flux1"]), stages=2, codec="raw", dtype="float32", ship="always",
+                           cache_dir=str(tmp_path / "shards"), start_timeout_s=20, step_timeout_s=60, torch_threads=1)
+        txt, y = random_conditioning(split.config, seed=2)
+        clean = generate(split, txt, y, **GEN)
+        nodes = [i["node_id"] for i in split.stage_info()]
+        assert len(set(nodes)) == 2
+
+        def lose_node(step: int, _steps: int, _img: torch.Tensor) -> None:
+            if step == 2:
+                cluster.remove_node(_node_of(cluster, nodes[1]), allow_graceful=False)
+
+        assert torch.equal(generate(split, txt, y, callback=lose_node, **GEN), clean)
+        info = split.stage_info()
+        assert info[1]["node_id"] not in nodes and info[1]["shard_source"] in ("object_store", "cache")
+        assert split.recovery.restarts == 1
+        cluster.remove_node(_node_of(cluster, nodes[0]), allow_graceful=False)
+        t0 = time.monotonic()
+        with pytest.raises(StageError) as e:
+            split(*inputs(split.config))
+        assert time.monotonic() - t0 < 80  # step_timeout_s + start_timeout_s
+        msg = str(e.value)
+        assert "stage 0" in msg and "not back within start_timeout_s=20" in msg and "CPU=1" in msg, msg
+        split.close()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
