@@ -21,10 +21,11 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayError, RayTaskError
+from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError
 
 from mesh_ray.images import save_images
-from mesh_ray.errors import ClusterError, MeshError, StageError
+from mesh_ray.errors import ClusterError, MeshError
+from mesh_ray.rayutil import ray_error
 
 DEFAULT_TIMEOUT_S = 600.0
 
@@ -35,26 +36,13 @@ def actor_lost(e: BaseException) -> bool:
 
 
 def convert_ray_error(e: BaseException, label: str, timeout: float | None = None) -> MeshError:
-    """A Ray failure while waiting on ``label`` -> a one-line MeshError naming the fix."""
-    if isinstance(e, MeshError) and not isinstance(e, RayError):  # RayTaskError(ConfigError) is both
-        return e
-    if isinstance(e, (GetTimeoutError, TimeoutError, cf.TimeoutError)):
-        return ClusterError(f"{label} did not finish within {timeout or 0:g} s: wait longer (timeout=...) "
-                            f"or add decoder replicas; service.stats() shows the queue")
-    if isinstance(e, RayActorError):
-        return ClusterError(f"{label} failed: its decoder actor died before returning (killed, out of memory or "
-                            f"exited): the service starts a new replica on the next request; decode this latent again")
-    if isinstance(e, RayTaskError):
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, MeshError):
-            return type(cause)(str(cause))
-        detail = f"{type(cause).__name__}: {cause}" if cause is not None else str(e).splitlines()[0]
-        return StageError(f"{label} failed on the decoder ({detail[:300]}): check the latent and the VAE checkpoint")
-    if isinstance(e, ObjectLostError):
-        return ClusterError(f"{label} failed: its result was lost with the node that held it: decode this latent again")
-    if isinstance(e, RayError):
-        return ClusterError(f"{label} failed in Ray ({type(e).__name__}): check the cluster with `ray status`")
-    return MeshError(f"{label} failed ({type(e).__name__}: {e})")
+    """A Ray failure while waiting on ``label`` -> a one-line MeshError naming the fix (``rayutil.ray_error``
+    with the decoder's fixes)."""
+    return ray_error(e, label, timeout,
+                     timeout_fix="wait longer (timeout=...) or add decoder replicas; service.stats() shows the queue",
+                     died_fix="its decoder actor died before returning (killed, out of memory or exited); the "
+                              "service starts a new replica on the next request; decode this latent again",
+                     failed_fix="check the latent and the VAE checkpoint")
 
 
 class SaveHandle:
