@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mesh_ray.bench import goals
 from mesh_ray.cli_common import guard as _run
 from mesh_ray.errors import MeshError
 
@@ -38,7 +39,7 @@ class Codec(str, Enum):
 
 
 def _emit(result: dict, as_json: bool, title: str) -> None:
-    """A table on stderr for people; with --json, one JSON object as the last stdout line."""
+    """A table on stdout for people; with --json, instead one JSON object as the last stdout line."""
     if as_json:
         print(json.dumps(result, default=str))
         return
@@ -82,48 +83,94 @@ def inspect_cmd(checkpoint: str = typer.Argument(..., help="A .safetensors FLUX 
 @app.command()
 def status(address: Optional[str] = typer.Option(None, help="Ray address (default: RAY_ADDRESS or 'auto')."),
            as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
-    """Cluster resources and the mesh actors (kind, block range, node, GPU, memory)."""
-    import os
-
+    """Nodes with their resources, the mesh actors on each (block range, device, memory), where this driver is."""
+    from mesh_ray.cluster import ray_address
     from mesh_ray.mesh import connect
+    from mesh_ray.status import collect, render
 
-    def body() -> dict:
-        return connect(address or os.environ.get("RAY_ADDRESS") or "auto").status()
-
-    result = _run(body)
+    result = _run(lambda: collect(connect(ray_address(address, "auto"))))
     if as_json:
         print(json.dumps(result, default=str))
-        return
-    c = Console()
-    c.print(f"mode: {result['mode']}")
-    res = Table(title="resources")
-    for col in ("resource", "total", "available"):
-        res.add_column(col)
-    for k, v in sorted(result["total"].items()):
-        if not k.startswith(("node:", "bundle_group", "memory", "object_store_memory")):
-            res.add_row(k, f"{v:g}", f"{result['available'].get(k, 0):g}")
-    c.print(res)
-    act = Table(title="mesh actors")
-    for col in ("name", "kind", "blocks", "node", "device", "weights MB", "rss MB"):
-        act.add_column(col)
-    for a in result["actors"]:
-        act.add_row(a["name"], a.get("kind", "?"), a.get("blocks", ""), a.get("node_ip", ""), a.get("device", ""),
-                    f"{a.get('weight_bytes', 0) / 1e6:.1f}", f"{(a.get('rss_bytes') or 0) / 1e6:.0f}")
-    c.print(act)
+    else:
+        render(result)
 
 
-@bench_app.command("split")
+@app.command("plan")
+def plan_cmd(checkpoint: str = typer.Argument(..., help="A .safetensors FLUX checkpoint."),
+             stages: Optional[int] = typer.Option(None, min=1, help="Candidate devices (default: every GPU, or 2 CPU stages)."),
+             threads: Optional[str] = typer.Option(None, help="CPU: torch threads per candidate stage, e.g. 2,1."),
+             width: int = typer.Option(1024, min=16), height: int = typer.Option(1024, min=16),
+             txt_tokens: int = typer.Option(512, min=1), steps: int = typer.Option(20, min=1),
+             in_flight: Optional[int] = typer.Option(None, min=1, help="Images in flight (default: stages + 1)."),
+             dtype: str = typer.Option("auto"), repeats: int = typer.Option(3, min=1),
+             address: Optional[str] = typer.Option(None, help="Ray address (default: embedded local Ray)."),
+             as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")) -> None:
+    """Measure the candidate devices and the caller, then print block ranges per stage, predicted images/s and the bottleneck."""
+    from mesh_ray.mesh import connect
+    from mesh_ray.planner import auto_plan
+    from mesh_ray.profiling import tokens_for
+
+    def body():
+        tokens_for(width, height)  # a bad size fails before Ray starts
+        per = None
+        if threads:
+            try:
+                per = [int(t) for t in threads.split(",")]
+            except ValueError:
+                raise MeshError(f"--threads {threads!r} is not a comma-separated list of integers: use e.g. 2,1") from None
+        connect(address, num_cpus=max(len(per or []) + 1, (stages or 2) + 1, 2) if address is None else None)
+        return auto_plan(checkpoint, stages, per, width=width, height=height, txt_tokens=txt_tokens, steps=steps,
+                         in_flight=in_flight, dtype=dtype, repeats=repeats)
+
+    plan = _run(body)
+    if as_json:
+        print(json.dumps(plan.model_dump(), default=str))
+    else:
+        print(plan.table())
+
+
+@bench_app.command("split", help="Split vs local forward at the FLUX 1024x1024 token count (raw mode); "
+                                   f"goal ratio <= {goals.SPLIT['ratio_split_over_local']}.")
 def bench_split(arch: Arch = typer.Option(Arch.flux1), hidden: int = typer.Option(512, min=64),
                 heads: int = typer.Option(4, min=1), depth: int = typer.Option(1, min=0),
                 single: int = typer.Option(3, min=0), image_tokens: int = typer.Option(4096, min=1),
                 txt_tokens: int = typer.Option(512, min=1), stages: int = typer.Option(2, min=1),
                 repeats: int = typer.Option(3, min=1),
                 as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")) -> None:
-    """Split vs local forward at the FLUX 1024x1024 token count (raw mode); goal ratio <= 1.05."""
     from mesh_ray.bench.split import run_split_bench
 
     result = _run(lambda: run_split_bench(arch.value, hidden, heads, depth, single, image_tokens, txt_tokens, stages, repeats))
     _emit(result, as_json, "mesh-ray bench split")
+
+
+@bench_app.command("pipeline")
+def bench_pipeline(quick: bool = typer.Option(False, "--quick", help="256px, 2 steps, 64 text tokens: a smoke run."),
+                   stages: int = typer.Option(2, min=1), in_flight: str = typer.Option("1,2,4,8", help="M values."),
+                   steps: Optional[int] = typer.Option(None, min=1), size: Optional[int] = typer.Option(None, min=16),
+                   threads: int = typer.Option(1, min=1, help="torch threads per stage and for the single process."),
+                   images: Optional[int] = typer.Option(None, min=1, help="Images per measurement (default 2*M, at least 4)."),
+                   hand_plans: bool = typer.Option(True, help="Also measure every hand plan of two stages."),
+                   rounds: Optional[int] = typer.Option(None, min=1, help="Interleaved rounds of planner vs hand plans."),
+                   stage_threads: Optional[str] = typer.Option(None, help="Threads per stage for the planner section, e.g. 2,1."),
+                   as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")) -> None:
+    """One process vs K stages with M images in flight: throughput ratio, bubble fraction, planner predicted vs measured."""
+    from mesh_ray.bench.pipeline import format_table, run_pipeline_bench
+
+    def body() -> dict:
+        try:
+            ms = tuple(int(m) for m in in_flight.split(","))
+        except ValueError:
+            raise MeshError(f"--in-flight {in_flight!r} is not a comma-separated list of integers: use e.g. 1,2,4,8") from None
+        try:
+            per = tuple(int(t) for t in stage_threads.split(",")) if stage_threads else None
+        except ValueError:
+            raise MeshError(f"--stage-threads {stage_threads!r} is not a comma-separated list of integers: use e.g. 2,1") from None
+        return run_pipeline_bench(quick, stages, ms, steps, size, None, threads, images, hand_plans, rounds, per)
+
+    result = _run(body)
+    print(format_table(result))
+    if as_json:
+        print(json.dumps(result, default=str))
 
 
 @bench_app.command("codec")
@@ -161,11 +208,12 @@ def bench_offload(hidden: Optional[int] = typer.Option(None, min=64), tokens: Op
         print(json.dumps(result, default=str))
 
 
-@bench_app.command("vae")
+@bench_app.command("vae", help="Wait vs Promise decoding over several generations, side by side; goal ratio >= "
+                                 f"{goals.VAE['throughput_ratio_promise_over_wait']}, "
+                                 f"< {goals.VAE['blocked_ms_per_image_promise']:g} ms blocked.")
 def bench_vae(generations: int = typer.Option(6, min=2), size: int = typer.Option(512, min=16),
               rounds: int = typer.Option(2, min=1), threads: int = typer.Option(1, min=1),
               as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")) -> None:
-    """Wait vs Promise decoding over several generations, side by side; goal ratio >= 1.6, < 5 ms blocked."""
     from mesh_ray.bench.vae import format_table, run_vae_bench
 
     result = _run(lambda: run_vae_bench(generations=generations, size=size, rounds=rounds, threads=threads))
@@ -194,12 +242,19 @@ def doctor() -> None:
     """Which codec backends work on this machine, and why not where they do not."""
     from mesh_ray.codec import probe_backends
 
+    Console().print(doctor_table(probe_backends()))
+
+
+def doctor_table(rows: list) -> Table:
+    """The doctor rows as a table; reasons are printed verbatim (they hold text like ``mesh-ray[video]``)."""
+    from rich.markup import escape
+
     table = Table(title="codec backends")
     for col in ("backend", "usable", "reason"):
         table.add_column(col)
-    for s in probe_backends():
-        table.add_row(s.name, "yes" if s.usable else "no", s.reason)
-    Console().print(table)
+    for s in rows:
+        table.add_row(s.name, "yes" if s.usable else "no", escape(s.reason))
+    return table
 
 
 def _register_workflow_commands() -> None:

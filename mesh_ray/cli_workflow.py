@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Optional
 
 import typer
@@ -15,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from mesh_ray.bench import goals
 from mesh_ray.cli_common import err_console, guard as _guard
 
 class _Display:
@@ -107,11 +107,12 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                   stop: bool = typer.Option(False, "--stop", help="Stop the running service instead."),
                   as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
         """Start the shared workflow service (named, detached) on a running Ray cluster."""
+        from mesh_ray.cluster import ray_address
         from mesh_ray.mesh import connect
         from mesh_ray.workflow.service import SERVICE_NAME, serve, stop_service
 
         def body() -> dict:
-            connect(address or os.environ.get("RAY_ADDRESS") or "auto")
+            connect(ray_address(address, "auto"))
             if stop:
                 return {"stopped": stop_service(), "name": SERVICE_NAME}
             return {**serve(max_parallel), "name": SERVICE_NAME}
@@ -127,11 +128,12 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                   f"mesh_ray.workflow.Workflows.connect(address).\n"
                   f"Stop it with `mesh-ray serve --stop{' --address ' + address if address else ''}` (or `ray stop` on the head).")
 
-    @bench_app.command("release")
+    @bench_app.command("release", help="Peak memory at release levels 0, 1, 2 vs the minimum live set; goal: level 2 "
+                                       f"within {goals.RELEASE['level2_over_min_live']:.0%}, "
+                                       f">= {goals.RELEASE['level2_below_level0']:.0%} below 0.")
     def bench_release(loader_mb: float = typer.Option(96.0, min=1, help="Size of each loader output, MB."),
                       heavy_mb: float = typer.Option(192.0, min=1, help="Size of the allocation-heavy node, MB."),
                       as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")) -> None:
-        """Peak memory at release levels 0, 1, 2 vs the minimum live set; goal: level 2 within 5%, >= 40% below 0."""
         from mesh_ray.bench.release import format_table, run_release_bench
 
         result = _guard(lambda: run_release_bench(int(loader_mb * 1e6), int(heavy_mb * 1e6)))

@@ -11,7 +11,7 @@ import os
 from contextvars import ContextVar
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -175,6 +175,35 @@ class SplitOptions(BaseModel):
     @classmethod
     def _codec(cls, v: Any) -> Any:
         return {"mode": v} if isinstance(v, str) else v
+
+
+VaeMode = Literal["wait", "forget", "promise"]
+VAE_MODES: tuple[str, ...] = get_args(VaeMode)  # how VaeService.decode returns (docs/vae.md)
+
+
+class VaeOptions(BaseModel):
+    """How a ``VaeService`` runs its decoder pool (``mesh.vae(ckpt, **options)``).
+
+    Fields: replicas (int, 1): decoder actors; num_gpus (float | None, None = 1 when the cluster
+    has GPUs else 0); num_cpus (float, 1) per actor; idle_timeout_s (float | None, None = never):
+    an actor exits after this long without work and starts again on the next request; output_dir
+    (str, "outputs/vae"): where forget-mode PNGs go, on the actor's node; torch_threads (int |
+    None); dtype ("auto" | "float32" | "bfloat16" | "float16", "auto": decided by each actor from
+    its device); timeout_s (float, 600): default wait for results; max_retries (int, 2): times a
+    request is sent again when its decoder actor dies before answering.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    replicas: int = Field(default=1, ge=1)
+    num_gpus: float | None = Field(default=None, ge=0)
+    num_cpus: float = Field(default=1, ge=0)
+    idle_timeout_s: float | None = Field(default=None, gt=0)
+    output_dir: Path = Path("outputs/vae")
+    torch_threads: int | None = Field(default=None, ge=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    timeout_s: float = Field(default=600.0, gt=0)
+    max_retries: int = Field(default=2, ge=0)
 
 
 class ConnectOptions(BaseModel):

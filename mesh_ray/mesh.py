@@ -12,6 +12,7 @@ from mesh_ray.errors import ClusterError
 from mesh_ray.split import SplitModel, make_split
 
 if TYPE_CHECKING:
+    from mesh_ray.planner import Plan
     from mesh_ray.vae_service import VaeService
 
 
@@ -26,7 +27,7 @@ class Mesh:
 
     def split(self, checkpoint: str, stages: int | list[str | dict | StageSpec] | None = None,
               n_blocks_remote: int | None = None, options: SplitOptions | dict | str | None = None,
-              **option_kwargs: Any) -> SplitModel:
+              plan: "str | Plan | None" = None, plan_options: dict | None = None, **option_kwargs: Any) -> SplitModel:
         """Split a FLUX checkpoint over stage actors.
 
         ``stages``: a number of remote stages with an even split (default 2), or a list of block
@@ -35,8 +36,19 @@ class Mesh:
         blocks on one remote stage.  ``options`` (a ``SplitOptions``, a dict or a YAML/JSON file) and
         other keywords are ``SplitOptions`` fields.  Precedence: keywords > ``MESH_RAY_<FIELD>``
         variables > ``options`` (for an object, only its explicitly set fields) > defaults.
+        ``plan="auto"``: measure the candidate devices and choose the block ranges (``stages`` is then
+        the number of candidates; ``plan_options`` are ``auto_plan`` keywords such as width, height,
+        threads); a ``Plan`` from ``mesh_ray.auto_plan`` / ``plan_for`` is used as given.  The plan
+        used is ``split.plan``.
         """
+        chosen = None
+        if plan is not None:
+            from mesh_ray.planner import resolve_plan
+
+            chosen, stages, option_kwargs = resolve_plan(checkpoint, plan, stages, n_blocks_remote, plan_options,
+                                                         option_kwargs)
         s = make_split(checkpoint, stages, n_blocks_remote, options, **option_kwargs)
+        s.plan = chosen
         self._splits.append(s)
         return s
 
@@ -44,7 +56,8 @@ class Mesh:
         """A pool of VAE decoder actors for ``checkpoint`` (BFL ``ae.safetensors`` layout).
 
         ``vae.decode(latent, mode="wait" | "forget" | "promise", save=...)``; keywords are
-        ``VaeService`` options (num_gpus, idle_timeout_s, output_dir, torch_threads, timeout_s).
+        ``VaeOptions`` fields (num_gpus, num_cpus, idle_timeout_s, output_dir, torch_threads, dtype,
+        timeout_s), validated into one model: a bad one is a one-line ConfigError.
         """
         from mesh_ray.vae_service import VaeService
 
@@ -63,7 +76,8 @@ class Mesh:
                 continue
             try:
                 handle = ray.get_actor(name, namespace=ns)
-                out.append({"name": name, **ray.get(handle.info.remote(), timeout=timeout_s)})
+                out.append({"name": name, "actor_id": handle._actor_id.hex(),
+                            **ray.get(handle.info.remote(), timeout=timeout_s)})
             except Exception as e:  # noqa: BLE001 - a dying actor should not break status
                 out.append({"name": name, "kind": "unknown", "error": str(e).splitlines()[0]})
         return out

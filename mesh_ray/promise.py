@@ -24,25 +24,25 @@ import torch
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError
 
 from mesh_ray.images import save_images
+from mesh_ray.config import VaeOptions
 from mesh_ray.errors import ClusterError, MeshError
 from mesh_ray.rayutil import ray_error
 
-DEFAULT_TIMEOUT_S = 600.0
+DEFAULT_TIMEOUT_S: float = VaeOptions.model_fields["timeout_s"].default
+
+
+def decoder_error(e: BaseException, label: str, timeout: float | None = None) -> MeshError:
+    """A Ray failure while waiting on decoder work ``label`` -> a one-line MeshError (``rayutil.ray_error``)."""
+    return ray_error(e, label, timeout,
+                     timeout_fix="wait longer (timeout=...) or add decoder replicas; service.stats() shows the queue",
+                     died_fix="the decoder was killed, ran out of memory or exited; the service starts a new "
+                              "replica on the next request; decode this latent again",
+                     failed_fix="check the latent and the VAE checkpoint")
 
 
 def actor_lost(e: BaseException) -> bool:
     """True when a Ray error means the worker (or its node) died, so the same call may succeed elsewhere."""
     return isinstance(e, (RayActorError, ObjectLostError))
-
-
-def convert_ray_error(e: BaseException, label: str, timeout: float | None = None) -> MeshError:
-    """A Ray failure while waiting on ``label`` -> a one-line MeshError naming the fix (``rayutil.ray_error``
-    with the decoder's fixes)."""
-    return ray_error(e, label, timeout,
-                     timeout_fix="wait longer (timeout=...) or add decoder replicas; service.stats() shows the queue",
-                     died_fix="its decoder actor died before returning (killed, out of memory or exited); the "
-                              "service starts a new replica on the next request; decode this latent again",
-                     failed_fix="check the latent and the VAE checkpoint")
 
 
 class SaveHandle:
@@ -115,13 +115,13 @@ class Promise:
                 arr = ray.get(ref, timeout=max(0.0, end - time.monotonic()))
                 break
             except GetTimeoutError as e:  # not final: a later call may still succeed
-                raise convert_ray_error(e, self.label, timeout) from None
+                raise decoder_error(e, self.label, timeout) from None
             except Exception as e:
                 again = self._resubmit(ref) if self._resubmit is not None and actor_lost(e) else None
                 if again is not None:
                     self.ref = again  # the same decode, on another or a restarted replica
                     continue
-                err = convert_ray_error(e, self.label, timeout)
+                err = decoder_error(e, self.label, timeout)
                 with self._lock:
                     self.actor_died = actor_lost(e)
                     self._error = err
@@ -166,4 +166,4 @@ def save_promised(promises: Iterable[Promise], directory: str | os.PathLike,
     return [p.save(directory, metadata) for p in promises]
 
 
-__all__ = ["Promise", "SaveHandle", "actor_lost", "convert_ray_error", "save_promised"]
+__all__ = ["Promise", "SaveHandle", "actor_lost", "decoder_error", "save_promised"]

@@ -9,7 +9,6 @@ and cached on the stages by generation id; per-step conditioning is sent raw.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 import uuid
@@ -23,16 +22,17 @@ from ray.exceptions import GetTimeoutError
 
 from mesh_ray.actors.device import DTYPES, dtype_name, narrower, pick_device
 from mesh_ray.actors.records import GenConsts, Hop, LinkPlan
-from mesh_ray.actors.stage import StageActor, StageInit, default_cache_dir, move_cond
+from mesh_ray.actors.stage import GENERATIONS_KEPT, StageActor, StageInit, default_cache_dir, move_cond
 from mesh_ray.actors.wire import pack_state, unpack_state, with_cached_text
 from mesh_ray.codec import choose_spec
-from mesh_ray.cluster import cluster_gpus, explain_unschedulable, node_affinity
+from mesh_ray.cluster import default_num_gpus, explain_unschedulable, node_affinity
 from mesh_ray.config import SplitOptions, StageSpec, load_settings, validate
 from mesh_ray.errors import ClusterError, ConfigError, MeshError, StageError
-from mesh_ray.models.blocks import BlockRange, check_cover
+from mesh_ray.models.blocks import BlockRange, check_cover, locate
 from mesh_ray.models.checkpoint import CheckpointInfo, inspect, load_blocks, shard_digest
 from mesh_ray.models.flux import BlockCond, BlockState, Flux, build
-from mesh_ray.rayutil import ray_error
+from mesh_ray.digest import tensor_digest
+from mesh_ray.rayutil import ray_error, ray_get
 from mesh_ray.recovery import ChainCall, Recovery
 
 
@@ -78,6 +78,10 @@ class Step:
     flights: list[_Flight]
     t0: float
 
+    def pending(self) -> list:
+        """The ObjectRefs this step still waits for (one per micro-batch in a remote chain)."""
+        return [f.state for f in self.flights if isinstance(f.state, ray.ObjectRef)]
+
 
 @dataclass
 class StepStats:
@@ -102,13 +106,8 @@ class StepStats:
 
 
 def tensor_key(*tensors: torch.Tensor) -> str:
-    """A content hash of tensors (dtype, shape and bytes): the cache key of per-generation constants."""
-    h = hashlib.blake2b(digest_size=12)
-    for t in tensors:
-        t = t.detach().contiguous().cpu()
-        h.update(str((t.dtype, tuple(t.shape))).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    """A content hash of tensors: the cache key of per-generation constants."""
+    return tensor_digest(((str(i), t) for i, t in enumerate(tensors)), 12)
 
 
 class SplitModel:
@@ -133,7 +132,7 @@ class SplitModel:
         self._gen_refs: OrderedDict[str, _Generation] = OrderedDict()
         self._pg = None
         self._closed = False
-        self._cluster_gpus = cluster_gpus()
+        self._default_gpus = default_num_gpus()
         self.recovery = Recovery(self)  # stage restart + step retry (mesh_ray/recovery.py)
         # The caller's part: embedders, final layer, and blocks of local segments only.
         self.model = build(self.config, "meta", self.dtype)
@@ -159,7 +158,7 @@ class SplitModel:
 
     def _num_gpus(self, spec: StageSpec) -> float:
         """GPUs a stage asks for: its own setting, else one when the cluster has GPUs."""
-        return spec.num_gpus if spec.num_gpus is not None else (1.0 if self._cluster_gpus >= 1 else 0.0)
+        return spec.num_gpus if spec.num_gpus is not None else self._default_gpus
 
     def _stage_options(self, seg: Segment, bundle: int | None) -> dict:
         spec = seg.spec
@@ -315,10 +314,10 @@ class SplitModel:
 
     def _remember(self, key: str, make: Any) -> _Generation:
         """The generation cached under ``key`` (``make()`` on a miss); least recently used ones are
-        dropped beyond ``4 x micro_batches``, releasing their object-store entries."""
+        dropped beyond ``max(GENERATIONS_KEPT, 4 x micro_batches)``, releasing their object-store entries."""
         if key not in self._gen_refs:
             self._gen_refs[key] = make()
-            while len(self._gen_refs) > 4 * max(1, self.options.micro_batches):
+            while len(self._gen_refs) > max(GENERATIONS_KEPT, 4 * self.options.micro_batches):
                 self._gen_refs.popitem(last=False)
         self._gen_refs.move_to_end(key)
         return self._gen_refs[key]
@@ -406,7 +405,8 @@ class SplitModel:
             chain = self.segments[i : j + 1]
             first, stop = chain[0].range.start, chain[-1].range.stop
             for b in range(first, stop):
-                key = ("double_block", b) if b < depth else ("single_block", b - depth)
+                kind, k = locate(b, depth)
+                key = (f"{kind}_block", k)
                 patches[key] = self._chain_patch(chain, first) if b == first else _passthrough
             i = j + 1
         return patches

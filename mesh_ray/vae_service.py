@@ -24,7 +24,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import ray
@@ -32,15 +32,17 @@ import torch
 from ray.exceptions import RayActorError
 
 from mesh_ray.actors.vae import VaeDecoderActor, check_prefix
-from mesh_ray.images import save_images
+from mesh_ray.cluster import default_num_gpus
+from mesh_ray.config import VAE_MODES, VaeMode, VaeOptions, validate
 from mesh_ray.errors import ClusterError, ConfigError
+from mesh_ray.images import save_images
 from mesh_ray.models.vae import VaeInfo, check_tiling, inspect_vae
 from mesh_ray import metrics
-from mesh_ray.promise import DEFAULT_TIMEOUT_S, Promise, actor_lost, convert_ray_error
+from mesh_ray.promise import Promise, actor_lost, decoder_error
 
 log = logging.getLogger("mesh_ray.vae")
 
-MODES = ("wait", "forget", "promise")
+MODES = VAE_MODES
 
 
 @dataclass
@@ -79,46 +81,32 @@ def _as_numpy(latent: torch.Tensor | np.ndarray) -> np.ndarray:
 class VaeService:
     """A pool of ``replicas`` VAE decoder actors for one checkpoint.
 
-    Args:
-      checkpoint: VAE safetensors file (``decoder.*`` keys, BFL ae.safetensors layout); its
-          header is read here, the weights by each actor.
-      replicas: number of decoder actors.
-      num_gpus: GPUs per actor; None picks 1 when the cluster has GPUs, else 0 (CPU).
-      idle_timeout_s: an actor exits after this long without work (None: never); the next
-          request starts it again.
-      output_dir: where forget-mode PNGs are written (on the actor's node).
-      torch_threads: torch threads per actor (None: Ray's default, one per CPU requested).
-      num_cpus: CPUs reserved per actor (default 1).
-      dtype: ``auto`` (bf16 on GPU, fp32 on CPU) or float32 / bfloat16 / float16.
-      timeout_s: default wait for results (every wait has one).
-      max_retries: times a request is sent again when its decoder actor dies before answering.
+    ``checkpoint``: VAE safetensors file (``decoder.*`` keys, BFL ae.safetensors layout); its header
+    is read here, the weights by each actor.  ``options`` (a ``VaeOptions`` or dict) and keywords
+    are ``VaeOptions`` fields (replicas, num_gpus, num_cpus, idle_timeout_s, output_dir,
+    torch_threads, dtype, timeout_s); keywords win.
     """
 
-    def __init__(self, checkpoint: str | os.PathLike, replicas: int = 1, num_gpus: float | None = None,
-                 idle_timeout_s: float | None = None, output_dir: str | os.PathLike = "outputs/vae",
-                 torch_threads: int | None = None, num_cpus: float = 1, dtype: str = "auto",
-                 timeout_s: float = DEFAULT_TIMEOUT_S, max_retries: int = 2):
+    def __init__(self, checkpoint: str | os.PathLike, replicas: int | None = None,
+                 options: VaeOptions | dict | None = None, **kwargs: Any):
         if not ray.is_initialized():
             raise ClusterError("Ray is not initialised: call mesh_ray.connect() (or ray.init()) before creating a VaeService")
-        if replicas < 1:
-            raise ConfigError(f"replicas={replicas} is invalid: use at least 1 decoder replica")
-        if max_retries < 0:
-            raise ConfigError(f"max_retries={max_retries} is invalid: use 0 (never re-send) or more")
-        if idle_timeout_s is not None and idle_timeout_s <= 0:
-            raise ConfigError(f"idle_timeout_s={idle_timeout_s} is invalid: use a positive number of seconds or None")
+        base = options.model_dump(exclude_unset=True) if isinstance(options, VaeOptions) else dict(options or {})
+        base.update({k: v for k, v in {"replicas": replicas, **kwargs}.items() if v is not None})
+        self.options = opts = validate(VaeOptions, base)
+        replicas = opts.replicas
+        num_gpus = opts.num_gpus
         self.checkpoint = str(Path(checkpoint).resolve())
         self.info: VaeInfo = inspect_vae(self.checkpoint)
         self.config = self.info.config
-        if num_gpus is None:
-            num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        self.num_gpus = num_gpus
-        self.num_cpus = num_cpus
-        self.idle_timeout_s = idle_timeout_s
-        self.output_dir = str(Path(output_dir).resolve())
-        self.torch_threads = torch_threads
-        self.dtype = dtype
-        self.timeout_s = timeout_s
-        self.max_retries = max_retries
+        self.num_gpus = default_num_gpus() if num_gpus is None else num_gpus
+        self.num_cpus = opts.num_cpus
+        self.idle_timeout_s = opts.idle_timeout_s
+        self.output_dir = str(Path(opts.output_dir).resolve())
+        self.torch_threads = opts.torch_threads
+        self.dtype = opts.dtype
+        self.timeout_s = opts.timeout_s
+        self.max_retries = opts.max_retries
         self.id = uuid.uuid4().hex[:6]
         self._seq = itertools.count()
         self._lock = threading.RLock()
@@ -172,7 +160,7 @@ class VaeService:
                 except RayActorError:
                     r.alive = False
                 except Exception as e:
-                    raise convert_ray_error(e, f"VAE decoder replica {r.index} (start-up check)", self.timeout_s) from None
+                    raise decoder_error(e, f"VAE decoder replica {r.index} (start-up check)", self.timeout_s) from None
             if not r.alive:
                 self._start(r)
             r.last_used = time.monotonic()
@@ -250,7 +238,7 @@ class VaeService:
                     if actor_lost(e):
                         self._resend(req, ref)  # re-sent, or counted as failed when spent
                         continue
-                    err = convert_ray_error(e, self._label(req))
+                    err = decoder_error(e, self._label(req))
                     r.failed += 1
                     self._counts["failed"] += 1
                     self.last_error = str(err)
@@ -279,7 +267,7 @@ class VaeService:
 
     # -- public -------------------------------------------------------------------------------
 
-    def decode(self, latent: torch.Tensor | np.ndarray, mode: Literal["wait", "forget", "promise"] = "wait",
+    def decode(self, latent: torch.Tensor | np.ndarray, mode: VaeMode = "wait",
                save: str | os.PathLike | None = None, metadata: Mapping[str, Any] | None = None,
                timeout: float | None = None, tile: int | None = None, overlap: int = 64, raw: bool = False):
         """Decode a latent ``[B, C, h, w]`` on the least-loaded replica.
@@ -349,7 +337,7 @@ class VaeService:
             try:
                 out.append(ray.get(h.info.remote(), timeout=timeout))
             except Exception as e:
-                out.append({"replica": i, "error": str(convert_ray_error(e, f"replica {i} info", timeout))})
+                out.append({"replica": i, "error": str(decoder_error(e, f"replica {i} info", timeout))})
         return out
 
     def stats(self) -> dict:

@@ -14,16 +14,9 @@ from mesh_ray.errors import StageError
 from mesh_ray.mesh import connect
 from mesh_ray.sampler import generate, random_conditioning
 
-from test_flux_model import inputs
+from conftest import inputs, local_model
 
 GEN = dict(width=64, height=64, steps=5, seed=3, progress=False)
-
-
-@pytest.fixture
-def mesh(ray_local):
-    m = connect()
-    yield m
-    m.close()
 
 
 def _pid(split, k: int) -> int:
@@ -124,8 +117,6 @@ def test_node_loss_replaces_the_stage_on_a_survivor_then_fails_clearly(tiny_ckpt
 def test_block_patch_path_recovers_the_same_way(mesh, tiny_ckpts):
     """ComfyUI-style block replacement goes through the same submit_chain/collect: a stage killed
     while patched blocks run is restarted and the output is identical."""
-    from test_split import local_model
-
     path = str(tiny_ckpts["flux1"])
     model = local_model(path)
     args = inputs(model.config)

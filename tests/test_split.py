@@ -5,25 +5,8 @@ import ray
 import torch
 
 from mesh_ray.errors import ConfigError, StageError
-from mesh_ray.mesh import connect
-from mesh_ray.models.checkpoint import inspect, load_blocks
-from mesh_ray.models.flux import build
 
-from test_flux_model import inputs
-
-
-def local_model(path):
-    info = inspect(path)
-    model = build(info.config, "meta")
-    model.load_state_dict(load_blocks(path, ["all"], non_block=True, info=info), assign=True, strict=True)
-    return model
-
-
-@pytest.fixture
-def mesh(ray_local):
-    m = connect()
-    yield m
-    m.close()
+from conftest import inputs, local_model
 
 
 @pytest.mark.parametrize("arch", ["flux1", "flux2"])

@@ -7,7 +7,6 @@ applies it to its own front (embedders, final layer), so a CPU driver never forc
 
 from __future__ import annotations
 
-import ray
 import torch
 
 from mesh_ray.errors import ConfigError
@@ -26,6 +25,8 @@ def compute_device(driver: bool = False) -> torch.device:
     """CUDA when torch sees a GPU and (inside a Ray actor) Ray gave this process one, else CPU."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
+    import ray  # here, not at the top: models and benchmarks use this module without Ray
+
     in_worker = ray.is_initialized() and not driver
     return torch.device("cuda" if not in_worker or len(ray.get_gpu_ids()) > 0 else "cpu")
 

@@ -27,7 +27,7 @@ from mesh_ray.models.blocks import BlockRange
 from mesh_ray.models.checkpoint import load_blocks, save_checkpoint, shard_digest
 from mesh_ray.models.flux import BlockCond, FluxConfig, build
 
-GENERATIONS_KEPT = 4  # per-generation constants cached per stage (LRU)
+GENERATIONS_KEPT = 16  # per-generation constants cached per stage (LRU): images in flight at once
 
 
 class NotLoadedError(StageError):
@@ -61,7 +61,8 @@ def move_cond(cond: BlockCond, device: torch.device, dtype: torch.dtype | None =
             return None
         if isinstance(x, torch.Tensor):
             return x.to(device, dtype) if dtype is not None and x.is_floating_point() else x.to(device)
-        return tuple(mv(t) for t in x)
+        moved = [mv(t) for t in x]
+        return type(x)(*moved) if hasattr(x, "_fields") else tuple(moved)  # a Mod record stays one
 
     return BlockCond(vec=mv(cond.vec), double_img=mv(cond.double_img), double_txt=mv(cond.double_txt),
                      single=mv(cond.single))

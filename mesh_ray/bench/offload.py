@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from mesh_ray.actors.device import resolve_dtype
 from mesh_ray.errors import ConfigError
 from mesh_ray.memory.offload import AutoOffload, resolve_device
 from mesh_ray.models.flux import Flux, FluxConfig, build, default_axes_dim, position_ids, random_state_dict
@@ -114,7 +115,7 @@ def run_offload_bench(hidden: int | None = None, tokens: int | None = None, bloc
     hidden, tokens, blocks = hidden or d_hidden, tokens or d_tokens, blocks or d_blocks
     steps = steps or d_steps
     txt_tokens = txt_tokens or max(8, tokens // 8)
-    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    torch_dtype = resolve_dtype(dev, dtype)
     if not 0 < budget_fraction <= 1:
         raise ConfigError(f"bench budget_fraction={budget_fraction} is outside (0, 1]: use e.g. 0.25")
     if any(w < 1 for w in windows):
@@ -132,7 +133,8 @@ def run_offload_bench(hidden: int | None = None, tokens: int | None = None, bloc
 def _run(cfg: FluxConfig, dev: torch.device, torch_dtype: torch.dtype, hidden: int, tokens: int, txt_tokens: int,
          blocks: int, steps: int, windows: Sequence[int], budget_fraction: float, peer: bool) -> dict:
     model = build(cfg, "meta")
-    model.load_state_dict(random_state_dict(cfg, seed=0, dtype=torch_dtype), assign=True)
+    # drawn on the compute device: a FLUX.1-dev-size model takes minutes to draw on a CPU
+    model.load_state_dict(random_state_dict(cfg, seed=0, dtype=torch_dtype, device=dev), assign=True)
     model.eval()
     x = _inputs(cfg, tokens, txt_tokens, dev, torch_dtype)
     bandwidth, bw_kind = measure_bandwidth(dev)

@@ -7,6 +7,7 @@ import difflib
 import json
 import os
 from dataclasses import dataclass, field
+from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 from typing import Any
 
@@ -100,28 +101,15 @@ def _check_inputs(nid: str, spec: NodeSpec, nt: NodeType, known: dict[str, NodeS
 
 
 def _topo_order(nodes: dict[str, NodeSpec], fixed: set[str]) -> list[str]:
-    """Kahn's algorithm over the new nodes; a leftover node is on a cycle, which is reported as a path."""
-    deps = {nid: {v[0] for v in spec.inputs.values() if is_link(v) and v[0] not in fixed} for nid, spec in nodes.items()}
-    order: list[str] = []
-    ready = sorted(n for n, d in deps.items() if not d)
-    done: set[str] = set()
-    while ready:
-        n = ready.pop(0)
-        order.append(n)
-        done.add(n)
-        for m, d in deps.items():
-            if m not in done and m not in ready and n in d and d <= done:
-                ready.append(m)
-    left = [n for n in nodes if n not in done]
-    if left:
-        path, cur = [], left[0]
-        while cur not in path:
-            path.append(cur)
-            cur = sorted(d for d in deps[cur] if d not in done)[0]
-        cycle = path[path.index(cur):] + [cur]
-        raise ConfigError(f"node {cur!r} is part of a cycle ({' -> '.join(cycle)}, each takes the next one's output): "
-                          f"remove one of these links")
-    return order
+    """The new nodes in dependency order (``graphlib``); a cycle is reported as a path."""
+    deps = {nid: sorted({v[0] for v in spec.inputs.values() if is_link(v) and v[0] not in fixed})
+            for nid, spec in nodes.items()}
+    try:
+        return list(TopologicalSorter(deps).static_order())
+    except CycleError as e:
+        cycle = list(reversed(e.args[1]))  # graphlib lists producer before consumer; name consumer first
+        raise ConfigError(f"node {cycle[0]!r} is part of a cycle ({' -> '.join(cycle)}, each takes the next one's "
+                          f"output): remove one of these links") from None
 
 
 def validate_graph(data: Any, existing: Graph | None = None) -> Graph:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from mesh_ray.config import VAE_MODES
 from mesh_ray.errors import ConfigError
 from mesh_ray.workflow.registry import Expansion, node
 
@@ -159,8 +160,8 @@ class PromisedImages:
 def vae_decode(vae: Any, latent: Any, mode: str = "wait", save: str | None = None) -> Any:
     """Decode on the VAE service: ``wait`` -> images, ``forget`` -> request id (the replica writes
     ``output_dir/{save}_*.png``), ``promise`` -> promised images for SavePromisedImage."""
-    if mode not in ("wait", "forget", "promise"):
-        raise ConfigError(f"VAEDecode mode {mode!r} is unknown: use wait, forget or promise")
+    if mode not in VAE_MODES:
+        raise ConfigError(f"VAEDecode mode {mode!r} is unknown: use {', '.join(VAE_MODES)}")
     if mode == "wait":
         return vae.decode(latent, mode="wait").numpy()
     if mode == "forget":

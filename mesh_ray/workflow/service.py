@@ -25,7 +25,9 @@ from typing import Any, Callable, Iterator
 
 import ray
 
+from mesh_ray.cluster import ray_address
 from mesh_ray.errors import ClusterError, ConfigError
+from mesh_ray.rayutil import ray_get
 from mesh_ray.workflow.events import TERMINAL
 from mesh_ray.workflow.executor import Executor, RunResult, WorkflowError
 from mesh_ray.workflow.graph import Graph, load_graph, validate_graph
@@ -112,25 +114,17 @@ class ServiceGone(ClusterError):
 
 def _call(handle: Any, method: str, *args: Any, timeout: float = CALL_TIMEOUT_S) -> Any:
     """A service call with a timeout; Ray failures become one-line errors."""
-    try:
-        return ray.get(getattr(handle, method).remote(*args), timeout=timeout)
-    except ray.exceptions.GetTimeoutError:
-        raise ClusterError(f"the workflow service did not answer {method} within {timeout:g} s: "
-                           f"check it with `mesh-ray status` or restart it with `mesh-ray serve`") from None
-    except ray.exceptions.RayActorError:
-        raise ServiceGone("the workflow service died: start it again with `mesh-ray serve`") from None
-    except ray.exceptions.RayTaskError as e:
-        cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else None
-        if cause is not None and isinstance(cause, (ConfigError, WorkflowError)):
-            raise type(cause)(str(cause)) from None
-        raise WorkflowError(f"the workflow service failed on {method}: {str(cause or e).splitlines()[0]}") from None
+    return ray_get(getattr(handle, method).remote(*args), timeout, f"the workflow service call {method}",
+                   timeout_fix="check it with `mesh-ray status` or restart it with `mesh-ray serve`",
+                   died_fix="start it again with `mesh-ray serve`", failed_fix="see the service log",
+                   failed_error=WorkflowError, died_error=ServiceGone, keep=(ConfigError, WorkflowError))
 
 
 def connect_ray(address: str | None = None) -> None:
     """``mesh_ray.connect``; an embedded Ray gets at least 4 logical CPUs, since most nodes are light."""
     from mesh_ray.mesh import connect
 
-    embedded = address is None and not os.environ.get("RAY_ADDRESS")
+    embedded = ray_address(address) is None
     connect(address, **({"num_cpus": max(os.cpu_count() or 1, 4)} if embedded else {}))
 
 
