@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -57,7 +58,7 @@ def run(comfy_path: str, out: Path, remote: int, small: bool, cpu: bool, latent_
 
     params = SMALL if small else FLUX1_DEV
     dev = mm.get_torch_device()
-    dtype = torch.float32 if cpu else torch.bfloat16
+    dtype = torch.float32 if cpu or os.environ.get("MESH_GPU_FP32") else torch.bfloat16
     cfg = comfy.supported_models.Flux({"image_model": "flux", **params})
     cfg.set_inference_dtype(dtype, None)
     model = cfg.get_model({}, "")
