@@ -7,6 +7,12 @@ own ``NODE_CLASS_MAPPINGS`` / ``NODE_DISPLAY_NAME_MAPPINGS``; this file merges t
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
+import sys
+
+if importlib.util.find_spec("mesh_ray") is None:  # symlinked alone from a clone: use the clone's mesh_ray
+    sys.path.append(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 
 _MODULES = ("nodes_mesh", "nodes_vae", "nodes_offload")
 
@@ -20,3 +26,5 @@ for _name in _MODULES:
     NODE_DISPLAY_NAME_MAPPINGS.update(_mod.NODE_DISPLAY_NAME_MAPPINGS)
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
+
+from . import registry  # noqa: E402,F401 - inside a running ComfyUI this adds GET /mesh/status

@@ -186,7 +186,11 @@ class VaeOptions(BaseModel):
     (str, "outputs/vae"): where forget-mode PNGs go, on the actor's node; torch_threads (int |
     None); dtype ("auto" | "float32" | "bfloat16" | "float16", "auto": decided by each actor from
     its device); timeout_s (float, 600): default wait for results; max_retries (int, 2): times a
-    request is sent again when its decoder actor dies before answering.
+    request is sent again when its decoder actor dies before answering; ship ("auto" | "always" |
+    "never", "auto"): send the decoder weights (once per node, cached by content hash) to a replica
+    whose node cannot read the checkpoint, to every replica, or fail instead; cache_dir (str | None):
+    where shipped weights are cached on the replicas' nodes (default MESH_RAY_CACHE_DIR or
+    ~/.cache/mesh-ray/shards).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -200,6 +204,8 @@ class VaeOptions(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     timeout_s: float = Field(default=600.0, gt=0)
     max_retries: int = Field(default=2, ge=0)
+    ship: Literal["auto", "always", "never"] = "auto"
+    cache_dir: str | None = None
 
 
 class ConnectOptions(BaseModel):

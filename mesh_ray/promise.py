@@ -56,6 +56,10 @@ class SaveHandle:
     def done(self) -> bool:
         return self._future.done()
 
+    def add_done_callback(self, fn: Callable[["SaveHandle"], Any]) -> None:
+        """Call ``fn(handle)`` from the writer thread once the save finished or failed (at once if it has)."""
+        self._future.add_done_callback(lambda _f: fn(self))
+
     def result(self, timeout: float | None = None) -> list[Path]:
         """The written paths; raises the promise's error or the write error (one line)."""
         timeout = self._timeout_s if timeout is None else timeout

@@ -22,14 +22,15 @@ from ray.exceptions import GetTimeoutError
 
 from mesh_ray.actors.device import DTYPES, dtype_name, narrower, pick_device
 from mesh_ray.actors.records import GenConsts, Hop, LinkPlan
-from mesh_ray.actors.stage import GENERATIONS_KEPT, StageActor, StageInit, default_cache_dir, move_cond
+from mesh_ray.actors.shards import default_cache_dir, send_shard
+from mesh_ray.actors.stage import GENERATIONS_KEPT, StageActor, StageInit, move_cond
 from mesh_ray.actors.wire import pack_state, unpack_state, with_cached_text
 from mesh_ray.codec import choose_spec
 from mesh_ray.cluster import default_num_gpus, explain_unschedulable, node_affinity
 from mesh_ray.config import SplitOptions, StageSpec, load_settings, validate
 from mesh_ray.errors import ClusterError, ConfigError, MeshError, StageError
 from mesh_ray.models.blocks import BlockRange, check_cover, locate
-from mesh_ray.models.checkpoint import CheckpointInfo, inspect, load_blocks, shard_digest
+from mesh_ray.models.checkpoint import CheckpointInfo, inspect, load_blocks
 from mesh_ray.models.flux import BlockCond, BlockState, Flux, build
 from mesh_ray.digest import tensor_digest
 from mesh_ray.rayutil import ray_error, ray_get
@@ -113,7 +114,8 @@ def tensor_key(*tensors: torch.Tensor) -> str:
 class SplitModel:
     """Callable like ``Flux.forward``; built by ``Mesh.split`` (see there for the arguments)."""
 
-    def __init__(self, checkpoint: str, stages: list[StageSpec], options: SplitOptions, info: CheckpointInfo):
+    def __init__(self, checkpoint: str, stages: list[StageSpec], options: SplitOptions, info: CheckpointInfo,
+                 load_local: bool = True):
         self.checkpoint = checkpoint
         self.info = info
         self.config = info.config
@@ -134,12 +136,14 @@ class SplitModel:
         self._closed = False
         self._default_gpus = default_num_gpus()
         self.recovery = Recovery(self)  # stage restart + step retry (mesh_ray/recovery.py)
-        # The caller's part: embedders, final layer, and blocks of local segments only.
+        # The caller's part: embedders, final layer, and blocks of local segments only (none when
+        # the caller has its own model and uses only block_patches(), as inside ComfyUI).
         self.model = build(self.config, "meta", self.dtype)
-        local = [s.range for s in self.segments if s.spec.local]
-        sd = load_blocks(checkpoint, local, non_block=True, dtype=self.dtype, info=info)
-        self.model.load_state_dict(sd, strict=False, assign=True)
-        self._to_device(local)
+        if load_local:
+            local = [s.range for s in self.segments if s.spec.local]
+            sd = load_blocks(checkpoint, local, non_block=True, dtype=self.dtype, info=info)
+            self.model.load_state_dict(sd, strict=False, assign=True)
+            self._to_device(local)
         try:
             self._start_stages()
         except BaseException:
@@ -243,10 +247,7 @@ class SplitModel:
             raise StageError(f"stage {seg.index} cannot read {seg.spec.checkpoint_path or self.checkpoint} on its "
                              f"node and ship='never': copy the file there, set checkpoint_path, or allow ship='auto'")
         sd = load_blocks(self.checkpoint, [seg.range], info=self.info)
-        digest = shard_digest(sd)
-        if self._get(seg.actor.has_cached_shard.remote(digest), seg, 60, "checking its shard cache"):
-            return seg.actor.load_from_cache.remote(digest)
-        return seg.actor.load_from_shard.remote(digest, [ray.put(sd)])
+        return send_shard(seg.actor, sd, lambda ref, doing: self._get(ref, seg, 60, doing))
 
     def _get(self, ref: Any, seg: Segment | None, timeout: float, doing: str) -> Any:
         try:
@@ -412,16 +413,23 @@ class SplitModel:
         return patches
 
     def _chain_patch(self, chain: list[Segment], first: int):
+        """One patch that runs a chain of remote stages.  ``args`` as ComfyUI's FLUX.1 forward passes
+        them (img, txt, vec, pe, attn_mask, transformer_options) or as ours does (plus ``cond``)."""
         def run(args: dict, _extra: dict) -> dict:
+            if self._closed:
+                raise MeshError("this split was closed: create a new one with mesh.split(...)")
+            if args.get("attn_mask") is not None:
+                raise ConfigError("an attention mask reached a remote block range: remote stages run unmasked "
+                                  "attention; drop the masking node or keep these blocks local")
             pe = args["pe"]
             key = "patch:" + tensor_key(pe)
             gen = self._remember(key, lambda: _Generation(GenConsts(key, [ray.put(pe.cpu())]), pe)).consts
             img = args["img"]
             if first < self.config.depth:
-                state = BlockState(img.cpu(), args["txt"].cpu(), args["txt"].shape[1])
+                state = BlockState(img.to("cpu", self.dtype), args["txt"].to("cpu", self.dtype), args["txt"].shape[1])
             else:  # joined stream; the text length only matters to a caller that unjoins
-                state = BlockState(img.cpu(), None, 0)
-            ref = self.submit_chain(chain, state, _cpu_cond(args["cond"]), gen)
+                state = BlockState(img.to("cpu", self.dtype), None, 0)
+            ref = self.submit_chain(chain, state, _cpu_cond(_patch_cond(args, self.dtype)), gen)
             out, hops = self.collect(ref, chain[-1], img.device, img.dtype, "a patched block range")
             self.last = StepStats(hops)
             if first < self.config.depth:
@@ -483,6 +491,17 @@ class SplitModel:
         self.close()
 
 
+def _patch_cond(args: dict, dtype: torch.dtype) -> BlockCond:
+    """The blocks' conditioning from patch args: ours pass ``cond``; ComfyUI's FLUX.1 passes ``vec``."""
+    if args.get("cond") is not None:
+        return args["cond"]
+    vec = args["vec"]
+    if not isinstance(vec, torch.Tensor):
+        raise ConfigError("this forward passes the block modulation as a tuple (a FLUX.2-style model): remote "
+                          "block patches support FLUX.1 models in ComfyUI; use mesh.split() for FLUX.2")
+    return BlockCond(vec=vec.to(dtype))
+
+
 def _passthrough(args: dict, _extra: dict) -> dict:
     return {k: args[k] for k in ("img", "txt") if k in args}
 
@@ -501,7 +520,8 @@ def _grid(img_ids: torch.Tensor) -> tuple[int, int] | None:
 
 
 def make_split(checkpoint: str, stages: int | list | None = None, n_blocks_remote: int | None = None,
-               options: SplitOptions | dict | str | os.PathLike | None = None, **option_kwargs: Any) -> SplitModel:
+               options: SplitOptions | dict | str | os.PathLike | None = None, load_local: bool = True,
+               **option_kwargs: Any) -> SplitModel:
     """Resolve the stage list and build a SplitModel (``Mesh.split`` documents the arguments)."""
     info = inspect(checkpoint)
     opts = load_settings(SplitOptions, options, **option_kwargs)  # keywords > MESH_RAY_* > options
@@ -519,7 +539,7 @@ def make_split(checkpoint: str, stages: int | list | None = None, n_blocks_remot
         specs = [StageSpec(blocks=f"{r.start}-{r.stop - 1}") for r in split_evenly(info.num_double, info.num_single, stages or 2)]
     else:
         specs = [validate(StageSpec, {"blocks": s} if isinstance(s, str) else s) for s in stages]
-    return SplitModel(str(checkpoint), specs, opts, info)
+    return SplitModel(str(checkpoint), specs, opts, info, load_local=load_local)
 
 
 __all__ = ["SplitModel", "make_split", "Flux"]

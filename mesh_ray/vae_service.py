@@ -31,12 +31,13 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
+from mesh_ray.actors.shards import send_shard
 from mesh_ray.actors.vae import VaeDecoderActor, check_prefix
 from mesh_ray.cluster import default_num_gpus
 from mesh_ray.config import VaeOptions, validate
 from mesh_ray.errors import ClusterError, ConfigError
 from mesh_ray.images import save_images
-from mesh_ray.models.vae import VaeInfo, check_tiling, inspect_vae
+from mesh_ray.models.vae import VaeInfo, check_tiling, inspect_vae, load_vae_state
 from mesh_ray.names import VAE_MODES, VaeMode
 from mesh_ray import metrics
 from mesh_ray.promise import Promise, actor_lost, decoder_error
@@ -44,6 +45,7 @@ from mesh_ray.promise import Promise, actor_lost, decoder_error
 log = logging.getLogger("mesh_ray.vae")
 
 MODES = VAE_MODES
+SHIP = ("auto", "always", "never")
 
 
 @dataclass
@@ -71,6 +73,8 @@ class _Request:
     tries: int = 0
     promise: Promise | None = None
     spent: bool = False  # died after its last try (counted as failed once)
+def _nodes_alive() -> int:
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
 
 
 def _as_numpy(latent: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -108,6 +112,9 @@ class VaeService:
         self.dtype = opts.dtype
         self.timeout_s = opts.timeout_s
         self.max_retries = opts.max_retries
+        self.ship = opts.ship
+        self.cache_dir = opts.cache_dir
+        self._state: dict | None = None  # decoder tensors, read once when a replica needs them shipped
         self.id = uuid.uuid4().hex[:6]
         self._seq = itertools.count()
         self._lock = threading.RLock()
@@ -136,8 +143,28 @@ class VaeService:
             except Exception:  # noqa: BLE001
                 pass
         r.handle = VaeDecoderActor.options(num_gpus=self.num_gpus, num_cpus=self.num_cpus).remote(
-            self.checkpoint, self.output_dir, self.idle_timeout_s, self.torch_threads, self.dtype, r.index)
+            self.checkpoint, self.output_dir, self.idle_timeout_s, self.torch_threads, self.dtype, r.index,
+            self.ship != "always", self.cache_dir, self.config)
         r.alive, r.starts, r.last_used = True, r.starts + 1, time.monotonic()
+        if self.ship == "always" or (self.ship == "auto" and _nodes_alive() > 1):
+            self._ensure_weights(r)
+
+    def _ensure_weights(self, r: _Replica) -> None:
+        """Ship the decoder weights to a replica that could not read the checkpoint on its node."""
+        def get(ref: ray.ObjectRef, doing: str) -> Any:
+            try:
+                return ray.get(ref, timeout=self.timeout_s)
+            except Exception as e:
+                raise decoder_error(e, f"VAE decoder replica {r.index} ({doing})", self.timeout_s) from None
+
+        if get(r.handle.has_weights.remote(), "starting"):
+            return
+        if self.ship == "never":
+            raise ClusterError(f"VAE decoder replica {r.index} cannot read {self.checkpoint} on its node and "
+                               f"ship='never': copy the file there or use ship='auto'")
+        if self._state is None:
+            self._state = load_vae_state(self.checkpoint, self.info)
+        get(send_shard(r.handle, self._state, get), "loading the shipped weights")
 
     def _probe_due(self, r: _Replica, now: float) -> bool:
         """Check an idle replica before sending it work: it may have exited on its idle timeout."""
@@ -348,6 +375,11 @@ class VaeService:
                     "replicas": [{"index": r.index, "alive": r.alive, "in_flight": len(r.in_flight),
                                   "completed": r.completed, "failed": r.failed, "starts": r.starts}
                                  for r in self._replicas]}
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close()`` was called (a new service is needed)."""
+        return self._closed
 
     def close(self, wait: bool = True, timeout: float = 60.0) -> None:
         """Stop every replica (frees their GPUs); with ``wait``, in-flight work (forget-mode

@@ -10,7 +10,6 @@ import contextlib
 import os
 import time
 from collections import OrderedDict, deque
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -20,11 +19,12 @@ from pydantic import BaseModel, ConfigDict
 from mesh_ray import metrics
 from mesh_ray.actors.device import dtype_name, pick_device
 from mesh_ray.actors.records import GenConsts, LinkPlan
+from mesh_ray.actors.shards import ShardCache
 from mesh_ray.actors.wire import WireState, pack_state, unpack_state, with_cached_text
 from mesh_ray.errors import StageError
 from mesh_ray.memory import AutoOffload, OffloadSpec
 from mesh_ray.models.blocks import BlockRange
-from mesh_ray.models.checkpoint import load_blocks, save_checkpoint, shard_digest
+from mesh_ray.models.checkpoint import load_blocks, save_checkpoint
 from mesh_ray.models.flux import BlockCond, FluxConfig, build
 
 GENERATIONS_KEPT = 16  # per-generation constants cached per stage (LRU): images in flight at once
@@ -48,10 +48,6 @@ class StageInit(BaseModel):
     cache_dir: str
     torch_threads: int | None = None
     offload: OffloadSpec | None = None
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("MESH_RAY_CACHE_DIR") or str(Path.home() / ".cache" / "mesh-ray" / "shards")
 
 
 def move_cond(cond: BlockCond, device: torch.device, dtype: torch.dtype | None = None) -> BlockCond:
@@ -81,6 +77,7 @@ class StageClass:
         self.loaded = False
         self.shard_source = "none"
         self.shard_digest: str | None = None
+        self._cache = ShardCache(init.cache_dir)  # other stages on this node reuse what it holds
         self._consts: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self.offload: AutoOffload | None = None
         self.calls = 0
@@ -102,27 +99,17 @@ class StageClass:
         self._install(sd, "file")
         return self.info()
 
-    def _cache_path(self, digest: str) -> Path:
-        return Path(self.init.cache_dir) / f"{digest}.safetensors"
-
     def has_cached_shard(self, digest: str) -> bool:
-        return self._cache_path(digest).is_file()
+        return self._cache.has(digest)
 
     def load_from_cache(self, digest: str) -> dict:
-        sd = load_blocks(self._cache_path(digest), [self.range], dtype=self.dtype, device="cpu")
-        if shard_digest(sd) != digest:
-            self._cache_path(digest).unlink(missing_ok=True)
-            raise StageError(f"stage {self.init.index}: cached shard {digest} is corrupt and was removed: "
-                             f"create the split again to re-send it")
-        self._install(sd, "cache", digest)
+        sd = self._cache.load(digest, lambda p: load_blocks(p, [self.range], device="cpu"), f"stage {self.init.index}")
+        self._install({k: v.to(self.dtype) for k, v in sd.items()}, "cache", digest)
         return self.info()
 
     def load_from_shard(self, digest: str, shard_box: list) -> dict:
         """Load tensors sent through the object store (``shard_box`` = [ObjectRef]) and cache them."""
-        sd = ray.get(shard_box[0], timeout=600)
-        path = self._cache_path(digest)
-        if not path.is_file():
-            save_checkpoint(sd, path, self.init.config)  # atomic; other stages on this node reuse it
+        sd = self._cache.receive(digest, shard_box, lambda t, path: save_checkpoint(t, path, self.init.config))
         self._install({k: v.to(self.dtype) for k, v in sd.items()}, "object_store", digest)
         return self.info()
 

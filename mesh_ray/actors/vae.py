@@ -9,7 +9,11 @@ Public methods (the actor's API):
     ``[B, H, W, C]`` float32 0..1 (or uint8 0..255);
   * ``decode_and_save(latent, prefix, request_id, metadata, tile, overlap, raw)`` -> paths of the
     PNGs written under the actor's output directory (with text metadata);
-  * ``info()``, ``reserve()`` (control group: answered even while a decode runs).
+  * ``info()``, ``reserve()`` (control group: answered even while a decode runs);
+  * ``has_weights()``, ``has_cached_shard(digest)``, ``load_from_cache(digest)``,
+    ``load_from_shard(digest, box)``: a decoder on a node that cannot read the checkpoint gets the
+    decoder tensors shipped once, cached on its node by content hash (``mesh_ray.actors.shards``,
+    the same mechanism as DiT stage shards).
 
 Decodes run one at a time (the default concurrency group); ``info`` / ``reserve`` /
 ``exit_if_idle`` run in a small ``control`` group beside them.  With ``idle_timeout_s`` the actor
@@ -34,6 +38,7 @@ import ray
 import torch
 
 from mesh_ray.actors.device import pick_device
+from mesh_ray.actors.shards import ShardCache
 from mesh_ray.errors import ClusterError, ConfigError
 from mesh_ray import metrics
 from mesh_ray.images import remove_stale_tmp, save_images, to_uint8
@@ -67,18 +72,27 @@ class VaeDecoderActor:
       idle_timeout_s: exit after this many seconds without work (None: never).
       torch_threads: ``torch.set_num_threads`` for this process (None: leave Ray's default).
       dtype: ``auto`` (bf16 on GPU, fp32 on CPU) or an explicit float type.
+      read_file: load ``checkpoint`` when this node can read it (False: wait for shipped weights).
+      cache_dir: where shipped weights are cached on this node (default ``MESH_RAY_CACHE_DIR``).
+      config: the ``VaeConfig`` of the checkpoint (used for shipped weights).
     """
 
     def __init__(self, checkpoint: str, output_dir: str = "outputs/vae", idle_timeout_s: float | None = None,
-                 torch_threads: int | None = None, dtype: str = "auto", replica: int = 0):
-        from mesh_ray.models.vae import load_vae
-
+                 torch_threads: int | None = None, dtype: str = "auto", replica: int = 0, read_file: bool = True,
+                 cache_dir: str | None = None, config: Any = None):
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
         self.device, self.dtype = pick_device(dtype)
-        self.model = load_vae(checkpoint, device=self.device, dtype=self.dtype)
-        self.arch = self.model.config.arch
+        self.model = None
+        self.arch = None
+        self.weights_source = "none"
+        self._cache = ShardCache(cache_dir)
+        self._config = config  # VaeConfig from the driver: needed only for shipped weights
         self.checkpoint = checkpoint
+        if read_file and self.can_read_checkpoint():
+            from mesh_ray.models.vae import load_vae
+
+            self._install(load_vae(checkpoint, device=self.device, dtype=self.dtype), "file")
         self.output_dir = Path(output_dir)
         self.replica = replica
         self.idle_timeout_s = idle_timeout_s
@@ -93,6 +107,40 @@ class VaeDecoderActor:
             self._self = ray.get_runtime_context().current_actor
             threading.Thread(target=self._watch_idle, name="vae-idle", daemon=True).start()
 
+    # -- weights ------------------------------------------------------------------------------
+
+    def _install(self, model: Any, source: str) -> None:
+        self.model, self.arch, self.weights_source = model, model.config.arch, source
+
+    def can_read_checkpoint(self) -> bool:
+        return os.path.isfile(self.checkpoint) and os.access(self.checkpoint, os.R_OK)
+
+    def has_weights(self) -> bool:
+        return self.model is not None
+
+    def has_cached_shard(self, digest: str) -> bool:
+        return self._cache.has(digest)
+
+    def _from_state(self, sd: dict, source: str) -> dict:
+        from mesh_ray.models.vae import vae_from_state
+
+        self._install(vae_from_state(sd, self._config, self.device, self.dtype, where=f"shipped {self.checkpoint}"),
+                      source)
+        return {"replica": self.replica, "source": source, "node": ray.get_runtime_context().get_node_id()}
+
+    def load_from_cache(self, digest: str) -> dict:
+        """Load decoder weights this node cached earlier under ``digest`` (checked against it)."""
+        from mesh_ray.models.vae import load_vae_state
+
+        return self._from_state(self._cache.load(digest, load_vae_state, f"VAE decoder replica {self.replica}"), "cache")
+
+    def load_from_shard(self, digest: str, shard_box: list) -> dict:
+        """Load decoder weights sent through the object store (``shard_box`` = [ObjectRef]) and cache them."""
+        from mesh_ray.models.vae import save_vae_state
+
+        sd = self._cache.receive(digest, shard_box, lambda t, path: save_vae_state(t, path, self._config))
+        return self._from_state(sd, "object_store")
+
     # -- control ------------------------------------------------------------------------------
 
     @ray.method(concurrency_group=CONTROL_GROUP)
@@ -103,7 +151,7 @@ class VaeDecoderActor:
                 "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "arch": self.arch, "gpu_ids": ray.get_gpu_ids(), "busy": busy,
                 "idle_s": time.monotonic() - last, "decoded": self._decoded, "torch_threads": torch.get_num_threads(),
-                "idle_timeout_s": self.idle_timeout_s}
+                "idle_timeout_s": self.idle_timeout_s, "weights_source": self.weights_source}
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     def reserve(self) -> bool:
@@ -148,6 +196,9 @@ class VaeDecoderActor:
     # -- work ---------------------------------------------------------------------------------
 
     def _begin(self) -> None:
+        if self.model is None:
+            raise ClusterError(f"VAE decoder replica {self.replica} has no weights: it cannot read {self.checkpoint} "
+                               f"on its node: copy the file there or let the service ship it (ship='auto')")
         with self._lock:
             if self._closing:
                 raise ClusterError(f"VAE decoder replica {self.replica} is exiting after its idle timeout: "

@@ -32,8 +32,12 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, tuple[str, tuple[int
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}: check the path (workers need it too, or it is shipped to them)")
     with open(p, "rb") as f:
-        head = f.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+        head = f.read(9)
+    # A safetensors file starts with its header length (8 bytes, little-endian) and then '{'; a
+    # length whose low byte is 0x80 must not be taken for a pickle.
+    n = int.from_bytes(head[:8], "little")
+    safetensors_like = len(head) == 9 and head[8:9] == b"{" and 8 + n <= p.stat().st_size
+    if not safetensors_like and (head[:2] == b"PK" or head[:1] == b"\x80"):
         raise CheckpointError(f"{p} is a pickle/zip checkpoint: mesh-ray loads safetensors only; "
                               f"convert it to .safetensors with a trusted tool first")
     try:

@@ -521,22 +521,35 @@ def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu", dtype:
              info: VaeInfo | None = None) -> VaeDecoder:
     """Build the decoder of a VAE checkpoint and load its weights (decoder keys only)."""
     info = info or inspect_vae(path)
-    state = load_vae_state(path, info)
-    model = build_vae(info.config, "meta", dtype)
+    return vae_from_state(load_vae_state(path, info), info.config, device, dtype, where=str(path))
+
+
+def vae_from_state(state: dict[str, Tensor], config: VaeConfig, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32, where: str = "the VAE weights") -> VaeDecoder:
+    """A decoder holding ``state`` (decoder keys, as ``load_vae_state`` returns them)."""
+    model = build_vae(config, "meta", dtype)
     expected = set(model.state_dict())
     missing = sorted(k for k in expected - set(state) if not k.endswith("num_batches_tracked"))
     if missing:
-        raise CheckpointError(f"{path} lacks {len(missing)} decoder tensors (e.g. {missing[0]}): "
+        raise CheckpointError(f"{where} lacks {len(missing)} decoder tensors (e.g. {missing[0]}): "
                               f"the file is truncated or from another VAE; re-download it")
     state = {k: v for k, v in state.items() if k in expected}
     model.load_state_dict(state, strict=False, assign=True)
-    if info.arch == "flux2" and model.bn.num_batches_tracked.is_meta:
+    if config.arch == "flux2" and model.bn.num_batches_tracked.is_meta:
         model.bn.num_batches_tracked = torch.zeros((), dtype=torch.long)
     model = model.to(device=device, dtype=dtype)
     for name, b in model.named_buffers():  # batch-norm statistics stay fp32 whatever the dtype
         if name.startswith("bn.running"):
             b.data = state[name].to(device=device, dtype=torch.float32)
     return model.eval()
+
+
+def save_vae_state(state: dict[str, Tensor], path: str | os.PathLike, config: VaeConfig | None = None,
+                   prefix: str = "") -> Path:
+    """Write VAE tensors as safetensors atomically; ``config`` is embedded unless it is a released one."""
+    released = config is None or any(config == VAE_PRESETS[n] for n in ("flux1", "flux2"))
+    meta = None if released else {VAE_CONFIG_METADATA_KEY: config.model_dump_json()}
+    return write_atomic({prefix + k: v for k, v in state.items()}, path, meta)
 
 
 def random_vae_state_dict(config: VaeConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
@@ -568,10 +581,9 @@ def write_random_vae(path: str | os.PathLike, preset: VaeConfig | str = "tiny-fl
     """A FLUX VAE decoder checkpoint with seeded random weights, written atomically as a real
     safetensors file.  Non-released configs embed themselves in the file's metadata."""
     cfg = vae_preset(preset) if isinstance(preset, str) else preset
-    released = any(cfg == VAE_PRESETS[n] for n in ("flux1", "flux2"))
-    meta = None if released else {VAE_CONFIG_METADATA_KEY: cfg.model_dump_json()}
-    return write_atomic({prefix + k: v for k, v in random_vae_state_dict(cfg, seed, dtype).items()}, path, meta)
+    return save_vae_state(random_vae_state_dict(cfg, seed, dtype), path, cfg, prefix)
 
 
 __all__ = ["TILED_TOLERANCE", "VAE_PRESETS", "VaeConfig", "VaeDecoder", "VaeInfo", "build_vae", "check_tiling", "inspect_vae",
-           "load_vae", "load_vae_state", "random_vae_state_dict", "vae_preset", "write_random_vae"]
+           "load_vae", "load_vae_state", "random_vae_state_dict", "save_vae_state", "vae_from_state", "vae_preset",
+           "write_random_vae"]

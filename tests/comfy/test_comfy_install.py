@@ -1,0 +1,72 @@
+"""Install: ComfyUI's own loader finds mesh-ray in custom_nodes (repo clone or comfy_integration alone)."""
+
+from __future__ import annotations
+
+import tomllib
+
+import ray
+
+import comfy_host as h
+from comfy_host import CALL_TIMEOUT_S, REPO
+
+
+def _load_repo():
+    import os
+
+    got = h.load_custom_nodes(os.environ["MESH_RAY_TEST_CUSTOM_NODE"])
+    import nodes
+
+    import comfy_integration
+
+    info = {}
+    for name in comfy_integration.NODE_CLASS_MAPPINGS:
+        cls = nodes.NODE_CLASS_MAPPINGS[name]
+        types = cls.INPUT_TYPES()
+        inputs = {k: v for part in ("required", "optional") for k, v in types.get(part, {}).items()}
+        info[name] = {"category": cls.CATEGORY, "module": getattr(cls, "RELATIVE_PYTHON_MODULE", None), "display": nodes.NODE_DISPLAY_NAME_MAPPINGS.get(name),
+                      "untipped": [k for k, v in inputs.items() if len(v) < 2 or not v[1].get("tooltip")]}
+    return {"ok": list(got["ok"].values()), "new": got["new"], "expected": sorted(comfy_integration.NODE_CLASS_MAPPINGS),
+            "web": got["web"], "info": info}
+
+
+def test_comfyui_loader_finds_the_repo_in_custom_nodes(comfy):
+    got = comfy(_load_repo)
+    assert got["ok"] == [True]
+    assert {"MeshConnect", "MeshSplitFlux"} <= set(got["expected"])
+    for name, info in got["info"].items():
+        assert info["module"] == "custom_nodes.mesh-ray", name  # registered by ComfyUI's loader
+        assert info["category"] == "mesh" and info["display"], name
+        assert info["untipped"] == [], f"{name} inputs without a tooltip: {info['untipped']}"
+    assert any(d.endswith("comfy_integration/web") for d in got["web"].values())
+
+
+def _load_package_alone(repo: str):
+    import os
+    from pathlib import Path
+
+    import folder_paths
+
+    link = Path(folder_paths.get_folder_paths("custom_nodes")[0]) / "mesh_ray_nodes"
+    if not link.exists():
+        link.symlink_to(os.path.join(repo, "comfy_integration"), target_is_directory=True)
+    got = h.load_custom_nodes(str(link))
+    return {"ok": list(got["ok"].values()), "new": got["new"]}
+
+
+def test_comfyui_loader_finds_comfy_integration_alone(comfyui_dir, ray_local, tmp_path):
+    # A fresh ComfyUI process: the package symlinked alone into its custom_nodes.
+    stubs = comfyui_dir.parent / "comfyui-stubs"
+    ray.cloudpickle.register_pickle_by_value(h)
+    host = h.ComfyHostActor.remote(str(REPO), str(comfyui_dir), str(stubs) if stubs.is_dir() else None, str(tmp_path))
+    try:
+        got = ray.get(host.call.remote(_load_package_alone, str(REPO)), timeout=CALL_TIMEOUT_S)
+    finally:
+        ray.kill(host)
+    assert got["ok"] == [True] and {"MeshConnect", "MeshSplitFlux"} <= set(got["new"])
+
+
+def test_pip_entry_point_names_the_package():
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert meta["project"]["entry-points"]["comfyui.custom_nodes"] == {"mesh_ray": "comfy_integration"}
+    assert "comfy_integration*" in meta["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert "comfy" in meta["project"]["optional-dependencies"]
