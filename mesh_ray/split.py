@@ -33,7 +33,7 @@ from mesh_ray.models.blocks import BlockRange, check_cover, locate
 from mesh_ray.models.checkpoint import CheckpointInfo, inspect, load_blocks
 from mesh_ray.models.flux import BlockCond, BlockState, Flux, build
 from mesh_ray.digest import tensor_digest
-from mesh_ray.rayutil import ray_error, ray_get
+from mesh_ray.rayutil import ray_error
 from mesh_ray.recovery import ChainCall, Recovery
 
 
