@@ -43,7 +43,7 @@ def split_cmd(address: str, checkpoint: str) -> dict:
     try:
         latent_split = generate(split, txt, y, **kw)
         stage_nodes = [i["node_id"] for i in split.stage_info()]
-        modes = [t["mode"] for t in split.last.transfers]
+        modes = [t.mode for t in split.last.transfers]
         status = subprocess.run([sys.executable, "-m", "mesh_ray.cli", "status", "--address", address, "--json"],
                                 capture_output=True, text=True, timeout=120)
         table = subprocess.run([sys.executable, "-m", "mesh_ray.cli", "status", "--address", address],
