@@ -13,6 +13,7 @@ from rich.table import Table
 
 from mesh_ray.bench import goals
 from mesh_ray.cli_common import guard as _run
+from mesh_ray.names import VAE_MODES
 from mesh_ray.errors import MeshError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run FLUX diffusion transformers across the GPUs of a Ray cluster.")
@@ -25,10 +26,7 @@ class Arch(str, Enum):
     flux2 = "flux2"
 
 
-class VaeMode(str, Enum):
-    wait = "wait"
-    forget = "forget"
-    promise = "promise"
+VaeMode = Enum("VaeMode", {m: m for m in VAE_MODES}, type=str)  # the decode modes, named once in config.py
 
 
 class Codec(str, Enum):
@@ -84,12 +82,11 @@ def inspect_cmd(checkpoint: str = typer.Argument(..., help="A .safetensors FLUX 
 def status(address: Optional[str] = typer.Option(None, help="Ray address (default: RAY_ADDRESS or 'auto')."),
            as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
     """Nodes with their resources, the mesh actors on each (block range, device, memory), where this driver is."""
-    import os
-
+    from mesh_ray.cluster import ray_address
     from mesh_ray.mesh import connect
     from mesh_ray.status import collect, render
 
-    result = _run(lambda: collect(connect(address or os.environ.get("RAY_ADDRESS") or "auto")))
+    result = _run(lambda: collect(connect(ray_address(address, "auto"))))
     if as_json:
         print(json.dumps(result, default=str))
     else:
@@ -218,6 +215,21 @@ def bench_vae(generations: int = typer.Option(6, min=2), size: int = typer.Optio
     from mesh_ray.bench.vae import format_table, run_vae_bench
 
     result = _run(lambda: run_vae_bench(generations=generations, size=size, rounds=rounds, threads=threads))
+    print(format_table(result))
+    if as_json:
+        print(json.dumps(result, default=str))
+
+
+@bench_app.command("faults")
+def bench_faults(generations: int = typer.Option(20, min=2, help="Generations for the leak soak (the issue asks 200)."),
+                 decodes: int = typer.Option(20, min=2, help="Promise decodes for the leak soak."),
+                 clients: int = typer.Option(8, min=1), runs: int = typer.Option(2, min=1, help="Graphs per client."),
+                 steps: int = typer.Option(4, min=1), size: int = typer.Option(64, min=16),
+                 as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")) -> None:
+    """Every fault of docs/faults.md once on a local 3-node cluster: survived, outputs lost, extra seconds; leaks; load."""
+    from mesh_ray.bench.faults import format_table, run_faults_bench
+
+    result = _run(lambda: run_faults_bench(generations, decodes, clients, runs, steps, size))
     print(format_table(result))
     if as_json:
         print(json.dumps(result, default=str))

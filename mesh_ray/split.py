@@ -29,11 +29,11 @@ from mesh_ray.codec import choose_spec
 from mesh_ray.cluster import default_num_gpus, explain_unschedulable, node_affinity
 from mesh_ray.config import SplitOptions, StageSpec, load_settings, validate
 from mesh_ray.errors import ClusterError, ConfigError, MeshError, StageError
-from mesh_ray.models.blocks import BlockRange, check_cover
+from mesh_ray.models.blocks import BlockRange, check_cover, locate
 from mesh_ray.models.checkpoint import CheckpointInfo, inspect, load_blocks
 from mesh_ray.models.flux import BlockCond, BlockState, Flux, build
 from mesh_ray.digest import tensor_digest
-from mesh_ray.rayutil import ray_error, ray_get
+from mesh_ray.rayutil import ray_error
 from mesh_ray.recovery import ChainCall, Recovery
 
 
@@ -315,10 +315,10 @@ class SplitModel:
 
     def _remember(self, key: str, make: Any) -> _Generation:
         """The generation cached under ``key`` (``make()`` on a miss); least recently used ones are
-        dropped beyond ``max(GENERATIONS_KEPT, 4 x micro_batches)``, releasing their object-store entries."""
+        dropped beyond ``generations_kept``, releasing their object-store entries."""
         if key not in self._gen_refs:
             self._gen_refs[key] = make()
-            while len(self._gen_refs) > max(GENERATIONS_KEPT, 4 * self.options.micro_batches):
+            while len(self._gen_refs) > self.generations_kept:
                 self._gen_refs.popitem(last=False)
         self._gen_refs.move_to_end(key)
         return self._gen_refs[key]
@@ -406,7 +406,8 @@ class SplitModel:
             chain = self.segments[i : j + 1]
             first, stop = chain[0].range.start, chain[-1].range.stop
             for b in range(first, stop):
-                key = ("double_block", b) if b < depth else ("single_block", b - depth)
+                kind, k = locate(b, depth)
+                key = (f"{kind}_block", k)
                 patches[key] = self._chain_patch(chain, first) if b == first else _passthrough
             i = j + 1
         return patches
@@ -437,6 +438,14 @@ class SplitModel:
             return {"img": out.join().img}
         return run
 
+    def set_loras(self, loras: list[tuple[str | os.PathLike, float]]) -> str | None:
+        """Apply LoRA safetensors files ``[(path, strength), ...]`` (BFL/ComfyUI, kohya ``lora_unet_``
+        or diffusers PEFT keys) to every block of this split, replacing earlier ones; ``[]`` removes
+        them.  Returns the set's content hash (None when empty)."""
+        from mesh_ray.lora import set_split_loras
+
+        return set_split_loras(self, loras)
+
     # -- info and teardown ----------------------------------------------------------------------
 
     @property
@@ -445,8 +454,13 @@ class SplitModel:
 
     @property
     def generations_cached(self) -> int:
-        """Per-generation constants held in the object store now (bounded: 4 x micro_batches)."""
+        """Per-generation constants held in the object store now (at most ``generations_kept``)."""
         return len(self._gen_refs)
+
+    @property
+    def generations_kept(self) -> int:
+        """The bound of that cache: as many as a stage keeps, and at least 4 per micro-batch."""
+        return max(GENERATIONS_KEPT, 4 * self.options.micro_batches)
 
     def stage_info(self, timeout_s: float = 30) -> list[dict]:
         out = []

@@ -14,16 +14,9 @@ from mesh_ray.errors import StageError
 from mesh_ray.mesh import connect
 from mesh_ray.sampler import generate, random_conditioning
 
-from test_flux_model import inputs
+from conftest import inputs, local_model
 
 GEN = dict(width=64, height=64, steps=5, seed=3, progress=False)
-
-
-@pytest.fixture
-def mesh(ray_local):
-    m = connect()
-    yield m
-    m.close()
 
 
 def _pid(split, k: int) -> int:
@@ -119,3 +112,18 @@ def test_node_loss_replaces_the_stage_on_a_survivor_then_fails_clearly(tiny_ckpt
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_block_patch_path_recovers_the_same_way(mesh, tiny_ckpts):
+    """ComfyUI-style block replacement goes through the same submit_chain/collect: a stage killed
+    while patched blocks run is restarted and the output is identical."""
+    path = str(tiny_ckpts["flux1"])
+    model = local_model(path)
+    args = inputs(model.config)
+    with mesh.split(path, n_blocks_remote=4, codec="raw") as split:
+        opts = {"patches_replace": {"dit": split.block_patches()}}
+        with torch.inference_mode():
+            clean = model(*args, transformer_options=opts)
+            ray.kill(split.segments[1].actor, no_restart=False)
+            again = model(*args, transformer_options=opts)
+        assert torch.equal(again, clean) and split.recovery.restarts == 1

@@ -7,17 +7,8 @@ from mesh_ray.actors.device import resolve_dtype
 from mesh_ray.config import ConnectOptions, SplitOptions
 from mesh_ray.errors import ConfigError
 from mesh_ray.mesh import connect
-from mesh_ray.models.checkpoint import inspect, load_blocks
-from mesh_ray.models.flux import build
 
-from test_flux_model import inputs
-
-
-@pytest.fixture
-def mesh(ray_local):
-    m = connect()
-    yield m
-    m.close()
+from conftest import inputs, local_model
 
 
 def test_one_dtype_rule_per_device():
@@ -33,9 +24,7 @@ def test_each_stage_computes_in_its_own_dtype(mesh, tiny_ckpts):
     """A caller in fp32 with a bf16 stage (what a CPU driver and a GPU stage are): the stage is
     not forced to the caller's dtype, and every link says which dtype it carried."""
     path = str(tiny_ckpts["flux1"])
-    info = inspect(path)
-    model = build(info.config, "meta")
-    model.load_state_dict(load_blocks(path, ["all"], non_block=True, info=info), assign=True, strict=True)
+    model = local_model(path)
     args = inputs(model.config)
     with torch.inference_mode():
         ref = model(*args)
@@ -76,18 +65,16 @@ def test_options_precedence_for_every_form(mesh, tiny_ckpts, monkeypatch):
 
 def test_patch_path_cache_stays_bounded(mesh, tiny_ckpts):
     path = str(tiny_ckpts["flux2"])
-    info = inspect(path)
-    model = build(info.config, "meta")
-    model.load_state_dict(load_blocks(path, ["all"], non_block=True, info=info), assign=True, strict=True)
+    model = local_model(path)
     split = mesh.split(path, n_blocks_remote=2)
     try:
         patches = {"patches_replace": {"dit": split.block_patches()}}
         img, img_ids, txt, txt_ids, t, y, g = inputs(model.config)
         seen = 0
-        for i in range(12):  # a different txt_ids offset: a different rotary pe every call
+        for i in range(split.generations_kept + 4):  # a different txt_ids offset: a different rotary pe every call
             with torch.inference_mode():
                 model(img, img_ids, txt, txt_ids + i, t, y, g, transformer_options=patches)
             seen = max(seen, split.generations_cached)
-        assert seen == 4 * split.options.micro_batches  # filled to its bound, never past it
+        assert seen == split.generations_kept  # filled to its bound, never past it
     finally:
         split.close()

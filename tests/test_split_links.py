@@ -8,17 +8,8 @@ import torch
 
 from mesh_ray.errors import ConfigError
 from mesh_ray.memory import OffloadSpec
-from mesh_ray.mesh import connect
 
-from test_flux_model import inputs
-from test_split import local_model
-
-
-@pytest.fixture
-def mesh(ray_local):
-    m = connect()
-    yield m
-    m.close()
+from conftest import inputs, local_model
 
 
 def reference(path, b=2):

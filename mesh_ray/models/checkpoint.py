@@ -16,13 +16,13 @@ import torch
 from pydantic import BaseModel
 
 from mesh_ray.errors import CheckpointError
-from mesh_ray.models.blocks import BlockRange, parse_range
+from mesh_ray.models.blocks import KINDS, BlockRange, global_index, parse_range
 from mesh_ray.models.flux import PRESETS, FluxConfig, default_axes_dim, preset, random_state_dict
 from mesh_ray.models.safetensors_io import load_tensors, read_header, tensor_bytes, write_atomic
 
 PREFIXES = ("model.diffusion_model.",)
 CONFIG_METADATA_KEY = "mesh_ray.config"
-_BLOCK_KEY = re.compile(r"^(double|single)_blocks\.(\d+)\.")
+_BLOCK_KEY = re.compile(rf"^({'|'.join(KINDS)})_blocks\.(\d+)\.")  # the shard unit's state-dict keys
 
 
 class CheckpointInfo(BaseModel):
@@ -117,7 +117,7 @@ def inspect(path: str | os.PathLike) -> CheckpointInfo:
         dtypes[dt] += nbytes
         m = _BLOCK_KEY.match(k)
         if m:
-            i = int(m.group(2)) + (cfg.depth if m.group(1) == "single" else 0)
+            i = global_index(m.group(1), int(m.group(2)), cfg.depth)
             if i >= cfg.num_blocks:
                 raise CheckpointError(f"{path}: block key {k} is beyond the {cfg.num_blocks} blocks its config "
                                       f"declares: the file is inconsistent; re-export it")

@@ -51,6 +51,7 @@ def _loaded_bytes():
 
     model = h.flux_patcher(seed=0)
     full = model.model_size()
+    keys_before = len(model.model.diffusion_model.state_dict())
     dm = model.model.diffusion_model
     remote_ids = {id(p) for blk in list(dm.double_blocks)[1:] + list(dm.single_blocks) for p in blk.parameters()}
     remote = sum(p.numel() * p.element_size() for blk in list(dm.double_blocks)[1:] + list(dm.single_blocks)
@@ -68,10 +69,11 @@ def _loaded_bytes():
     split.add_callback(pe.CallbacksMP.ON_LOAD, on_load)
     h.ksample(split, seed=1, steps=1)
     loaded = split.loaded_size()
+    keys_after = len(model.model.diffusion_model.state_dict())  # the shared model is whole again
     mm.unload_all_models()
     h.remote_of(split).close()
     return {"full": full, "remote": remote, "seen": seen["bytes"], "overlap": len(seen["ids"] & remote_ids),
-            "loaded": loaded, "size": split.model_size()}
+            "loaded": loaded, "size": split.model_size(), "whole_after": keys_after == keys_before}
 
 
 def test_comfyui_loads_only_the_local_blocks(comfy):
@@ -79,6 +81,7 @@ def test_comfyui_loads_only_the_local_blocks(comfy):
     assert got["remote"] > 0.5 * got["full"]  # 5 of 6 blocks: most of the model
     assert got["overlap"] == 0, got           # no remote-block parameter was in the tree ComfyUI loaded
     assert got["seen"] == got["full"] - got["remote"] == got["loaded"] == got["size"], got
+    assert got["whole_after"]  # after sampling, other nodes see every block of the input model
 
 
 def _reconfigure():
