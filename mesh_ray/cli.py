@@ -13,6 +13,7 @@ from rich.table import Table
 
 from mesh_ray.bench import goals
 from mesh_ray.cli_common import guard as _run
+from mesh_ray.names import VAE_MODES
 from mesh_ray.errors import MeshError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run FLUX diffusion transformers across the GPUs of a Ray cluster.")
@@ -25,10 +26,7 @@ class Arch(str, Enum):
     flux2 = "flux2"
 
 
-class VaeMode(str, Enum):
-    wait = "wait"
-    forget = "forget"
-    promise = "promise"
+VaeMode = Enum("VaeMode", {m: m for m in VAE_MODES}, type=str)  # the decode modes, named once in config.py
 
 
 class Codec(str, Enum):

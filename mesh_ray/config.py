@@ -11,7 +11,7 @@ import os
 from contextvars import ContextVar
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -175,10 +175,6 @@ class SplitOptions(BaseModel):
     @classmethod
     def _codec(cls, v: Any) -> Any:
         return {"mode": v} if isinstance(v, str) else v
-
-
-VaeMode = Literal["wait", "forget", "promise"]
-VAE_MODES: tuple[str, ...] = get_args(VaeMode)  # how VaeService.decode returns (docs/vae.md)
 
 
 class VaeOptions(BaseModel):

@@ -315,10 +315,10 @@ class SplitModel:
 
     def _remember(self, key: str, make: Any) -> _Generation:
         """The generation cached under ``key`` (``make()`` on a miss); least recently used ones are
-        dropped beyond ``max(GENERATIONS_KEPT, 4 x micro_batches)``, releasing their object-store entries."""
+        dropped beyond ``generations_kept``, releasing their object-store entries."""
         if key not in self._gen_refs:
             self._gen_refs[key] = make()
-            while len(self._gen_refs) > max(GENERATIONS_KEPT, 4 * self.options.micro_batches):
+            while len(self._gen_refs) > self.generations_kept:
                 self._gen_refs.popitem(last=False)
         self._gen_refs.move_to_end(key)
         return self._gen_refs[key]
@@ -446,8 +446,13 @@ class SplitModel:
 
     @property
     def generations_cached(self) -> int:
-        """Per-generation constants held in the object store now (bounded: 4 x micro_batches)."""
+        """Per-generation constants held in the object store now (at most ``generations_kept``)."""
         return len(self._gen_refs)
+
+    @property
+    def generations_kept(self) -> int:
+        """The bound of that cache: as many as a stage keeps, and at least 4 per micro-batch."""
+        return max(GENERATIONS_KEPT, 4 * self.options.micro_batches)
 
     def stage_info(self, timeout_s: float = 30) -> list[dict]:
         out = []

@@ -34,10 +34,11 @@ from ray.exceptions import RayActorError
 from mesh_ray.actors.shards import send_shard
 from mesh_ray.actors.vae import VaeDecoderActor, check_prefix
 from mesh_ray.cluster import default_num_gpus
-from mesh_ray.config import VAE_MODES, VaeMode, VaeOptions, validate
+from mesh_ray.config import VaeOptions, validate
 from mesh_ray.errors import ClusterError, ConfigError
 from mesh_ray.images import save_images
 from mesh_ray.models.vae import VaeInfo, check_tiling, inspect_vae, load_vae_state
+from mesh_ray.names import VAE_MODES, VaeMode
 from mesh_ray import metrics
 from mesh_ray.promise import Promise, actor_lost, decoder_error
 
@@ -224,20 +225,24 @@ class VaeService:
                 return None
             if req.tries > self.max_retries or self._closed:
                 req.spent = True
-                err = ClusterError(f"{self._label(req)} failed: its decoder actor died before returning, "
-                                   f"{req.tries} times: check the decoder logs (out of memory?), then decode again")
-                r.failed += 1
-                self._counts["failed"] += 1
-                self.last_error = str(err)
-                if req.mode == "forget":
-                    self._counts["forget_failed"] += 1
-                    log.warning("%s", err)
+                self._failed(r, req, ClusterError(
+                    f"{self._label(req)} failed: its decoder actor died before returning, {req.tries} times: "
+                    f"check the decoder logs (out of memory?), then decode again"))
                 return None
             log.warning("VAE decoder replica %d died with a %s request in flight: sending it again", r.index, req.mode)
             self._counts["retries"] += 1
             metrics.retry("vae_decode")
             self._send(req)
             return req.result
+
+    def _failed(self, r: _Replica, req: Any, err: Exception) -> None:
+        """Count a failed request (lock held); a forget-mode failure, which nobody waits on, is logged."""
+        r.failed += 1
+        self._counts["failed"] += 1
+        self.last_error = str(err)
+        if req.mode == "forget":
+            self._counts["forget_failed"] += 1
+            log.warning("%s", err)
 
     def _reap(self) -> None:
         """Account for finished requests (lock held): counts, forget failures, dead actors (re-sent)."""
@@ -265,13 +270,7 @@ class VaeService:
                     if actor_lost(e):
                         self._resend(req, ref)  # re-sent, or counted as failed when spent
                         continue
-                    err = decoder_error(e, self._label(req))
-                    r.failed += 1
-                    self._counts["failed"] += 1
-                    self.last_error = str(err)
-                    if req.mode == "forget":
-                        self._counts["forget_failed"] += 1
-                        log.warning("%s", err)
+                    self._failed(r, req, decoder_error(e, self._label(req)))
                     continue
                 r.completed += 1
                 self._counts["completed"] += 1

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from mesh_ray.config import VAE_MODES
 from mesh_ray.errors import ConfigError
+from mesh_ray.names import VAE_MODES
 from mesh_ray.workflow.registry import Expansion, node
 
 
