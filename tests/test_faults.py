@@ -127,3 +127,23 @@ def test_block_patch_path_recovers_the_same_way(mesh, tiny_ckpts):
             ray.kill(split.segments[1].actor, no_restart=False)
             again = model(*args, transformer_options=opts)
         assert torch.equal(again, clean) and split.recovery.restarts == 1
+
+
+def test_generations_leave_no_growth_in_the_store_or_the_split(mesh, tiny_ckpts):
+    """Once the generation caches are full, more generations do not grow the object store's used
+    bytes; the split keeps no chain inputs (recovery) once each step is collected."""
+    from mesh_ray.workflow.memory import store_bytes_used
+
+    gen = dict(width=32, height=32, steps=2, progress=False)
+    with mesh.split(str(tiny_ckpts["flux1"]), stages=2, codec="raw") as split:
+        full = split.generations_kept + 2
+        txt, y = random_conditioning(split.config, seed=4)
+        used = []
+        for k in range(full + 8):
+            generate(split, txt, y, seed=k, **gen)
+            assert not split.recovery.calls
+            used.append(store_bytes_used())
+        assert split.generations_cached <= split.generations_kept
+    assert None not in used
+    early, late = max(used[full - 4 : full]), max(used[full + 4 :])
+    assert late <= early + 1_000_000, used  # no trend beyond noise once the caches are full
