@@ -7,16 +7,8 @@ import pytest
 import torch
 
 from mesh_ray.errors import ConfigError
-from mesh_ray.mesh import connect
 from mesh_ray.pipeline import ImageRequest, generate_many
 from mesh_ray.sampler import generate, random_conditioning
-
-
-@pytest.fixture
-def mesh(ray_local):
-    m = connect()
-    yield m
-    m.close()
 
 
 def requests(cfg, n, steps=3, size=32):
@@ -27,13 +19,14 @@ def requests(cfg, n, steps=3, size=32):
     return out
 
 
-@pytest.mark.parametrize("arch, stages", [("flux1", 2), ("flux2", 3)])
-def test_generate_many_equals_generate_per_image_bit_for_bit(mesh, tiny_ckpts, arch, stages):
-    split = mesh.split(str(tiny_ckpts[arch]), stages=stages, codec="raw")
+@pytest.mark.parametrize("arch, layout", [("flux1", {"stages": 2}), ("flux2", {"stages": 3}),
+                                          ("flux1", {"n_blocks_remote": 3})])  # front blocks in the caller
+def test_generate_many_equals_generate_per_image_bit_for_bit(mesh, tiny_ckpts, arch, layout):
+    split = mesh.split(str(tiny_ckpts[arch]), codec="raw", **layout)
     reqs = requests(split.config, 5)
     events = []
     res = generate_many(split, reqs, progress=False, callback=events.append)
-    assert res.max_in_flight == stages + 1
+    assert res.max_in_flight == len(split.stages) + 1
     assert sorted(res.order) == list(range(5)) and res.cancelled == []
     for i, r in enumerate(reqs):
         alone = generate(split, r.txt, r.y, width=r.width, height=r.height, steps=r.steps, seed=r.seed,
