@@ -7,7 +7,6 @@ import torch
 from safetensors.torch import save_file
 
 from mesh_ray.errors import CheckpointError
-from mesh_ray.mesh import connect
 from mesh_ray.models.checkpoint import inspect, load_blocks
 from mesh_ray.models.flux import build
 
@@ -58,13 +57,6 @@ def patched_reference(model, lw, strength):
         for k, (up, down) in lw.items():
             params[k] += strength * (ALPHA / RANK) * (up @ down)
     return model
-
-
-@pytest.fixture
-def mesh(ray_local):
-    m = connect()
-    yield m
-    m.close()
 
 
 def test_set_loras_bfl_and_kohya_layouts_patch_local_and_remote_blocks(mesh, tiny_ckpts, tmp_path):
