@@ -29,7 +29,8 @@ from mesh_ray.mesh import Mesh
 from mesh_ray.models.blocks import BlockRange
 from mesh_ray.models.checkpoint import save_checkpoint, shard_digest
 from mesh_ray.models.flux import FluxConfig
-from mesh_ray.split import SplitModel, default_cache_dir
+from mesh_ray.actors.shards import default_cache_dir
+from mesh_ray.split import SplitModel
 
 from .registry import record_split
 
