@@ -131,6 +131,7 @@ class SplitModel:
             if seg.spec.local:
                 seg.dtype = self.dtype
         self.last = StepStats()  # for reports only: concurrent steps get theirs from finish_step
+        self.plan = None  # the planner's Plan when mesh.split(plan=...) chose the stages
         self._gen_refs: OrderedDict[str, _Generation] = OrderedDict()
         self._pg = None
         self._closed = False
