@@ -10,7 +10,7 @@ from ray.cluster_utils import Cluster
 from mesh_ray.errors import ClusterError
 from mesh_ray.mesh import connect
 
-from conftest import inputs
+from helpers import inputs
 
 
 def free_port():

@@ -14,7 +14,7 @@ from mesh_ray.errors import StageError
 from mesh_ray.mesh import connect
 from mesh_ray.sampler import generate, random_conditioning
 
-from conftest import inputs, local_model
+from helpers import inputs, local_model
 
 GEN = dict(width=64, height=64, steps=5, seed=3, progress=False)
 

@@ -7,7 +7,7 @@ import torch
 from mesh_ray.errors import ConfigError
 from mesh_ray.models.flux import PRESETS, build, pack_latent, position_ids, preset, random_state_dict, unpack_tokens
 
-from conftest import inputs
+from helpers import inputs
 
 
 def tiny(arch, seed=0):

@@ -69,7 +69,7 @@ def test_vae_retries_restarts_and_queue_depth_reach_prometheus(ray_local, tmp_pa
 
 def test_split_step_wire_and_restart_metrics_reach_prometheus(ray_local, tiny_ckpts):
     from mesh_ray.mesh import connect
-    from conftest import inputs
+    from helpers import inputs
 
     base = read_metrics()
     with connect().split(str(tiny_ckpts["flux1"]), stages=2, codec="quant8") as split:

@@ -7,7 +7,7 @@ from mesh_ray.errors import ConfigError
 from mesh_ray.models.flux import PRESETS
 from mesh_ray.sampler import generate, initial_noise, random_conditioning, schedule
 
-from conftest import local_model
+from helpers import local_model
 
 # Produced by BFL's own get_schedule functions (flux/sampling.py, flux2/src/flux2/sampling.py).
 REFERENCE = [

@@ -6,7 +6,7 @@ import torch
 
 from mesh_ray.errors import ConfigError, StageError
 
-from conftest import inputs, local_model
+from helpers import inputs, local_model
 
 
 @pytest.mark.parametrize("arch", ["flux1", "flux2"])

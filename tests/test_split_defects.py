@@ -8,7 +8,7 @@ from mesh_ray.config import ConnectOptions, SplitOptions
 from mesh_ray.errors import ConfigError
 from mesh_ray.mesh import connect
 
-from conftest import inputs, local_model
+from helpers import inputs, local_model
 
 
 def test_one_dtype_rule_per_device():

@@ -9,7 +9,7 @@ import torch
 from mesh_ray.errors import ConfigError
 from mesh_ray.memory import OffloadSpec
 
-from conftest import inputs, local_model
+from helpers import inputs, local_model
 
 
 def reference(path, b=2):

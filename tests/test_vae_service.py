@@ -29,7 +29,7 @@ def vae_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def service(vae_file, tmp_path_factory):
-    from conftest import ensure_ray  # the session Ray of tests/conftest.py (ray_local is per test)
+    from helpers import ensure_ray  # the session Ray of tests/conftest.py (ray_local is per test)
 
     ensure_ray()
     svc = VaeService(vae_file, replicas=2, output_dir=tmp_path_factory.mktemp("forget"), **ACTOR_OPTS)
