@@ -14,16 +14,9 @@ from mesh_ray.errors import StageError
 from mesh_ray.mesh import connect
 from mesh_ray.sampler import generate, random_conditioning
 
-from test_flux_model import inputs
+from conftest import inputs
 
 GEN = dict(width=64, height=64, steps=5, seed=3, progress=False)
-
-
-@pytest.fixture
-def mesh(ray_local):
-    m = connect()
-    yield m
-    m.close()
 
 
 def _pid(split, k: int) -> int:

@@ -7,16 +7,8 @@ import pytest
 import torch
 
 from mesh_ray.errors import ConfigError
-from mesh_ray.mesh import connect
 from mesh_ray.pipeline import ImageRequest, generate_many
 from mesh_ray.sampler import generate, random_conditioning
-
-
-@pytest.fixture
-def mesh(ray_local):
-    m = connect()
-    yield m
-    m.close()
 
 
 def requests(cfg, n, steps=3, size=32):

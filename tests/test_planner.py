@@ -12,8 +12,7 @@ from mesh_ray.models.blocks import check_cover, parse_range
 from mesh_ray.models.flux import preset
 from mesh_ray.planner import ModelShape, Plan, plan_for
 
-from test_split import local_model
-from test_flux_model import inputs
+from conftest import inputs, local_model
 
 UNIFORM = ModelShape(depth=10, num_single=20, block_bytes=(100,) * 30)
 
