@@ -220,6 +220,21 @@ def bench_vae(generations: int = typer.Option(6, min=2), size: int = typer.Optio
         print(json.dumps(result, default=str))
 
 
+@bench_app.command("faults")
+def bench_faults(generations: int = typer.Option(20, min=2, help="Generations for the leak soak (the issue asks 200)."),
+                 decodes: int = typer.Option(20, min=2, help="Promise decodes for the leak soak."),
+                 clients: int = typer.Option(8, min=1), runs: int = typer.Option(2, min=1, help="Graphs per client."),
+                 steps: int = typer.Option(4, min=1), size: int = typer.Option(64, min=16),
+                 as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")) -> None:
+    """Every fault of docs/faults.md once on a local 3-node cluster: survived, outputs lost, extra seconds; leaks; load."""
+    from mesh_ray.bench.faults import format_table, run_faults_bench
+
+    result = _run(lambda: run_faults_bench(generations, decodes, clients, runs, steps, size))
+    print(format_table(result))
+    if as_json:
+        print(json.dumps(result, default=str))
+
+
 @app.command()
 def doctor() -> None:
     """Which codec backends work on this machine, and why not where they do not."""

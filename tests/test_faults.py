@@ -14,7 +14,7 @@ from mesh_ray.errors import StageError
 from mesh_ray.mesh import connect
 from mesh_ray.sampler import generate, random_conditioning
 
-from conftest import inputs
+from conftest import inputs, local_model
 
 GEN = dict(width=64, height=64, steps=5, seed=3, progress=False)
 
@@ -112,3 +112,38 @@ def test_node_loss_replaces_the_stage_on_a_survivor_then_fails_clearly(tiny_ckpt
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_block_patch_path_recovers_the_same_way(mesh, tiny_ckpts):
+    """ComfyUI-style block replacement goes through the same submit_chain/collect: a stage killed
+    while patched blocks run is restarted and the output is identical."""
+    path = str(tiny_ckpts["flux1"])
+    model = local_model(path)
+    args = inputs(model.config)
+    with mesh.split(path, n_blocks_remote=4, codec="raw") as split:
+        opts = {"patches_replace": {"dit": split.block_patches()}}
+        with torch.inference_mode():
+            clean = model(*args, transformer_options=opts)
+            ray.kill(split.segments[1].actor, no_restart=False)
+            again = model(*args, transformer_options=opts)
+        assert torch.equal(again, clean) and split.recovery.restarts == 1
+
+
+def test_generations_leave_no_growth_in_the_store_or_the_split(mesh, tiny_ckpts):
+    """Once the generation caches are full, more generations do not grow the object store's used
+    bytes; the split keeps no chain inputs (recovery) once each step is collected."""
+    from mesh_ray.workflow.memory import store_bytes_used
+
+    gen = dict(width=32, height=32, steps=2, progress=False)
+    with mesh.split(str(tiny_ckpts["flux1"]), stages=2, codec="raw") as split:
+        full = split.generations_kept + 2
+        txt, y = random_conditioning(split.config, seed=4)
+        used = []
+        for k in range(full + 8):
+            generate(split, txt, y, seed=k, **gen)
+            assert not split.recovery.calls
+            used.append(store_bytes_used())
+        assert split.generations_cached <= split.generations_kept
+    assert None not in used
+    early, late = max(used[full - 4 : full]), max(used[full + 4 :])
+    assert late <= early + 1_000_000, used  # no trend beyond noise once the caches are full

@@ -65,3 +65,34 @@ def test_vae_retries_restarts_and_queue_depth_reach_prometheus(ray_local, tmp_pa
         for r in runs:
             s.cancel(r)
         s.shutdown()
+
+
+def test_split_step_wire_and_restart_metrics_reach_prometheus(ray_local, tiny_ckpts):
+    from mesh_ray.mesh import connect
+    from conftest import inputs
+
+    base = read_metrics()
+    with connect().split(str(tiny_ckpts["flux1"]), stages=2, codec="quant8") as split:
+        args = inputs(split.config)
+        split(*args)
+        ray.kill(split.segments[1].actor, no_restart=False)
+        split(*args)  # stage 1 restarts, the step is sent again
+    link = dict(link="stage0->stage1", mode="quant8")
+
+    def grew(x: dict, name: str, by: float = 1, **labels: str) -> bool:
+        return total(x, name, **labels) - total(base, name, **labels) >= by
+
+    def seen(x: dict) -> bool:
+        return (grew(x, "ray_mesh_ray_stage_step_ms_count", 2, stage="0")
+                and grew(x, "ray_mesh_ray_stage_step_ms_count", 2, stage="1")
+                and grew(x, "ray_mesh_ray_wire_encode_ms_count", 2, **link)
+                and grew(x, "ray_mesh_ray_wire_decode_ms_count", 2, **link)
+                and grew(x, "ray_mesh_ray_wire_raw_bytes_total", 1, **link)
+                and grew(x, "ray_mesh_ray_retries_total", 1, kind="stage_step")
+                and grew(x, "ray_mesh_ray_restarts_total", 1, kind="stage"))
+
+    got = _poll(seen)
+    assert seen(got), {k: v for k, v in got.items() if "bucket" not in k}
+    raw = total(got, "ray_mesh_ray_wire_raw_bytes_total", **link) - total(base, "ray_mesh_ray_wire_raw_bytes_total", **link)
+    coded = total(got, "ray_mesh_ray_wire_coded_bytes_total", **link) - total(base, "ray_mesh_ray_wire_coded_bytes_total", **link)
+    assert 0 < coded < raw  # quant8 moved fewer bytes than the raw tensors hold

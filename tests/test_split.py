@@ -99,7 +99,7 @@ def test_dead_stage_fails_fast_with_a_clear_error(mesh, tiny_ckpts):
     split = mesh.split(str(tiny_ckpts["flux1"]), stages=2, step_timeout_s=60)
     args = inputs(split.config)
     split(*args)
-    ray.kill(split.stages[1].actor)
+    ray.kill(split.stages[1].actor)  # killed for good (no_restart=True): no restart can bring it back
     with pytest.raises(StageError, match=r"stage 1 \(single:1-3\) died and cannot come back .* create the split again"):
         split(*args)
     split.close()
