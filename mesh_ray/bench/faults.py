@@ -57,6 +57,20 @@ def _rss(pid: int | None = None) -> int:
 # -- faults -----------------------------------------------------------------------------------------
 
 
+def remove_node(cluster: Any, node_id: str, timeout_s: float = 90.0) -> None:
+    """Remove a ``ray.cluster_utils.Cluster`` node (no drain) and wait until Ray reports it dead, so the
+    next step surely meets the loss."""
+    from mesh_ray.errors import ClusterError
+
+    cluster.remove_node(next(n for n in cluster.worker_nodes if n.node_id == node_id), allow_graceful=False)
+    end = time.monotonic() + timeout_s
+    while any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes()):
+        if time.monotonic() > end:
+            raise ClusterError(f"Ray did not report node {node_id[:8]} dead within {timeout_s:g} s after its removal")
+        time.sleep(0.2)
+
+
+
 def _stage_kill(split, txt, y, gen: dict) -> dict:
     from mesh_ray.sampler import generate
 
@@ -78,11 +92,10 @@ def _node_loss(cluster, mesh, ckpt: str, txt, y, gen: dict, cache_dir: str) -> d
     with mesh.split(ckpt, ship="always", cache_dir=cache_dir, **STAGE_OPTS) as split:
         clean, clean_s = _timed(lambda: generate(split, txt, y, **gen))
         node_id = split.stage_info()[1]["node_id"]
-        victim = next(n for n in cluster.worker_nodes if n.node_id == node_id)
 
         def lose(step: int, _n: int, _img: torch.Tensor) -> None:
             if step == 1:
-                cluster.remove_node(victim, allow_graceful=False)
+                remove_node(cluster, node_id)
 
         try:
             out, fault_s = _timed(lambda: generate(split, txt, y, callback=lose, **gen))
@@ -337,4 +350,4 @@ def format_table(r: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["format_table", "run_faults_bench"]
+__all__ = ["format_table", "remove_node", "run_faults_bench"]
