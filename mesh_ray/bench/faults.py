@@ -145,6 +145,19 @@ LEAVER = textwrap.dedent("""
 """)
 
 
+def kill_service(timeout_s: float = 60.0) -> None:
+    """Kill the workflow service as a crash would (no shutdown) and wait until its name is free."""
+    from mesh_ray.errors import ClusterError
+    from mesh_ray.workflow.service import find_service
+
+    ray.kill(find_service())
+    end = time.monotonic() + timeout_s
+    while find_service() is not None:
+        if time.monotonic() > end:
+            raise ClusterError(f"the killed workflow service still holds its name after {timeout_s:g} s")
+        time.sleep(0.1)
+
+
 def _graph(tag: str, seconds: float = 0.2) -> dict:
     return {"s": {"class_type": "Sleep", "inputs": {"seconds": seconds, "value": tag}},
             "c": {"class_type": "Checksum", "inputs": {"data": ["s", 0]}}}
@@ -183,12 +196,12 @@ def _client_disconnect(address: str, tmp: Path) -> dict:
 
 def _service_restart() -> dict:
     from mesh_ray.workflow import WorkflowError
-    from mesh_ray.workflow.service import Workflows, find_service, serve
+    from mesh_ray.workflow.service import Workflows, serve
 
     wf = Workflows.connect(service=True, client_id="dave")
     held = wf.submit(_graph("held", 300))
     t0 = time.perf_counter()
-    ray.kill(find_service())
+    kill_service()
     serve(max_parallel=2)
     lost = 0
     try:
@@ -350,4 +363,4 @@ def format_table(r: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["format_table", "remove_node", "run_faults_bench"]
+__all__ = ["format_table", "kill_service", "remove_node", "run_faults_bench"]
