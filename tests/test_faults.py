@@ -26,7 +26,7 @@ def _pid(split, k: int) -> int:
 
 def test_killed_stage_restarts_and_the_generation_is_bit_identical(mesh, tiny_ckpts):
     path = str(tiny_ckpts["flux1"])
-    with mesh.split(path, stages=2, codec="raw", dtype="float32") as split:
+    with mesh.split(path, stages=2, codec="raw", dtype="float32", micro_batches=2) as split:
         txt, y = random_conditioning(split.config, seed=1)
         clean = generate(split, txt, y, **GEN)
         pids = [_pid(split, 0), _pid(split, 1)]
@@ -36,15 +36,15 @@ def test_killed_stage_restarts_and_the_generation_is_bit_identical(mesh, tiny_ck
                 ray.kill(split.segments[1].actor, no_restart=False)
 
         assert torch.equal(generate(split, txt, y, callback=kill_between_steps, **GEN), clean)
-        # Mid-step: the step is in flight on both stages when stage 0 dies.
+        # Mid-step: both micro-batches of the step are in flight on the stages when stage 0 dies.
         args = inputs(split.config)
         ref = split(*args)
         step = split.submit_step(*args)
         ray.kill(split.segments[0].actor, no_restart=False)
         out, stats = split.finish_step(step)
-        assert torch.equal(out, ref) and stats.hops == 3
+        assert torch.equal(out, ref) and stats.hops == 6  # 2 micro-batches x 3 hops
         assert _pid(split, 0) != pids[0] and _pid(split, 1) != pids[1]
-        assert split.recovery.restarts == 2 and split.recovery.retries == 2
+        assert split.recovery.restarts == 2 and split.recovery.retries >= 2
         info = split.stage_info()
         assert all(i["loaded"] and i["shard_source"] == "file" for i in info)
 
