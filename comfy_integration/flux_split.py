@@ -24,6 +24,7 @@ import torch
 
 from mesh_ray.config import SplitOptions, StageSpec
 from mesh_ray.errors import ConfigError, MeshError, StageError
+from mesh_ray.lora import LoraSet, send
 from mesh_ray.mesh import Mesh
 from mesh_ray.models.blocks import BlockRange
 from mesh_ray.models.checkpoint import save_checkpoint, shard_digest
@@ -140,6 +141,8 @@ class RemoteBlocks:
         self.options, self.plan, self.address = options, plan, address
         self.split: SplitModel | None = None
         self.builds = 0
+        self.lora_applied: str | None = None  # content hash of the LoRA set on the stages
+        self.lora_ships = 0
         self._patches: dict = {}
         self._lock = threading.RLock()
 
@@ -157,6 +160,7 @@ class RemoteBlocks:
             record_split(self.key, None, self.address, self.plan, str(e))
             raise
         self.split, self._patches = split, split.block_patches()
+        self.lora_applied = None  # fresh stages hold the base weights
         self.builds += 1
         record_split(self.key, split, self.address, self.plan)
 
@@ -172,10 +176,24 @@ class RemoteBlocks:
         except Exception:  # noqa: BLE001 - RayActorError, timeouts: the stage is gone
             return False
 
-    def run(self, block: tuple[str, int], args: dict, extra: dict) -> dict:
+    def same_build(self, shard: Path, specs: list[StageSpec], options: SplitOptions) -> bool:
+        """Whether these stages already run this shard and plan (then a LoRA change needs no restart)."""
+        return self.shard == shard and self.specs == specs and self.options == options
+
+    def use_lora(self, lora: tuple[str | None, LoraSet]) -> None:
+        """Put LoRA set ``lora`` = (hash, set) on the stages unless it is there already (shipped once)."""
+        dg, lset = lora
+        with self._lock:
+            split = self.ensure()
+            if self.lora_applied != dg:
+                send(split, lset, dg)
+                self.lora_applied = dg
+                self.lora_ships += 1
+
+    def run(self, block: tuple[str, int], args: dict, extra: dict, lora: tuple[str | None, LoraSet]) -> dict:
         """Run one patched block (the first of a remote chain runs the whole chain)."""
-        self.ensure()
         try:
+            self.use_lora(lora)
             return self._patches[block](args, extra)
         except StageError:
             with self._lock:
@@ -183,12 +201,13 @@ class RemoteBlocks:
                     raise
                 self.close()  # a stage died since the last queue: re-create all of them once
                 self._build()
+            self.use_lora(lora)
             return self._patches[block](args, extra)
 
-    def patch(self, block: tuple[str, int]) -> Callable[[dict, dict], dict]:
+    def patch(self, block: tuple[str, int], lora: tuple[str | None, LoraSet]) -> Callable[[dict, dict], dict]:
         """A ``patches_replace["dit"]`` entry (a plain closure: ComfyUI deep-copies model options)."""
         def run(args: dict, extra: dict) -> dict:
-            return self.run(block, args, extra)
+            return self.run(block, args, extra, lora)
         return run
 
     def close(self) -> None:
@@ -209,7 +228,18 @@ class RemotePlaceholder(torch.nn.Module):
                         f"MeshSplitFlux replaced ComfyUI's block patches; place it before MeshSplitFlux")
 
 
-def split_clone(model: Any, remote: RemoteBlocks, ranges: list[BlockRange]) -> Any:
+def restore_blocks(patcher: Any) -> None:
+    """Undo the placeholder object patch on the shared model (ComfyUI re-applies it when loading)."""
+    import comfy.utils
+
+    for attr in ("double_blocks", "single_blocks"):
+        k = f"diffusion_model.{attr}"
+        if k in patcher.object_patches and k in patcher.object_patches_backup:
+            comfy.utils.set_attr(patcher.model, k, patcher.object_patches_backup.pop(k))
+
+
+def split_clone(model: Any, remote: RemoteBlocks, ranges: list[BlockRange],
+                lora: tuple[str | None, LoraSet] = (None, {})) -> Any:
     """A clone of ``model`` whose ``ranges`` run through ``remote``; ``model`` stays as it was."""
     depth = len(block_list(model, "double_blocks"))
     replace = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
@@ -227,8 +257,13 @@ def split_clone(model: Any, remote: RemoteBlocks, ranges: list[BlockRange]) -> A
         clone.add_object_patch(f"diffusion_model.{attr}", torch.nn.ModuleList(
             [RemotePlaceholder(f"{kind} {i}") if i in mine else m for i, m in enumerate(mods)]))
         for i in mine:
-            clone.set_model_patch_replace(remote.patch((kind, i)), "dit", kind, i)
-    clone.model_options["transformer_options"][MARK] = {"key": remote.key, "plan": remote.plan}
+            clone.set_model_patch_replace(remote.patch((kind, i), lora), "dit", kind, i)
+    # After sampling, put the real block lists back into the shared model: other nodes (a LoraLoader
+    # building its key map, a model saver) must see every block; the next load re-applies the patch.
+    import comfy.patcher_extension
+
+    clone.add_callback(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, restore_blocks)
+    clone.model_options["transformer_options"][MARK] = {"key": remote.key, "plan": remote.plan, "lora": lora[0]}
     # Weight patches of remote blocks do not apply here: drop them (forwarded to the stages instead).
     prefixes = tuple(f"diffusion_model.{block_prefix(model, b)}" for b in blocks)
     for k in [k for k in clone.patches if k.startswith(prefixes)]:

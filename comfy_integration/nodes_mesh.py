@@ -9,7 +9,10 @@ from mesh_ray.config import SplitOptions
 from mesh_ray.errors import MeshError
 
 from .connection import mesh_for
+from mesh_ray.lora import digest
+
 from .flux_split import RemoteBlocks, compute_dtype, flux_config, flux_module, shard_file, split_clone
+from .lora_patches import remote_lora_set
 from .plan import describe, plan_stages, remote_ranges
 
 CATEGORY = "mesh"
@@ -103,16 +106,21 @@ class MeshSplitFlux:
         options = SplitOptions(dtype=dtype, codec=codec)
         key = str(unique_id if unique_id is not None else id(self))
         address = getattr(mesh.options, "address", None) or mesh.mode
-        remote = RemoteBlocks(key, mesh, shard_file(model, config, ranges, dtype), specs, options,
-                              describe(specs), address)
+        lset = remote_lora_set(model, ranges) if forward_loras else {}
+        lora = (digest(lset) if lset else None, lset)
+        shard = shard_file(model, config, ranges, dtype)
         with _live_lock:
             old = _live.pop(key, None)
-        if old is not None:
-            old.close()  # reconfigured: the previous stages go before the new ones start
-        remote.ensure()  # start the stages now: a bad plan or cluster is this node's error
+        if old is not None and old.mesh is mesh and old.same_build(shard, specs, options):
+            remote = old  # same model and plan (e.g. only a LoRA changed): keep the running stages
+        else:
+            if old is not None:
+                old.close()  # reconfigured: the previous stages go before the new ones start
+            remote = RemoteBlocks(key, mesh, shard, specs, options, describe(specs), address)
         with _live_lock:
             _live[key] = remote
-        return (split_clone(model, remote, ranges),)
+        remote.use_lora(lora)  # start the stages and patch them now: a bad plan, cluster or LoRA is this node's error
+        return (split_clone(model, remote, ranges, lora),)
 
 
 NODE_CLASS_MAPPINGS = {"MeshConnect": MeshConnect, "MeshSplitFlux": MeshSplitFlux}

@@ -7,7 +7,8 @@ from typing import Any
 
 import ray
 
-from mesh_ray.cluster_access import TOKEN_FIX, preflight, present_token_if_available, probe_tcp, resolve_address
+from mesh_ray.cluster_access import (TOKEN_FIX, client_refused, preflight, present_token_if_available, probe_tcp,
+                                     resolve_address)
 from mesh_ray.config import ConnectOptions
 from mesh_ray.errors import ClusterError
 
@@ -23,6 +24,12 @@ def _init(**kwargs: Any) -> None:
         ray.init(**kwargs)
     except Exception as e:  # noqa: BLE001 - Ray raises several unrelated types here
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if where.startswith("ray://") and "connection timeout" in msg:
+            raise client_refused(where) from None
+        if "No node info found" in msg:  # a driver by host:port needs a Ray node of that cluster on its machine
+            raise ClusterError(f"this machine runs no node of the Ray cluster at {where}: drivers outside the cluster "
+                               f"connect with ray://HEAD:10001 (Ray Client), or join this machine with "
+                               f"`ray start --address={where}`") from None
         if "auth" in msg.lower() or "token" in msg.lower():
             raise ClusterError(f"Ray at {where} refused the connection ({msg}): {TOKEN_FIX}") from None
         raise ClusterError(f"could not join Ray at {where} ({msg}): check that `ray status` works on the head and "

@@ -97,6 +97,15 @@ def _auth_error(address: str, mode: str) -> ClusterError:
                         f"cluster's token; {TOKEN_FIX}")
 
 
+def client_refused(address: str) -> ClusterError:
+    """Why a Ray Client (``ray://``) connection timed out: a missing or wrong token, or no client server there."""
+    source = token_source()
+    token = f"this machine's token (from {source}) may not be the cluster's" if source else "this machine has no auth token"
+    return ClusterError(f"the Ray Client server at {address} did not let this driver in: {token}: {TOKEN_FIX}; "
+                        f"or the head runs no client server on that port (`ray start --head "
+                        f"--ray-client-server-port=10001` is the default)")
+
+
 def check_versions(metadata: dict, address: str) -> None:
     """Ray's own version check on the cluster's metadata, as a one-line ClusterError naming both sides."""
     from ray._private.utils import check_version_info, compute_version_info

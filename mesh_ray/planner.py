@@ -113,11 +113,12 @@ class Plan(BaseModel):
 
     def table(self) -> str:
         """The plan for people: one line per stage, then the prediction and the bottleneck."""
-        lines = [f"{'stage':<6}{'device':<28}{'blocks':<24}{'ms/step':>9}{'weights GB':>12}{'free GB':>9}  offload"]
-        for i, s in enumerate(self.stages):
-            free = "-" if s.free_bytes is None else f"{s.free_bytes / 1e9:.2f}"
-            lines.append(f"{i:<6}{s.device[:27]:<28}{s.blocks:<24}{s.ms:>9.2f}{s.weight_bytes / 1e9:>12.3f}{free:>9}  "
-                         f"{'yes' if s.offload else 'no'}")
+        from mesh_ray.bench import text_table
+
+        lines = [text_table(["stage", "device", "blocks", "ms/step", "weights GB", "free GB", "offload"],
+                            [[i, s.device, s.blocks, f"{s.ms:.2f}", f"{s.weight_bytes / 1e9:.3f}",
+                              None if s.free_bytes is None else f"{s.free_bytes / 1e9:.2f}", "yes" if s.offload else "no"]
+                             for i, s in enumerate(self.stages)])]
         lines.append(f"caller front (embedders + final layer): {self.front_ms:.2f} ms/step; link {self.link_ms:.2f} ms/hop")
         lines.append(f"predicted: {self.predicted_images_per_s:.4g} images/s at {self.steps} steps with "
                      f"{self.in_flight} images in flight; bottleneck: {self.bottleneck} ({self.bottleneck_ms:.2f} ms/step)")

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from mesh_ray.actors.device import pick_device
 from mesh_ray.errors import ConfigError
 from mesh_ray.models.flux import BlockState, Flux, FluxConfig, build, position_ids
 
@@ -67,17 +68,11 @@ def _timed(fn: Any, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _device(dtype: str) -> tuple[torch.device, torch.dtype]:
-    from mesh_ray.actors.device import pick_device  # imports Ray: only where a device must be picked
-
-    return pick_device(dtype)
-
-
 @torch.inference_mode()
 def measure_blocks(cfg: FluxConfig, img_tokens: int, txt_tokens: int, dtype: str = "auto", repeats: int = 3,
                    device: tuple[torch.device, torch.dtype] | None = None) -> dict:
     """In this process: ms of one double and one single block, free and working memory, host-to-device speed."""
-    device, dt = device or _device(dtype)
+    device, dt = device or pick_device(dtype)
     model = build(cfg, "meta", dt)
     firsts = ([0] if cfg.depth else []) + ([cfg.depth] if cfg.depth_single_blocks else [])
     if device.type == "cuda":
@@ -124,7 +119,7 @@ def measure_blocks(cfg: FluxConfig, img_tokens: int, txt_tokens: int, dtype: str
 def measure_front(cfg: FluxConfig, img_tokens: int, txt_tokens: int, dtype: str = "auto", repeats: int = 3,
                   device: tuple[torch.device, torch.dtype] | None = None) -> float:
     """ms per step of the caller's part: input checks, conditioning, image embedder and final layer."""
-    device, dt = device or _device(dtype)
+    device, dt = device or pick_device(dtype, driver=True)
     model = build(cfg, "meta", dt)
     _materialise(model, device, dt, [])
     img, img_ids, txt, txt_ids, t, y, g = _inputs(cfg, img_tokens, txt_tokens, device, dt)

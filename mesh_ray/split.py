@@ -438,6 +438,14 @@ class SplitModel:
             return {"img": out.join().img}
         return run
 
+    def set_loras(self, loras: list[tuple[str | os.PathLike, float]]) -> str | None:
+        """Apply LoRA safetensors files ``[(path, strength), ...]`` (BFL/ComfyUI, kohya ``lora_unet_``
+        or diffusers PEFT keys) to every block of this split, replacing earlier ones; ``[]`` removes
+        them.  Returns the set's content hash (None when empty)."""
+        from mesh_ray.lora import set_split_loras
+
+        return set_split_loras(self, loras)
+
     # -- info and teardown ----------------------------------------------------------------------
 
     @property

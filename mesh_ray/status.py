@@ -78,6 +78,9 @@ def render(result: dict, console: Console | None = None) -> None:
         if not k.startswith(HIDDEN):
             res.add_row(k, f"{v:g}", f"{result['available'].get(k, 0):g}")
     c.print(res)
+    if not result["actors"]:
+        c.print("mesh actors: none")
+        return
     act = Table(title="mesh actors")
     for col in ("name", "kind", "blocks", "node", "device", "weights MB", "rss MB"):
         act.add_column(col)

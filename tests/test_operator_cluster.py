@@ -226,3 +226,27 @@ def test_split_spread_over_both_nodes_is_bit_exact_and_status_shows_where(cluste
     assert status["driver"]["in_cluster"] and status["driver"]["node_id"] in {n["node_id"] for n in status["nodes"]}
     assert out["table_rc"] == 0 and "inside the cluster" in out["table"]
     assert "head" in out["table"] and "worker" in out["table"]
+
+
+def test_ray_client_driver_is_shown_outside_the_cluster(cluster):
+    # A driver on a machine without a Ray node connects through the head's Ray Client server (ray://).
+    status = last_json(cluster.status_cli(f"ray://127.0.0.1:{cluster.client_port}", RAY_AUTH_TOKEN=TOKEN))
+    assert status["driver"]["in_cluster"] is False and status["driver"]["via"] == "ray client"
+    assert len(status["nodes"]) == 2
+
+
+def test_ray_client_without_token_gets_one_line_with_the_fix(cluster):
+    address = f"ray://127.0.0.1:{cluster.client_port}"
+    line = one_line_error(cluster.status_cli(address, home="empty"))
+    assert f"the Ray Client server at {address} did not let this driver in: this machine has no auth token" in line
+    assert "copy the head's ~/.ray/auth_token" in line
+
+
+def test_ray_get_auth_token_generate_prints_the_token_it_keeps(tmp_path):
+    # README: on the head, `ray get-auth-token --generate` prints a new token and keeps it in ~/.ray/auth_token.
+    if not RAY.exists():
+        pytest.skip(f"no `ray` executable next to {sys.executable}")
+    out = subprocess.run([str(RAY), "get-auth-token", "--generate"], env=clean_env(tmp_path, tmp_path),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout and out.stdout == (tmp_path / ".ray" / "auth_token").read_text()

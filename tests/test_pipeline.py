@@ -7,16 +7,8 @@ import pytest
 import torch
 
 from mesh_ray.errors import ConfigError
-from mesh_ray.mesh import connect
 from mesh_ray.pipeline import ImageRequest, generate_many
 from mesh_ray.sampler import generate, random_conditioning
-
-
-@pytest.fixture
-def mesh(ray_local):
-    m = connect()
-    yield m
-    m.close()
 
 
 def requests(cfg, n, steps=3, size=32):
@@ -27,13 +19,14 @@ def requests(cfg, n, steps=3, size=32):
     return out
 
 
-@pytest.mark.parametrize("arch, stages", [("flux1", 2), ("flux2", 3)])
-def test_generate_many_equals_generate_per_image_bit_for_bit(mesh, tiny_ckpts, arch, stages):
-    split = mesh.split(str(tiny_ckpts[arch]), stages=stages, codec="raw")
+@pytest.mark.parametrize("arch, layout", [("flux1", {"stages": 2}), ("flux2", {"stages": 3}),
+                                          ("flux1", {"n_blocks_remote": 3})])  # front blocks in the caller
+def test_generate_many_equals_generate_per_image_bit_for_bit(mesh, tiny_ckpts, arch, layout):
+    split = mesh.split(str(tiny_ckpts[arch]), codec="raw", **layout)
     reqs = requests(split.config, 5)
     events = []
     res = generate_many(split, reqs, progress=False, callback=events.append)
-    assert res.max_in_flight == stages + 1
+    assert res.max_in_flight == len(split.stages) + 1
     assert sorted(res.order) == list(range(5)) and res.cancelled == []
     for i, r in enumerate(reqs):
         alone = generate(split, r.txt, r.y, width=r.width, height=r.height, steps=r.steps, seed=r.seed,
@@ -108,3 +101,46 @@ def test_bench_pipeline_cli_reports_every_figure():
     assert [h["blocks"] for h in res["hand_plans"]] == ["0-0 | 1-3", "0-1 | 2-3", "0-2 | 3-3"]
     assert res["even_split"] == "0-1 | 2-3" and res["planner_over_even_split"] > 0
     assert "planner / best hand plan" in out.stdout
+
+
+def test_workflow_sample_many_equals_sample_per_image(ray_local, tmp_path):
+    from mesh_ray.workflow import Executor
+    from mesh_ray.workflow.graph import validate_graph
+
+    graph = validate_graph({
+        "1": {"class_type": "WriteRandomCheckpoint", "inputs": {"path": "m.safetensors", "preset": "tiny-flux1", "seed": 7}},
+        "2": {"class_type": "LoadSplitDiT", "inputs": {"checkpoint": ["1", 0], "stages": 2}},
+        "3": {"class_type": "SampleMany", "inputs": {"model": ["2", 0], "count": 3, "width": 32, "height": 32, "steps": 2,
+                                                     "seed": 10, "conditioning_seed": 20}},
+        "4": {"class_type": "Sample", "inputs": {"model": ["2", 0], "width": 32, "height": 32, "steps": 2, "seed": 12,
+                                                 "conditioning_seed": 22}},
+    })
+    events = []
+    ex = Executor(measure_store=False)
+    try:
+        res = ex.run(graph, 0, base_dir=str(tmp_path), outputs=["3", "4"], on_event=events.append).raise_for_status()
+    finally:
+        ex.close()
+    many, one = res.outputs["3"][0], res.outputs["4"][0]
+    assert many.shape[0] == 3 and torch.equal(many[2:3], one)
+    steps = [e for e in events if e.get("node") == "3" and e.get("type") == "progress"]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4, 5, 6] and {e["total"] for e in steps} == {6}
+
+
+def test_a_stage_dying_mid_run_is_a_one_line_error(mesh, tiny_ckpts):
+    import ray
+
+    from mesh_ray.errors import StageError
+
+    split = mesh.split(str(tiny_ckpts["flux1"]), stages=2)
+    killed = []
+
+    def kill_once(ev):
+        if not killed:
+            killed.append(ev.index)
+            ray.kill(split.stages[1].actor)
+
+    with pytest.raises(StageError) as e:
+        generate_many(split, requests(split.config, 3, steps=3), progress=False, callback=kill_once)
+    assert "\n" not in str(e.value) and "stage 1" in str(e.value)
+    split.close()

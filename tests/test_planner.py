@@ -12,8 +12,7 @@ from mesh_ray.models.blocks import check_cover, parse_range
 from mesh_ray.models.flux import preset
 from mesh_ray.planner import ModelShape, Plan, plan_for
 
-from test_split import local_model
-from test_flux_model import inputs
+from conftest import inputs, local_model
 
 UNIFORM = ModelShape(depth=10, num_single=20, block_bytes=(100,) * 30)
 
@@ -135,3 +134,32 @@ def test_plan_cli_json_and_error(tiny_ckpts, tmp_path):
     out = run("plan", str(tiny_ckpts["flux2"]), "--width", "60")
     lines = [l for l in out.stderr.strip().splitlines() if l.strip() and "INFO" not in l]
     assert out.returncode == 1 and len(lines) == 1 and "multiple of 16" in lines[0]
+
+
+def test_auto_plan_pins_one_stage_to_each_gpu_node(tiny_ckpts):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    path = str(tiny_ckpts["flux1"])
+    ray.shutdown()  # this test needs its own multi-node cluster
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        nodes = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]  # logical GPUs; CPU compute here
+        cluster.wait_for_nodes()
+        mesh = connect(cluster.address)
+        split = mesh.split(path, plan="auto", codec="raw",  # raw: "auto" would code the cross-node links
+                           plan_options={"width": 64, "height": 64, "txt_tokens": 16, "steps": 2, "repeats": 1,
+                                         "dtype": "float32"})
+        plan = split.plan
+        assert len(plan.stages) == 2 and all(s.stage["num_gpus"] == 1 for s in plan.stages)
+        assert {s.stage["node"] for s in plan.stages} == {n.node_id for n in nodes}
+        assert [i["node_id"] for i in split.stage_info()] == [s.stage["node"] for s in plan.stages]
+        model = local_model(path)
+        args = inputs(model.config)
+        with torch.inference_mode():
+            ref = model(*args)
+        assert torch.allclose(split(*args), ref, atol=1e-5)
+        mesh.close()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

@@ -37,7 +37,8 @@ def candidates(stages: int | None = None, threads: list[int] | None = None) -> l
     gpus = []
     for node in ray.nodes():
         if node["Alive"]:
-            gpus += [{"num_gpus": 1.0, "node": node["NodeManagerAddress"]}] * int(node["Resources"].get("GPU", 0))
+            # Pinned by node id: several nodes may share an IP (containers, test clusters).
+            gpus += [{"num_gpus": 1.0, "node": node["NodeID"]}] * int(node["Resources"].get("GPU", 0))
     if gpus and not threads:
         if stages is not None and stages > len(gpus):
             raise ConfigError(f"{stages} stages asked for but the cluster has {len(gpus)} GPUs: use at most {len(gpus)}")

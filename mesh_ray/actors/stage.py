@@ -173,6 +173,18 @@ class StageClass:
         self.recent.append((wall0, time.time()))
         return result
 
+    def set_lora(self, digest: str | None, box: list | None) -> dict:
+        """Patch this stage's blocks with a LoRA set (``mesh_ray.lora``; ``box`` = [ObjectRef]),
+        replacing the previous set; None removes it.  The unpatched weights are kept to restore."""
+        from mesh_ray.lora import apply
+
+        lset = ray.get(box[0], timeout=600) if box else {}
+        backups = self.__dict__.setdefault("_lora_backups", {})
+        patched = apply(self.model, lset, backups)
+        self.lora_digest = digest if patched else None
+        self.lora_updates = getattr(self, "lora_updates", 0) + 1
+        return {"lora": self.lora_digest, "patched": patched, "updates": self.lora_updates}
+
     def echo(self, state: WireState) -> WireState:
         """Return the input unchanged: the cost of one hop without compute (for benchmarks)."""
         return state
@@ -193,7 +205,7 @@ class StageClass:
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "loaded": self.loaded,
                 "shard_source": self.shard_source, "weight_bytes": weights, "rss_bytes": rss,
                 "cuda_bytes": torch.cuda.memory_allocated() if self.device.type == "cuda" else 0,
-                "calls": self.calls, "busy_s": round(self.busy_s, 3), "threads": torch.get_num_threads(),
+                "calls": self.calls, "busy_s": round(self.busy_s, 3), "lora": getattr(self, "lora_digest", None), "threads": torch.get_num_threads(),
                 "offload": self.offload.stats() if self.offload else None, "recent_calls": list(self.recent)}
 
 

@@ -27,6 +27,7 @@ import psutil
 import ray
 import torch
 
+from mesh_ray.bench import text_table
 from mesh_ray.workflow.memory import store_bytes_used
 
 STAGE_OPTS = dict(stages=2, codec="raw", dtype="float32", torch_threads=1, start_timeout_s=60, step_timeout_s=120)
@@ -349,9 +350,8 @@ def run_faults_bench(generations: int = 20, decodes: int = 20, clients: int = 8,
 
 def format_table(r: dict) -> str:
     """The figures for people (the JSON has everything)."""
-    lines = [f"{'fault':44} {'survived':>8} {'lost':>5} {'extra s':>8}  note"]
-    for x in r["faults"]:
-        lines.append(f"{x['fault']:44} {str(x['survived']):>8} {x['outputs_lost']:>5} {str(x['extra_s']):>8}  {x['note']}")
+    lines = [text_table(["fault", "survived", "lost", "extra s", "note"],
+                        [[x["fault"], x["survived"], x["outputs_lost"], x["extra_s"], x["note"]] for x in r["faults"]])]
     lines.append(f"survived {r['survived']}/{r['injected']}, outputs lost {r['outputs_lost']}")
     s, p, ld = r["leaks"].get("split", {}), r["leaks"].get("promise", {}), r["load"]
     lines.append(f"leaks over {s.get('generations')} generations: driver RSS {s.get('driver_rss_growth_pct')} %, "

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from mesh_ray.actors.device import resolve_dtype
+from mesh_ray.bench import text_table
 from mesh_ray.errors import ConfigError
 from mesh_ray.memory.offload import AutoOffload, resolve_device
 from mesh_ray.models.flux import Flux, FluxConfig, build, default_axes_dim, position_ids, random_state_dict
@@ -253,15 +254,9 @@ def format_table(result: dict) -> str:
             return f"{v / 1e6:.1f}M"
         return f"{v:.3f}" if isinstance(v, float) else str(v)
 
-    table = [cols] + [[r["setting"], r["skipped"]] if "skipped" in r else [cell(r, c) for c in cols]
-                      for r in result["rows"]]
-    widths = [max(len(row[i]) for row in table if len(row) == len(cols)) for i in range(len(cols))]
-    lines = [head]
-    for row in table:
-        if len(row) != len(cols):
-            lines.append(f"{row[0].ljust(widths[0])}  {row[1]}")
-        else:
-            lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))))
+    rows = [[cell(r, c) for c in cols] for r in result["rows"] if "skipped" not in r]
+    lines = [head, text_table(cols, rows)]
+    lines += [f"{r['setting']}: {r['skipped']}" for r in result["rows"] if "skipped" in r]
     g = result["goal"]
     if g["best_setting"]:
         met = "n/a on CPU" if g["met"] is None else ("met" if g["met"] else "NOT met")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from mesh_ray.bench import text_table
 from mesh_ray.bench.split import bench_config
 from mesh_ray.errors import ConfigError
 from mesh_ray.mesh import connect
@@ -138,10 +139,9 @@ def format_table(result: dict) -> str:
     """The side-by-side table for people."""
     lines = [f"one process ({result['threads_per_device']} thread): {result['single_images_per_s']:.4f} images/s "
              f"({result['size']}px, {result['steps']} steps, {result['model']['blocks']} blocks of {result['model']['hidden']})",
-             f"{'stages':>6} {'in flight':>9} {'images/s':>10} {'single':>8} {'ratio':>7} {'bubble':>7}"]
-    for r in result["rows"]:
-        lines.append(f"{r['stages']:>6} {r['in_flight']:>9} {r['images_per_s']:>10.4f} {r['single_images_per_s']:>8.4f} "
-                     f"{r['throughput_ratio']:>7.3f} {r['bubble_fraction']:>7.3f}")
+             text_table(["stages", "in flight", "images/s", "single", "ratio", "bubble"],
+                        [[r["stages"], r["in_flight"], f"{r['images_per_s']:.4f}", f"{r['single_images_per_s']:.4f}",
+                          f"{r['throughput_ratio']:.3f}", f"{r['bubble_fraction']:.3f}"] for r in result["rows"]])]
     lines.append(f"planner: {result['plan']} at M={result['plan_in_flight']}: predicted "
                  f"{result['planner_predicted_images_per_s']:.4f}, measured {result['planner_measured_images_per_s']:.4f} "
                  f"images/s (bottleneck {result['plan_bottleneck']})")

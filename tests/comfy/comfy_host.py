@@ -185,3 +185,38 @@ def remote_of(split_model):
     mark = split_model.model_options["transformer_options"]["mesh_ray_split"]
     nodes_mesh = sys.modules[node_class("MeshSplitFlux").__module__]
     return nodes_mesh._live[mark["key"]]
+
+
+def write_test_lora(path: str, params: dict | None = None, seed: int = 5, rank: int = 4) -> str:
+    """A LoRA safetensors file in the BFL/ComfyUI key layout touching local and remote blocks:
+    ``lora`` (with alpha) on attention/MLP weights, ``loha`` on one single block, ``lokr`` on another."""
+    import torch
+    from safetensors.torch import save_file
+
+    from mesh_ray.models.flux import build
+
+    cfg = our_config(params)
+    g = torch.Generator().manual_seed(seed)
+    shapes = {k: v.shape for k, v in build(cfg, "meta").state_dict().items()}
+    sd = {}
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g) * 0.08
+
+    for k, shape in shapes.items():
+        if not k.endswith(".weight") or len(shape) != 2:
+            continue
+        base = "diffusion_model." + k[: -len(".weight")]
+        if k.startswith("single_blocks.1.linear1"):
+            sd[f"{base}.hada_w1_a"], sd[f"{base}.hada_w1_b"] = rnd(shape[0], rank), rnd(rank, shape[1])
+            sd[f"{base}.hada_w2_a"], sd[f"{base}.hada_w2_b"] = rnd(shape[0], rank), rnd(rank, shape[1])
+            sd[f"{base}.alpha"] = torch.tensor(2.0)
+        elif k.startswith("single_blocks.2.linear2"):
+            sd[f"{base}.lokr_w1"] = rnd(4, 4) * 5
+            sd[f"{base}.lokr_w2_a"], sd[f"{base}.lokr_w2_b"] = rnd(shape[0] // 4, rank), rnd(rank, shape[1] // 4)
+            sd[f"{base}.alpha"] = torch.tensor(float(rank))
+        elif ".img_attn." in k or ".txt_attn." in k or "_mlp." in k or k.startswith("single_blocks"):
+            sd[f"{base}.lora_up.weight"], sd[f"{base}.lora_down.weight"] = rnd(shape[0], rank), rnd(rank, shape[1])
+            sd[f"{base}.alpha"] = torch.tensor(float(rank) / 2)
+    save_file(sd, path)
+    return path

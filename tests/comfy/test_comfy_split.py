@@ -51,6 +51,7 @@ def _loaded_bytes():
 
     model = h.flux_patcher(seed=0)
     full = model.model_size()
+    keys_before = len(model.model.diffusion_model.state_dict())
     dm = model.model.diffusion_model
     remote_ids = {id(p) for blk in list(dm.double_blocks)[1:] + list(dm.single_blocks) for p in blk.parameters()}
     remote = sum(p.numel() * p.element_size() for blk in list(dm.double_blocks)[1:] + list(dm.single_blocks)
@@ -68,10 +69,11 @@ def _loaded_bytes():
     split.add_callback(pe.CallbacksMP.ON_LOAD, on_load)
     h.ksample(split, seed=1, steps=1)
     loaded = split.loaded_size()
+    keys_after = len(model.model.diffusion_model.state_dict())  # the shared model is whole again
     mm.unload_all_models()
     h.remote_of(split).close()
     return {"full": full, "remote": remote, "seen": seen["bytes"], "overlap": len(seen["ids"] & remote_ids),
-            "loaded": loaded, "size": split.model_size()}
+            "loaded": loaded, "size": split.model_size(), "whole_after": keys_after == keys_before}
 
 
 def test_comfyui_loads_only_the_local_blocks(comfy):
@@ -79,6 +81,7 @@ def test_comfyui_loads_only_the_local_blocks(comfy):
     assert got["remote"] > 0.5 * got["full"]  # 5 of 6 blocks: most of the model
     assert got["overlap"] == 0, got           # no remote-block parameter was in the tree ComfyUI loaded
     assert got["seen"] == got["full"] - got["remote"] == got["loaded"] == got["size"], got
+    assert got["whole_after"]  # after sampling, other nodes see every block of the input model
 
 
 def _reconfigure():
@@ -164,11 +167,15 @@ def _bad_inputs(closed_port: int):
     unreachable = err(lambda: h.run_node("MeshConnect", address=f"127.0.0.1:{closed_port}", timeout_s=5.0))
     still, = h.run_node("MeshConnect", address="")  # the working connection survived the bad address
     good, = split(model, n_blocks_remote=2, unique_id="bad-chain")
+    replaced = model.clone()  # another node already replaces a block that would go remote
+    replaced.set_model_patch_replace(lambda args, extra: extra["original_block"](args), "dit", "single_block", 3)
     out = {
         "not_flux": err(lambda: split(not_flux, n_blocks_remote=2)),
         "overlap": err(lambda: split(model, stages="double:1-single:1; single:1-3")),
         "past_end": err(lambda: split(model, stages="single:2-7")),
         "too_many": err(lambda: split(model, n_blocks_remote=9)),
+        "gap": err(lambda: split(model, stages="double:0-0 local; single:0-3")),
+        "replaced": err(lambda: split(replaced, n_blocks_remote=2)),
         "nothing": err(lambda: split(model)),
         "split_twice": err(lambda: split(good, n_blocks_remote=1)),
         "lossless_hevc": err(lambda: split(model, n_blocks_remote=1, codec_mode="hevc", codec_lossless=True)),
@@ -187,7 +194,7 @@ def test_bad_inputs_are_one_line_node_errors(comfy):
     got = comfy(_bad_inputs, port)
     errors = got["errors"]
     expect = {"not_flux": "needs a FLUX.1 model", "overlap": "overlaps", "past_end": "runs past the model",
-              "too_many": "n_blocks_remote=9", "nothing": "nothing to split", "split_twice": "already split",
+              "too_many": "n_blocks_remote=9", "gap": "leaves a gap", "replaced": "already replaces single_block 3", "nothing": "nothing to split", "split_twice": "already split",
               "lossless_hevc": "lossless", "unreachable": "cannot reach a Ray cluster at 127.0.0.1"}
     for name, text in expect.items():
         assert errors[name] and text in errors[name], (name, errors[name])
