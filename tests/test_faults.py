@@ -10,6 +10,7 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 
+from mesh_ray.bench.faults import remove_node
 from mesh_ray.errors import StageError
 from mesh_ray.mesh import connect
 from mesh_ray.sampler import generate, random_conditioning
@@ -25,7 +26,7 @@ def _pid(split, k: int) -> int:
 
 def test_killed_stage_restarts_and_the_generation_is_bit_identical(mesh, tiny_ckpts):
     path = str(tiny_ckpts["flux1"])
-    with mesh.split(path, stages=2, codec="raw", dtype="float32") as split:
+    with mesh.split(path, stages=2, codec="raw", dtype="float32", micro_batches=2) as split:
         txt, y = random_conditioning(split.config, seed=1)
         clean = generate(split, txt, y, **GEN)
         pids = [_pid(split, 0), _pid(split, 1)]
@@ -35,15 +36,15 @@ def test_killed_stage_restarts_and_the_generation_is_bit_identical(mesh, tiny_ck
                 ray.kill(split.segments[1].actor, no_restart=False)
 
         assert torch.equal(generate(split, txt, y, callback=kill_between_steps, **GEN), clean)
-        # Mid-step: the step is in flight on both stages when stage 0 dies.
+        # Mid-step: both micro-batches of the step are in flight on the stages when stage 0 dies.
         args = inputs(split.config)
         ref = split(*args)
         step = split.submit_step(*args)
         ray.kill(split.segments[0].actor, no_restart=False)
         out, stats = split.finish_step(step)
-        assert torch.equal(out, ref) and stats.hops == 3
+        assert torch.equal(out, ref) and stats.hops == 6  # 2 micro-batches x 3 hops
         assert _pid(split, 0) != pids[0] and _pid(split, 1) != pids[1]
-        assert split.recovery.restarts == 2 and split.recovery.retries == 2
+        assert split.recovery.restarts == 2 and split.recovery.retries >= 2
         info = split.stage_info()
         assert all(i["loaded"] and i["shard_source"] == "file" for i in info)
 
@@ -71,10 +72,6 @@ def test_stage_that_cannot_come_back_fails_in_one_line_within_the_timeouts(mesh,
         assert "\n" not in str(e.value)
 
 
-def _node_of(cluster: Cluster, node_id: str):
-    return next(n for n in cluster.worker_nodes if n.node_id == node_id)
-
-
 def test_node_loss_replaces_the_stage_on_a_survivor_then_fails_clearly(tiny_ckpts, tmp_path):
     """Three one-CPU nodes, two stages: the node holding stage 1 leaves mid-generation; the stage is
     placed again on the spare node with its shard shipped again, and the image is identical.  Then
@@ -95,13 +92,13 @@ def test_node_loss_replaces_the_stage_on_a_survivor_then_fails_clearly(tiny_ckpt
 
         def lose_node(step: int, _steps: int, _img: torch.Tensor) -> None:
             if step == 2:
-                cluster.remove_node(_node_of(cluster, nodes[1]), allow_graceful=False)
+                remove_node(cluster, nodes[1])
 
         assert torch.equal(generate(split, txt, y, callback=lose_node, **GEN), clean)
         info = split.stage_info()
         assert info[1]["node_id"] not in nodes and info[1]["shard_source"] in ("object_store", "cache")
         assert split.recovery.restarts == 1
-        cluster.remove_node(_node_of(cluster, nodes[0]), allow_graceful=False)
+        remove_node(cluster, nodes[0])
         t0 = time.monotonic()
         with pytest.raises(StageError) as e:
             split(*inputs(split.config))

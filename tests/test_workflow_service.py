@@ -185,19 +185,19 @@ def test_client_that_disconnects_has_its_runs_cancelled_and_cache_freed(ray_loca
 
 
 def test_service_restarted_under_a_client(ray_local):
-    import ray
+    from mesh_ray.bench.faults import kill_service
 
     serve(max_parallel=1)
     try:
         wf = Workflows.connect(service=True, client_id="dave")
         lost = wf.submit(_sleep_graph(60, "lost"))
-        ray.kill(find_service())
+        kill_service()  # as a crash would: no shutdown
         serve(max_parallel=1)  # a new service under the same name
         with pytest.raises(WorkflowError, match="lost when the workflow service restarted"):
             lost.status()
         again = wf.submit(_sleep_graph(0.2, "again"))  # the client attached to the new service
         assert again.result(timeout=120).status == "finished"
-        ray.kill(find_service())
+        kill_service()
         with pytest.raises(ClusterError, match="none runs now") as e:
             again.status()
         assert "\n" not in str(e.value)

@@ -58,6 +58,20 @@ def _rss(pid: int | None = None) -> int:
 # -- faults -----------------------------------------------------------------------------------------
 
 
+def remove_node(cluster: Any, node_id: str, timeout_s: float = 90.0) -> None:
+    """Remove a ``ray.cluster_utils.Cluster`` node (no drain) and wait until Ray reports it dead, so the
+    next step surely meets the loss."""
+    from mesh_ray.errors import ClusterError
+
+    cluster.remove_node(next(n for n in cluster.worker_nodes if n.node_id == node_id), allow_graceful=False)
+    end = time.monotonic() + timeout_s
+    while any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes()):
+        if time.monotonic() > end:
+            raise ClusterError(f"Ray did not report node {node_id[:8]} dead within {timeout_s:g} s after its removal")
+        time.sleep(0.2)
+
+
+
 def _stage_kill(split, txt, y, gen: dict) -> dict:
     from mesh_ray.sampler import generate
 
@@ -79,11 +93,10 @@ def _node_loss(cluster, mesh, ckpt: str, txt, y, gen: dict, cache_dir: str) -> d
     with mesh.split(ckpt, ship="always", cache_dir=cache_dir, **STAGE_OPTS) as split:
         clean, clean_s = _timed(lambda: generate(split, txt, y, **gen))
         node_id = split.stage_info()[1]["node_id"]
-        victim = next(n for n in cluster.worker_nodes if n.node_id == node_id)
 
         def lose(step: int, _n: int, _img: torch.Tensor) -> None:
             if step == 1:
-                cluster.remove_node(victim, allow_graceful=False)
+                remove_node(cluster, node_id)
 
         try:
             out, fault_s = _timed(lambda: generate(split, txt, y, callback=lose, **gen))
@@ -133,6 +146,19 @@ LEAVER = textwrap.dedent("""
 """)
 
 
+def kill_service(timeout_s: float = 60.0) -> None:
+    """Kill the workflow service as a crash would (no shutdown) and wait until its name is free."""
+    from mesh_ray.errors import ClusterError
+    from mesh_ray.workflow.service import find_service
+
+    ray.kill(find_service())
+    end = time.monotonic() + timeout_s
+    while find_service() is not None:
+        if time.monotonic() > end:
+            raise ClusterError(f"the killed workflow service still holds its name after {timeout_s:g} s")
+        time.sleep(0.1)
+
+
 def _graph(tag: str, seconds: float = 0.2) -> dict:
     return {"s": {"class_type": "Sleep", "inputs": {"seconds": seconds, "value": tag}},
             "c": {"class_type": "Checksum", "inputs": {"data": ["s", 0]}}}
@@ -171,12 +197,12 @@ def _client_disconnect(address: str, tmp: Path) -> dict:
 
 def _service_restart() -> dict:
     from mesh_ray.workflow import WorkflowError
-    from mesh_ray.workflow.service import Workflows, find_service, serve
+    from mesh_ray.workflow.service import Workflows, serve
 
     wf = Workflows.connect(service=True, client_id="dave")
     held = wf.submit(_graph("held", 300))
     t0 = time.perf_counter()
-    ray.kill(find_service())
+    kill_service()
     serve(max_parallel=2)
     lost = 0
     try:
@@ -337,4 +363,4 @@ def format_table(r: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["format_table", "run_faults_bench"]
+__all__ = ["format_table", "kill_service", "remove_node", "run_faults_bench"]
