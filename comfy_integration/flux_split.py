@@ -22,6 +22,7 @@ from typing import Any, Callable
 import ray
 import torch
 
+from mesh_ray.actors.shards import default_cache_dir
 from mesh_ray.config import SplitOptions, StageSpec
 from mesh_ray.errors import ConfigError, MeshError, StageError
 from mesh_ray.lora import LoraSet, send
@@ -29,7 +30,6 @@ from mesh_ray.mesh import Mesh
 from mesh_ray.models.blocks import BlockRange
 from mesh_ray.models.checkpoint import save_checkpoint, shard_digest
 from mesh_ray.models.flux import FluxConfig
-from mesh_ray.actors.shards import default_cache_dir
 from mesh_ray.split import SplitModel
 
 from .registry import record_split

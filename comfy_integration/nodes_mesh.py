@@ -7,10 +7,9 @@ import threading
 from mesh_ray.codec import CodecSpec
 from mesh_ray.config import SplitOptions
 from mesh_ray.errors import MeshError
-
-from .connection import mesh_for
 from mesh_ray.lora import digest
 
+from .connection import mesh_for
 from .flux_split import RemoteBlocks, compute_dtype, flux_config, flux_module, shard_file, split_clone
 from .lora_patches import remote_lora_set
 from .plan import describe, plan_stages, remote_ranges

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import ray
 import torch
 
@@ -37,3 +41,14 @@ def local_model(path):
     model = build(info.config, "meta")
     model.load_state_dict(load_blocks(path, ["all"], non_block=True, info=info), assign=True, strict=True)
     return model
+
+
+CLI = [sys.executable, "-m", "mesh_ray.cli"]
+
+
+def run(*args, timeout=300, cwd=None):
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def last_json(out):
+    return json.loads(out.stdout.strip().splitlines()[-1])

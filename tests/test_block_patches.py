@@ -7,17 +7,13 @@ import torch
 
 from mesh_ray.errors import ConfigError
 from mesh_ray.mesh import connect
-from mesh_ray.models.checkpoint import inspect, load_blocks
-from mesh_ray.models.flux import build
 
-from test_flux_model import inputs
+from helpers import inputs, local_model
 
 
 def test_comfyui_style_args_run_the_remote_chain_and_bad_args_are_one_line(ray_local, tiny_ckpts):
     path = tiny_ckpts["flux1"]
-    info = inspect(path)
-    model = build(info.config, "meta")
-    model.load_state_dict(load_blocks(path, ["all"], non_block=True, info=info), assign=True, strict=True)
+    model = local_model(path)
     args = inputs(model.config)
     mesh = connect()
     split = mesh.split(str(path), n_blocks_remote=5, load_local=False)  # remote from double block 1

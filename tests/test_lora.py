@@ -7,22 +7,13 @@ import torch
 from safetensors.torch import save_file
 
 from mesh_ray.errors import CheckpointError
-from mesh_ray.models.checkpoint import inspect, load_blocks
-from mesh_ray.models.flux import build
 
-from test_flux_model import inputs
+from helpers import inputs, local_model
 
 RANK, ALPHA = 4, 2.0
 TARGETS = ["double_blocks.0.img_attn.qkv.weight", "double_blocks.1.txt_mlp.0.weight",
            "single_blocks.1.linear1.weight", "single_blocks.3.linear2.weight"]
 STAGES = [{"blocks": "double:0-1", "local": True}, "single:0-1", "single:2-3"]  # patches land here and remote
-
-
-def local_model(path):
-    info = inspect(path)
-    model = build(info.config, "meta")
-    model.load_state_dict(load_blocks(path, ["all"], non_block=True, info=info), assign=True, strict=True)
-    return model
 
 
 def lora_weights(model, seed=3):

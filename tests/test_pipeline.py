@@ -89,7 +89,7 @@ def test_bad_requests_are_one_line_errors(mesh, tiny_ckpts):
 
 
 def test_bench_pipeline_cli_reports_every_figure():
-    from test_cli import last_json, run
+    from helpers import last_json, run
 
     out = run("bench", "pipeline", "--quick", "--size", "32", "--steps", "1", "--in-flight", "1,2", "--images", "2",
               "--rounds", "1", "--json", timeout=900)

@@ -123,7 +123,7 @@ def test_auto_plan_measures_real_stages_and_mesh_split_uses_it(ray_local, tiny_c
 
 
 def test_plan_cli_json_and_error(tiny_ckpts, tmp_path):
-    from test_cli import last_json, run
+    from helpers import last_json, run
 
     out = run("plan", str(tiny_ckpts["flux2"]), "--stages", "2", "--width", "64", "--height", "64",
               "--txt-tokens", "16", "--steps", "2", "--repeats", "1", "--json")

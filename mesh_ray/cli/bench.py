@@ -86,6 +86,20 @@ def bench_vae(generations: int = typer.Option(6, min=2), size: int = typer.Optio
     emit_report(result, as_json, format_table)
 
 
+@bench_app.command("comfy")
+def bench_comfy(comfyui_path: Optional[str] = typer.Option(None, help="ComfyUI source tree (default: $COMFYUI_PATH)."),
+                hidden: int = typer.Option(512, min=128), n_blocks_remote: int = typer.Option(3, min=1),
+                size: int = typer.Option(64, min=8, help="Latent side (tokens: (size/2)^2)."),
+                steps: int = typer.Option(3, min=1), repeats: int = typer.Option(3, min=1),
+                as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")) -> None:
+    """The real ComfyUI KSampler per step, unsplit vs MeshSplitFlux raw; local parameter bytes before/after."""
+    from comfy_integration.bench import run_comfy_bench
+
+    result = guard(lambda: run_comfy_bench(comfyui_path, hidden=hidden, n_blocks_remote=n_blocks_remote, size=size,
+                                           steps=steps, repeats=repeats))
+    emit(result, as_json, "mesh-ray bench comfy")
+
+
 @bench_app.command("faults")
 def bench_faults(generations: int = typer.Option(20, min=2, help="Generations for the leak soak (the issue asks 200)."),
                  decodes: int = typer.Option(20, min=2, help="Promise decodes for the leak soak."),

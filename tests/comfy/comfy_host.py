@@ -34,30 +34,13 @@ class ComfyHost:
 
         torch.set_num_threads(threads)
         self.workdir = Path(workdir)
-        sys.pycache_prefix = str(self.workdir / "pycache")  # never write __pycache__ into the shared tree
         os.environ["MESH_RAY_CACHE_DIR"] = str(self.workdir / "cache" / "shards")  # not ~/.cache
-        for p in (comfy_path, *([stubs] if stubs else []), repo):
-            if p not in sys.path:
-                sys.path.insert(0, p)
-        sys.argv = ["main.py", "--cpu"]
-        import comfy.options
+        if repo not in sys.path:
+            sys.path.insert(0, repo)
+        from comfy_integration.standalone import boot
 
-        comfy.options.enable_args_parsing()
-        import comfy.cli_args  # noqa: F401 - parses --cpu before model management picks a device
-        import folder_paths
-
-        dirs = {name: self.workdir / name for name in ("custom_nodes", "diffusion_models", "loras", "vae",
-                                                         "output", "input", "temp", "user")}
-        for d in dirs.values():
-            d.mkdir(parents=True, exist_ok=True)
-        for name in ("custom_nodes", "diffusion_models", "loras", "vae"):
-            folder_paths.add_model_folder_path(name, str(dirs[name]), is_default=True)
-        folder_paths.set_output_directory(str(dirs["output"]))
-        folder_paths.set_input_directory(str(dirs["input"]))
-        folder_paths.set_temp_directory(str(dirs["temp"]))
-        folder_paths.set_user_directory(str(dirs["user"]))
+        dirs = boot(comfy_path, self.workdir, stubs, cpu=True)
         import comfy.model_management
-        import nodes  # noqa: F401 - ComfyUI's core nodes, as main.py imports them
 
         # The repository as a user installs it: cloned (here: symlinked) into custom_nodes/.
         link = dirs["custom_nodes"] / "mesh-ray"
@@ -83,46 +66,17 @@ ComfyHostActor = ray.remote(num_cpus=1, max_restarts=0)(ComfyHost)
 
 # -- helpers for test bodies (they run inside the host) ----------------------------------------
 
-def our_config(params: dict | None = None):
-    """The mesh-ray FluxConfig of a ComfyUI Flux parameter dict."""
-    from mesh_ray.models.flux import FluxConfig
-
-    p = dict(params or SMALL_FLUX)
-    return FluxConfig(arch="flux1", in_channels=p["in_channels"] * p["patch_size"] ** 2,
-                      vec_in_dim=p["vec_in_dim"], context_in_dim=p["context_in_dim"], hidden_size=p["hidden_size"],
-                      num_heads=p["num_heads"], mlp_ratio=p["mlp_ratio"], depth=p["depth"],
-                      depth_single_blocks=p["depth_single_blocks"], axes_dim=p["axes_dim"], theta=p["theta"],
-                      qkv_bias=p["qkv_bias"], guidance_embed=p["guidance_embed"])
-
-
-def flux_state_dict(params: dict | None = None, seed: int = 0) -> dict:
-    """Seeded random weights in the BFL/ComfyUI key layout for a small FLUX.1 model."""
-    import torch
-
-    from mesh_ray.models.flux import random_state_dict
-
-    return random_state_dict(our_config(params), seed, torch.float32)
-
-
 def flux_patcher(params: dict | None = None, seed: int = 0, sd: dict | None = None):
-    """A ComfyUI MODEL (ModelPatcher) of a small FLUX.1, built through ComfyUI's own classes."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.supported_models
-    import torch
+    """A ComfyUI MODEL of a small FLUX.1 (``SMALL_FLUX`` unless given), through ComfyUI's classes."""
+    from comfy_integration.standalone import flux_patcher as build
 
-    p = dict(params or SMALL_FLUX)
-    cfg = comfy.supported_models.Flux({"image_model": "flux", **p})
-    cfg.set_inference_dtype(torch.float32, None)
-    model = cfg.get_model({}, "")
-    sd = dict(sd if sd is not None else flux_state_dict(p, seed))
-    n_keys = len(sd)
-    model.load_model_weights({f"diffusion_model.{k}": v for k, v in sd.items()}, "diffusion_model.")
-    own = model.diffusion_model.state_dict()
-    if len(own) != n_keys:
-        raise AssertionError(f"ComfyUI's Flux has {len(own)} tensors, the test weights {n_keys}")
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
+    return build(dict(params or SMALL_FLUX), seed, sd)
+
+
+def our_config(params: dict | None = None):
+    from comfy_integration.standalone import our_config as convert
+
+    return convert(dict(params or SMALL_FLUX))
 
 
 def conditioning(params: dict | None = None, seed: int = 1, guidance: float = 3.5) -> tuple[list, list]:

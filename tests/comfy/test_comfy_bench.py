@@ -1,0 +1,24 @@
+"""``mesh-ray bench comfy --json``: runs the real ComfyUI KSampler unsplit and split, one JSON line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from comfy_host import REPO
+
+
+def test_bench_comfy_json(comfyui_dir, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(COMFYUI_PATH=str(comfyui_dir), MESH_RAY_CACHE_DIR=str(tmp_path / "shards"),
+               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-m", "mesh_ray.cli", "bench", "comfy", "--size", "16", "--steps", "1",
+                          "--repeats", "1", "--hidden", "256", "--json"], capture_output=True, text=True,
+                         timeout=600, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["step_ms_unsplit"] > 0 and r["step_ms_split"] > 0
+    assert r["loaded_bytes_split"] == r["local_param_bytes_split"] < r["local_param_bytes_unsplit"]
+    assert r["max_abs_diff"] < 1e-4
