@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import ray
 
 from mesh_ray import Mesh, connect
-from mesh_ray.cluster import _probe_tcp
+from mesh_ray.cluster_access import probe_tcp
 
 _lock = threading.Lock()
 
@@ -37,7 +37,7 @@ def mesh_for(address: str = "", namespace: str = "", timeout_s: float = 30.0) ->
         if _current is not None and _current.key == key and ray.is_initialized():
             return _current.mesh
         if address and address != "auto":
-            _probe_tcp(address, timeout_s)  # fail fast, before dropping a working connection
+            probe_tcp(address, timeout_s)  # fail fast, before dropping a working connection
         if _current is not None and ray.is_initialized() and _current.owns_ray:
             _current.mesh.close()
             ray.shutdown()

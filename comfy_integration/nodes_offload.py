@@ -67,6 +67,13 @@ def _streamed_patcher_class(base: type) -> type:
             return super().load(device_to, lowvram_model_memory=1, force_patch_weights=force_patch_weights,
                                 full_load=False)
 
+        def partially_load(self, device_to: Any, extra_memory: int = 0, force_patch_weights: bool = False) -> Any:
+            if not self.model.model_lowvram and self.model.model_loaded_weight_memory > 0:
+                # Loaded whole for another clone of this model (the input MODEL ran before): give
+                # the weights back to the offload device first, ComfyUI's own unload.
+                self.unpatch_model(self.offload_device, unpatch_weights=True)
+            return super().partially_load(device_to, extra_memory, force_patch_weights)
+
     return StreamedModelPatcher
 
 

@@ -1,17 +1,46 @@
-"""mesh-ray: run FLUX-family diffusion transformers across the GPUs of a Ray cluster."""
+"""mesh-ray: run FLUX-family diffusion transformers across the GPUs of a Ray cluster.
 
-from mesh_ray.config import ConnectOptions, SplitOptions, StageSpec
-from mesh_ray.errors import CheckpointError, ClusterError, ConfigError, MeshError, StageError
-from mesh_ray.mesh import Mesh, connect
-from mesh_ray.memory import OffloadSpec
-from mesh_ray.models.checkpoint import inspect, load_blocks, write_random_checkpoint
-from mesh_ray.promise import Promise, save_promised
-from mesh_ray.sampler import generate, random_conditioning, schedule
-from mesh_ray.split import SplitModel
-from mesh_ray.vae_service import VaeService
+Names are imported on first use, so that ``mesh_ray.models``, ``mesh_ray.codec`` and
+``mesh_ray.memory`` work in a process without Ray (a GPU box that only runs the model, a
+benchmark); everything that talks to Ray imports it when it is first touched.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "ClusterError", "ConfigError", "ConnectOptions", "Mesh", "MeshError", "OffloadSpec",
-           "Promise", "SplitModel", "SplitOptions", "StageError", "StageSpec", "VaeService", "connect", "generate",
-           "inspect", "load_blocks", "random_conditioning", "save_promised", "schedule", "write_random_checkpoint"]
+# public name -> module that defines it (one table: the lazy loader and __all__ both read it)
+_EXPORTS = {
+    "ConnectOptions": "mesh_ray.config", "SplitOptions": "mesh_ray.config", "StageSpec": "mesh_ray.config",
+    "CheckpointError": "mesh_ray.errors", "ClusterError": "mesh_ray.errors", "ConfigError": "mesh_ray.errors",
+    "MeshError": "mesh_ray.errors", "StageError": "mesh_ray.errors",
+    "Mesh": "mesh_ray.mesh", "connect": "mesh_ray.mesh",
+    "OffloadSpec": "mesh_ray.memory",
+    "inspect": "mesh_ray.models.checkpoint", "load_blocks": "mesh_ray.models.checkpoint",
+    "write_random_checkpoint": "mesh_ray.models.checkpoint",
+    "Promise": "mesh_ray.promise", "save_promised": "mesh_ray.promise",
+    "ImageRequest": "mesh_ray.pipeline", "ManyResult": "mesh_ray.pipeline", "generate_many": "mesh_ray.pipeline",
+    "Plan": "mesh_ray.planner", "auto_plan": "mesh_ray.planner", "plan_for": "mesh_ray.planner",
+    "generate": "mesh_ray.sampler", "random_conditioning": "mesh_ray.sampler", "schedule": "mesh_ray.sampler",
+    "SplitModel": "mesh_ray.split",
+    "VaeService": "mesh_ray.vae_service",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mesh_ray' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = sorted(_EXPORTS)

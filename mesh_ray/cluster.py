@@ -3,28 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any
 
 import ray
 
+from mesh_ray.cluster_access import (TOKEN_FIX, client_refused, preflight, present_token_if_available, probe_tcp,
+                                     resolve_address)
 from mesh_ray.config import ConnectOptions
 from mesh_ray.errors import ClusterError
-
-
-def _probe_tcp(address: str, timeout_s: float) -> None:
-    """Fail fast when host:port does not accept connections (ray.init would retry for minutes)."""
-    target = address.split("://", 1)[-1]
-    host, _, port = target.rpartition(":")
-    if not host or not port.isdigit():
-        raise ClusterError(f"Ray address {address!r} is not host:port: use e.g. 127.0.0.1:6379, ray://host:10001 or 'auto'")
-    try:
-        with socket.create_connection((host, int(port)), timeout=min(timeout_s, 5.0)):
-            pass
-    except OSError as e:
-        raise ClusterError(f"cannot reach a Ray cluster at {address} ({e.strerror or e}): start one with "
-                           f"`ray start --head`, check the address and firewall, or use address=None for "
-                           f"an embedded local Ray") from None
 
 
 def _init(**kwargs: Any) -> None:
@@ -38,22 +24,33 @@ def _init(**kwargs: Any) -> None:
         ray.init(**kwargs)
     except Exception as e:  # noqa: BLE001 - Ray raises several unrelated types here
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if where.startswith("ray://") and "connection timeout" in msg:
+            raise client_refused(where) from None
+        if "No node info found" in msg:  # a driver by host:port needs a Ray node of that cluster on its machine
+            raise ClusterError(f"this machine runs no node of the Ray cluster at {where}: drivers outside the cluster "
+                               f"connect with ray://HEAD:10001 (Ray Client), or join this machine with "
+                               f"`ray start --address={where}`") from None
         if "auth" in msg.lower() or "token" in msg.lower():
-            raise ClusterError(f"Ray at {where} refused the connection ({msg}): copy the cluster's auth token "
-                               f"(~/.ray/auth_token on the head) to this machine or set RAY_AUTH_TOKEN") from None
-        raise ClusterError(f"could not connect to Ray at {where} ({msg}): start it with `ray start --head` "
-                           f"or use address=None for an embedded local Ray") from None
+            raise ClusterError(f"Ray at {where} refused the connection ({msg}): {TOKEN_FIX}") from None
+        raise ClusterError(f"could not join Ray at {where} ({msg}): check that `ray status` works on the head and "
+                           f"that this machine reaches every node's ports, or use address=None for an embedded "
+                           f"local Ray") from None
 
 
 def ensure_ray(options: ConnectOptions) -> str:
     """Join or start Ray as ``options`` says; returns "embedded" or the address joined."""
     if ray.is_initialized():
         return "existing"
-    address = options.address or os.environ.get("RAY_ADDRESS")
+    address = ray_address(options.address)
     common = dict(namespace=options.namespace, log_to_driver=False, configure_logging=False)
     if address:
-        if address != "auto":
-            _probe_tcp(address, options.timeout_s)
+        if address.startswith("ray://"):  # Ray Client: its server is not a GCS, so only reachability is checked
+            probe_tcp(address, options.timeout_s)
+            present_token_if_available()
+        else:
+            target = resolve_address(address)  # "auto": the cluster Ray itself would pick on this machine
+            probe_tcp(target, options.timeout_s)
+            preflight(target, options.timeout_s)
         _init(address=address, **common)
         return address
     num_cpus = options.num_cpus or os.cpu_count() or 1
@@ -64,6 +61,16 @@ def ensure_ray(options: ConnectOptions) -> str:
 
 def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
+
+
+def default_num_gpus() -> float:
+    """GPUs an actor asks for when not told: one when the cluster has GPUs, else none (CPU)."""
+    return 1.0 if cluster_gpus() >= 1 else 0.0
+
+
+def ray_address(address: str | None = None, fallback: str | None = None) -> str | None:
+    """The Ray address to use: the one given, else ``RAY_ADDRESS``, else ``fallback``."""
+    return address or os.environ.get("RAY_ADDRESS") or fallback
 
 
 def describe_resources() -> dict[str, Any]:

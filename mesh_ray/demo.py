@@ -113,7 +113,7 @@ def run_demo(arch: str = "flux1", stages: int = 2, steps: int = 4, size: int = 2
             "bytes_per_step": sum(s.bytes for s in per_step) // n,
             "raw_bytes_per_step": sum(s.raw_bytes for s in per_step) // n,
             "hops_per_step": per_step[-1].hops if per_step else 0,
-            "encode_ms_per_step": round(sum(t["encode_ms"] for s in per_step for t in s.transfers) / n, 3),
-            "decode_ms_per_step": round(sum(t["decode_ms"] or 0 for s in per_step for t in s.transfers) / n, 3),
+            "encode_ms_per_step": round(sum(t.encode_ms for s in per_step for t in s.transfers) / n, 3),
+            "decode_ms_per_step": round(sum(t.decode_ms or 0 for s in per_step for t in s.transfers) / n, 3),
             "image_path": decoded["image_paths"][0] if decoded.get("image_paths") else str(image.resolve()),
             "latent_preview_path": str(image.resolve()), **decoded}

@@ -56,6 +56,16 @@ def write_png(image: np.ndarray, path: str | os.PathLike, metadata: Mapping[str,
     return path
 
 
+def remove_stale_tmp(directory: str | os.PathLike, stem: str) -> int:
+    """Remove temporary files that a writer of ``{stem}_*.png`` left when it was killed mid-write
+    (before the same images are written again); returns how many were removed."""
+    d = Path(directory)
+    stale = list(d.glob(f".{stem}_*.png.*.tmp")) if d.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
+
+
 def image_paths(target: str | os.PathLike, count: int, stem: str, as_dir: bool | None = None) -> list[Path]:
     """Where a batch of ``count`` images goes.
 

@@ -12,6 +12,7 @@ from mesh_ray.errors import ClusterError
 from mesh_ray.split import SplitModel, make_split
 
 if TYPE_CHECKING:
+    from mesh_ray.planner import Plan
     from mesh_ray.vae_service import VaeService
 
 
@@ -26,16 +27,28 @@ class Mesh:
 
     def split(self, checkpoint: str, stages: int | list[str | dict | StageSpec] | None = None,
               n_blocks_remote: int | None = None, options: SplitOptions | dict | str | None = None,
-              **option_kwargs: Any) -> SplitModel:
+              plan: "str | Plan | None" = None, plan_options: dict | None = None, **option_kwargs: Any) -> SplitModel:
         """Split a FLUX checkpoint over stage actors.
 
         ``stages``: a number of remote stages with an even split (default 2), or a list of block
         ranges (``"double:0-9"``) / ``StageSpec`` dicts covering every block once, in order.
         ``n_blocks_remote``: instead, keep the front blocks in this process and run the back N
         blocks on one remote stage.  ``options`` (a ``SplitOptions``, a dict or a YAML/JSON file) and
-        other keywords are ``SplitOptions`` fields; ``MESH_RAY_<FIELD>`` variables fill the rest.
+        other keywords are ``SplitOptions`` fields.  Precedence: keywords > ``MESH_RAY_<FIELD>``
+        variables > ``options`` (for an object, only its explicitly set fields) > defaults.
+        ``plan="auto"``: measure the candidate devices and choose the block ranges (``stages`` is then
+        the number of candidates; ``plan_options`` are ``auto_plan`` keywords such as width, height,
+        threads); a ``Plan`` from ``mesh_ray.auto_plan`` / ``plan_for`` is used as given.  The plan
+        used is ``split.plan``.
         """
+        chosen = None
+        if plan is not None:
+            from mesh_ray.planner import resolve_plan
+
+            chosen, stages, option_kwargs = resolve_plan(checkpoint, plan, stages, n_blocks_remote, plan_options,
+                                                         option_kwargs)
         s = make_split(checkpoint, stages, n_blocks_remote, options, **option_kwargs)
+        s.plan = chosen
         self._splits.append(s)
         return s
 
@@ -43,7 +56,8 @@ class Mesh:
         """A pool of VAE decoder actors for ``checkpoint`` (BFL ``ae.safetensors`` layout).
 
         ``vae.decode(latent, mode="wait" | "forget" | "promise", save=...)``; keywords are
-        ``VaeService`` options (num_gpus, idle_timeout_s, output_dir, torch_threads, timeout_s).
+        ``VaeOptions`` fields (num_gpus, num_cpus, idle_timeout_s, output_dir, torch_threads, dtype,
+        timeout_s), validated into one model: a bad one is a one-line ConfigError.
         """
         from mesh_ray.vae_service import VaeService
 
@@ -62,7 +76,8 @@ class Mesh:
                 continue
             try:
                 handle = ray.get_actor(name, namespace=ns)
-                out.append({"name": name, **ray.get(handle.info.remote(), timeout=timeout_s)})
+                out.append({"name": name, "actor_id": handle._actor_id.hex(),
+                            **ray.get(handle.info.remote(), timeout=timeout_s)})
             except Exception as e:  # noqa: BLE001 - a dying actor should not break status
                 out.append({"name": name, "kind": "unknown", "error": str(e).splitlines()[0]})
         return out
@@ -81,11 +96,13 @@ class Mesh:
         self._services.clear()
 
 
-def connect(address: str | None = None, **kwargs: Any) -> Mesh:
+def connect(address: str | None = None, options: ConnectOptions | dict | str | None = None, **kwargs: Any) -> Mesh:
     """Join the Ray cluster at ``address`` ("auto", "host:port", "ray://…", or RAY_ADDRESS), or
     start an embedded local Ray sized to this machine when there is none.  Unreachable
-    addresses fail within ``timeout_s`` with a one-line ClusterError."""
-    options = load_settings(ConnectOptions, None, address=address, **kwargs)
+    addresses fail within ``timeout_s`` with a one-line ClusterError.  ``options`` (a
+    ``ConnectOptions``, dict or YAML/JSON file) and keywords are ``ConnectOptions`` fields;
+    keywords > ``MESH_RAY_<FIELD>`` variables > ``options``."""
+    options = load_settings(ConnectOptions, options, address=address, **kwargs)
     mode = ensure_ray(options)
     if not ray.is_initialized():  # pragma: no cover - ensure_ray raises instead
         raise ClusterError("Ray did not start: see the log above")

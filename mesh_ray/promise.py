@@ -4,7 +4,8 @@
 ``Promise.save(path_or_dir)`` returns a ``SaveHandle`` at once and writes the PNGs from a
 background thread when the images are ready, so the caller never blocks on it.  Errors (the
 decoder died, timed out or raised) surface from ``result`` and from the save handle's own
-``result()``; a failed promise writes nothing, so no half file is ever left.
+``result()``; a failed promise writes nothing, so no half file is ever left.  A promise made by
+the VAE service is re-sent to another (or a restarted) replica when its decoder actor dies.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -19,35 +21,28 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayError, RayTaskError
+from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError
 
 from mesh_ray.images import save_images
-from mesh_ray.errors import ClusterError, MeshError, StageError
+from mesh_ray.config import VaeOptions
+from mesh_ray.errors import ClusterError, MeshError
+from mesh_ray.rayutil import ray_error
 
-DEFAULT_TIMEOUT_S = 600.0
+DEFAULT_TIMEOUT_S: float = VaeOptions.model_fields["timeout_s"].default
 
 
-def convert_ray_error(e: BaseException, label: str, timeout: float | None = None) -> MeshError:
-    """A Ray failure while waiting on ``label`` -> a one-line MeshError naming the fix."""
-    if isinstance(e, MeshError) and not isinstance(e, RayError):  # RayTaskError(ConfigError) is both
-        return e
-    if isinstance(e, (GetTimeoutError, TimeoutError, cf.TimeoutError)):
-        return ClusterError(f"{label} did not finish within {timeout or 0:g} s: wait longer (timeout=...) "
-                            f"or add decoder replicas; service.stats() shows the queue")
-    if isinstance(e, RayActorError):
-        return ClusterError(f"{label} failed: its decoder actor died before returning (killed, out of memory or "
-                            f"exited): the service starts a new replica on the next request; decode this latent again")
-    if isinstance(e, RayTaskError):
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, MeshError):
-            return type(cause)(str(cause))
-        detail = f"{type(cause).__name__}: {cause}" if cause is not None else str(e).splitlines()[0]
-        return StageError(f"{label} failed on the decoder ({detail[:300]}): check the latent and the VAE checkpoint")
-    if isinstance(e, ObjectLostError):
-        return ClusterError(f"{label} failed: its result was lost with the node that held it: decode this latent again")
-    if isinstance(e, RayError):
-        return ClusterError(f"{label} failed in Ray ({type(e).__name__}): check the cluster with `ray status`")
-    return MeshError(f"{label} failed ({type(e).__name__}: {e})")
+def decoder_error(e: BaseException, label: str, timeout: float | None = None) -> MeshError:
+    """A Ray failure while waiting on decoder work ``label`` -> a one-line MeshError (``rayutil.ray_error``)."""
+    return ray_error(e, label, timeout,
+                     timeout_fix="wait longer (timeout=...) or add decoder replicas; service.stats() shows the queue",
+                     died_fix="the decoder was killed, ran out of memory or exited; the service starts a new "
+                              "replica on the next request; decode this latent again",
+                     failed_fix="check the latent and the VAE checkpoint")
+
+
+def actor_lost(e: BaseException) -> bool:
+    """True when a Ray error means the worker (or its node) died, so the same call may succeed elsewhere."""
+    return isinstance(e, (RayActorError, ObjectLostError))
 
 
 class SaveHandle:
@@ -85,8 +80,11 @@ class SaveHandle:
 class Promise:
     """Images that a decoder actor is still producing (wraps the Ray ObjectRef)."""
 
-    def __init__(self, ref: ray.ObjectRef, label: str = "VAE decode", timeout_s: float = DEFAULT_TIMEOUT_S):
+    def __init__(self, ref: ray.ObjectRef, label: str = "VAE decode", timeout_s: float = DEFAULT_TIMEOUT_S,
+                 resubmit: Callable[[ray.ObjectRef], ray.ObjectRef | None] | None = None):
         self.ref = ref
+        # resubmit(dead_ref) -> the ref of the same decode sent again (or already re-sent), None when spent
+        self._resubmit = resubmit
         self.label = label
         self.timeout_s = timeout_s
         self.id = uuid.uuid4().hex[:10]
@@ -114,16 +112,24 @@ class Promise:
                 return self._images
             if self._error is not None:
                 raise type(self._error)(str(self._error))
-        try:
-            arr = ray.get(self.ref, timeout=timeout)
-        except GetTimeoutError as e:  # not final: a later call may still succeed
-            raise convert_ray_error(e, self.label, timeout) from None
-        except Exception as e:
-            err = convert_ray_error(e, self.label, timeout)
-            with self._lock:
-                self.actor_died = isinstance(e, RayActorError)
-                self._error = err
-            raise type(err)(str(err)) from None
+        end = time.monotonic() + timeout
+        while True:
+            ref = self.ref
+            try:
+                arr = ray.get(ref, timeout=max(0.0, end - time.monotonic()))
+                break
+            except GetTimeoutError as e:  # not final: a later call may still succeed
+                raise decoder_error(e, self.label, timeout) from None
+            except Exception as e:
+                again = self._resubmit(ref) if self._resubmit is not None and actor_lost(e) else None
+                if again is not None:
+                    self.ref = again  # the same decode, on another or a restarted replica
+                    continue
+                err = decoder_error(e, self.label, timeout)
+                with self._lock:
+                    self.actor_died = actor_lost(e)
+                    self._error = err
+                raise type(err)(str(err)) from None
         images = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
         with self._lock:
             self._images = images
@@ -164,4 +170,4 @@ def save_promised(promises: Iterable[Promise], directory: str | os.PathLike,
     return [p.save(directory, metadata) for p in promises]
 
 
-__all__ = ["Promise", "SaveHandle", "convert_ray_error", "save_promised"]
+__all__ = ["Promise", "SaveHandle", "actor_lost", "decoder_error", "save_promised"]

@@ -55,6 +55,47 @@ def initial_noise(config: FluxConfig, batch: int, height: int, width: int, seed:
     return torch.randn(batch, config.latent_channels, height // 8, width // 8, generator=gen)
 
 
+class SamplerRun:
+    """One image's (or one batch's) Euler sampling: the latent, its inputs per step, the update.
+
+    ``generate`` and ``mesh_ray.pipeline.generate_many`` both drive this, so one image sampled
+    alone or among many takes exactly the same arithmetic.
+    """
+
+    def __init__(self, config: FluxConfig, device: torch.device, dtype: torch.dtype, txt: torch.Tensor,
+                 y: torch.Tensor | None = None, *, width: int = 1024, height: int = 1024, steps: int = 20,
+                 seed: int = 0, guidance: float = 3.5):
+        self.config, self.width, self.height, self.steps = config, width, height, steps
+        b = txt.shape[0]
+        noise = initial_noise(config, b, height, width, seed)
+        self.img = pack_latent(noise).to(device, dtype)
+        self.img_ids, self.txt_ids = position_ids(config.arch, b, height // 16, width // 16, txt.shape[1], device=device)
+        self.txt = txt.to(device, dtype)
+        self.y = y.to(device, dtype) if y is not None else None
+        self.g = torch.full((b,), guidance, device=device, dtype=dtype) if config.guidance_embed else None
+        self.ts = schedule(config, steps, self.img.shape[1])
+        self.step = 0
+        self.options = {"mesh_generation": uuid.uuid4().hex}  # per-generation constants are cached under this
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.steps
+
+    def inputs(self) -> tuple:
+        """The forward's arguments for the current step (img, img_ids, txt, txt_ids, t, y, guidance)."""
+        t_vec = torch.full((self.img.shape[0],), self.ts[self.step], device=self.img.device, dtype=self.img.dtype)
+        return self.img, self.img_ids, self.txt, self.txt_ids, t_vec, self.y, self.g
+
+    def advance(self, pred: torch.Tensor) -> None:
+        """One Euler step with the model's predicted velocity."""
+        self.img = self.img + (self.ts[self.step + 1] - self.ts[self.step]) * pred
+        self.step += 1
+
+    def latent(self) -> torch.Tensor:
+        """The latent [B, C, height/8, width/8] (fp32, CPU)."""
+        return unpack_tokens(self.img.float().cpu(), self.height // 8, self.width // 8)
+
+
 @torch.inference_mode()
 def generate(model: Callable[..., torch.Tensor], txt: torch.Tensor, y: torch.Tensor | None = None, *,
              width: int = 1024, height: int = 1024, steps: int = 20, seed: int = 0, guidance: float = 3.5,
@@ -66,26 +107,14 @@ def generate(model: Callable[..., torch.Tensor], txt: torch.Tensor, y: torch.Ten
     ``txt`` [B, L, context_in_dim] text embeddings, ``y`` [B, vec_in_dim] pooled vector (FLUX.1).
     ``callback(step, steps, latent_tokens)`` runs after every step.
     """
-    cfg = config or model.config
-    b = txt.shape[0]
-    noise = initial_noise(cfg, b, height, width, seed)
-    h_tok, w_tok = height // 16, width // 16
     device, dtype = _device_dtype(model)
-    img = pack_latent(noise).to(device, dtype)
-    img_ids, txt_ids = position_ids(cfg.arch, b, h_tok, w_tok, txt.shape[1], device=device)
-    txt = txt.to(device, dtype)
-    y = y.to(device, dtype) if y is not None else None
-    g = torch.full((b,), guidance, device=device, dtype=dtype) if cfg.guidance_embed else None
-    ts = schedule(cfg, steps, img.shape[1])
-    opts = {"mesh_generation": uuid.uuid4().hex}
-    for i, (t_curr, t_prev) in enumerate(tqdm(list(zip(ts[:-1], ts[1:])), desc="sampling", disable=not progress,
-                                              unit="step", leave=False)):
-        t_vec = torch.full((b,), t_curr, device=device, dtype=dtype)
-        pred = model(img, img_ids, txt, txt_ids, t_vec, y, g, transformer_options=opts)
-        img = img + (t_prev - t_curr) * pred
+    run = SamplerRun(config or model.config, device, dtype, txt, y, width=width, height=height, steps=steps,
+                     seed=seed, guidance=guidance)
+    for _ in tqdm(range(steps), desc="sampling", disable=not progress, unit="step", leave=False):
+        run.advance(model(*run.inputs(), transformer_options=run.options))
         if callback is not None:
-            callback(i + 1, steps, img)
-    return unpack_tokens(img.float().cpu(), height // 8, width // 8)
+            callback(run.step, steps, run.img)
+    return run.latent()
 
 
 def _device_dtype(model: Any) -> tuple[torch.device, torch.dtype]:

@@ -9,7 +9,6 @@ and cached on the stages by generation id; per-step conditioning is sent raw.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 import uuid
@@ -19,20 +18,23 @@ from typing import Any
 
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError
 
+from mesh_ray.actors.device import DTYPES, dtype_name, narrower, pick_device
+from mesh_ray.actors.records import GenConsts, Hop, LinkPlan
 from mesh_ray.actors.shards import default_cache_dir, send_shard
-from mesh_ray.actors.stage import StageActor, StageInit, move_cond
+from mesh_ray.actors.stage import GENERATIONS_KEPT, StageActor, StageInit, move_cond
 from mesh_ray.actors.wire import pack_state, unpack_state, with_cached_text
-from mesh_ray.codec import CodecSpec, choose_spec
-from mesh_ray.cluster import cluster_gpus, explain_unschedulable, node_affinity
+from mesh_ray.codec import choose_spec
+from mesh_ray.cluster import default_num_gpus, explain_unschedulable, node_affinity
 from mesh_ray.config import SplitOptions, StageSpec, load_settings, validate
 from mesh_ray.errors import ClusterError, ConfigError, MeshError, StageError
-from mesh_ray.models.blocks import BlockRange, check_cover
+from mesh_ray.models.blocks import BlockRange, check_cover, locate
 from mesh_ray.models.checkpoint import CheckpointInfo, inspect, load_blocks
 from mesh_ray.models.flux import BlockCond, BlockState, Flux, build
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from mesh_ray.digest import tensor_digest
+from mesh_ray.rayutil import ray_error
+from mesh_ray.recovery import ChainCall, Recovery
 
 
 @dataclass
@@ -44,9 +46,18 @@ class Segment:
     actor: Any = None
     index: int = -1
     node_id: str | None = None
-    in_spec: CodecSpec | None = None  # codec of the link into this stage
-    in_link: str = ""
-    out: dict = field(default_factory=dict)  # what the stage needs for its outgoing link: spec and name
+    dtype: torch.dtype | None = None  # what it computes in (a stage reports its own)
+    in_plan: LinkPlan | None = None  # the link into this stage
+    out_plan: LinkPlan | None = None  # the link out of it, which the stage codes
+
+
+@dataclass
+class _Generation:
+    """Per-generation constants: the stages' record, and the same tensors on the caller's device."""
+
+    consts: GenConsts
+    pe: torch.Tensor
+    txt: torch.Tensor | None = None
 
 
 @dataclass
@@ -55,17 +66,29 @@ class _Flight:
 
     state: Any  # BlockState, or an ObjectRef of a WireState
     cond: BlockCond
-    gen: dict
+    gen: _Generation
     cond_host: BlockCond | None = None  # the same conditioning on the host, for stage calls
     cursor: int = 0
-    transfers: list = field(default_factory=list)
+    transfers: list[Hop] = field(default_factory=list)
+
+
+@dataclass
+class Step:
+    """One forward call in flight (``SplitModel.submit_step``): its micro-batches and start time."""
+
+    flights: list[_Flight]
+    t0: float
+
+    def pending(self) -> list:
+        """The ObjectRefs this step still waits for (one per micro-batch in a remote chain)."""
+        return [f.state for f in self.flights if isinstance(f.state, ray.ObjectRef)]
 
 
 @dataclass
 class StepStats:
-    """What the last forward moved: one entry per hop (link, mode, raw/wire bytes, encode/decode ms)."""
+    """What the last forward moved: one ``Hop`` per transfer (link, mode, dtype, raw/wire bytes, ms)."""
 
-    transfers: list = field(default_factory=list)
+    transfers: list[Hop] = field(default_factory=list)
     ms: float = 0.0
 
     @property
@@ -75,21 +98,17 @@ class StepStats:
     @property
     def bytes(self) -> int:
         """Bytes on the wire for all hops."""
-        return sum(t["wire_bytes"] for t in self.transfers)
+        return sum(t.wire_bytes for t in self.transfers)
 
     @property
     def raw_bytes(self) -> int:
         """What the same hops would have carried uncoded."""
-        return sum(t["raw_bytes"] for t in self.transfers)
+        return sum(t.raw_bytes for t in self.transfers)
 
 
-def _tensor_key(*tensors: torch.Tensor) -> str:
-    h = hashlib.blake2b(digest_size=12)
-    for t in tensors:
-        t = t.detach().contiguous().cpu()
-        h.update(str((t.dtype, tuple(t.shape))).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+def tensor_key(*tensors: torch.Tensor) -> str:
+    """A content hash of tensors: the cache key of per-generation constants."""
+    return tensor_digest(((str(i), t) for i, t in enumerate(tensors)), 12)
 
 
 class SplitModel:
@@ -102,17 +121,22 @@ class SplitModel:
         self.config = info.config
         self.options = options
         self.id = uuid.uuid4().hex[:8]
-        gpu = torch.cuda.is_available()
-        self.dtype = _DTYPES[options.dtype or ("bfloat16" if gpu else "float32")]
-        self.device = torch.device("cuda" if gpu else "cpu")
+        # The caller's front (embedders, final layer, local ranges) follows the caller's own device;
+        # each stage decides its own dtype from its device (actors/device.py).
+        self.device, self.dtype = pick_device(options.dtype, driver=True)
         ranges = [info.range(s.blocks, f"stage {i} block range") for i, s in enumerate(stages)]
         check_cover(ranges)
         self.segments = [Segment(r, s, index=i) for i, (r, s) in enumerate(zip(ranges, stages))]
-        self.last = StepStats()
-        self._gen_refs: OrderedDict[str, dict] = OrderedDict()
+        for seg in self.segments:
+            if seg.spec.local:
+                seg.dtype = self.dtype
+        self.last = StepStats()  # for reports only: concurrent steps get theirs from finish_step
+        self.plan = None  # the planner's Plan when mesh.split(plan=...) chose the stages
+        self._gen_refs: OrderedDict[str, _Generation] = OrderedDict()
         self._pg = None
         self._closed = False
-        self._cluster_gpus = cluster_gpus()
+        self._default_gpus = default_num_gpus()
+        self.recovery = Recovery(self)  # stage restart + step retry (mesh_ray/recovery.py)
         # The caller's part: embedders, final layer, and blocks of local segments only (none when
         # the caller has its own model and uses only block_patches(), as inside ComfyUI).
         self.model = build(self.config, "meta", self.dtype)
@@ -139,12 +163,13 @@ class SplitModel:
 
     def _num_gpus(self, spec: StageSpec) -> float:
         """GPUs a stage asks for: its own setting, else one when the cluster has GPUs."""
-        return spec.num_gpus if spec.num_gpus is not None else (1.0 if self._cluster_gpus >= 1 else 0.0)
+        return spec.num_gpus if spec.num_gpus is not None else self._default_gpus
 
     def _stage_options(self, seg: Segment, bundle: int | None) -> dict:
         spec = seg.spec
         opts: dict[str, Any] = {"num_cpus": spec.num_cpus, "num_gpus": self._num_gpus(spec),
-                                "name": f"mesh-ray/{self.id}/stage{seg.index}", "max_restarts": 0}
+                                "name": f"mesh-ray/{self.id}/stage{seg.index}",
+                                "max_restarts": self.options.max_restarts}
         if spec.node:
             opts["scheduling_strategy"] = node_affinity(spec.node)
         elif self._pg is not None and bundle is not None:
@@ -178,7 +203,7 @@ class SplitModel:
         for k, seg in enumerate(remote):
             init = StageInit(index=seg.index, config=self.config, start=seg.range.start, stop=seg.range.stop,
                              checkpoint_path=seg.spec.checkpoint_path or self.checkpoint,
-                             dtype=str(self.dtype).removeprefix("torch."), cache_dir=cache_dir,
+                             dtype=seg.spec.dtype or self.options.dtype or "auto", cache_dir=cache_dir,
                              torch_threads=seg.spec.torch_threads or self.options.torch_threads
                              or (torch.get_num_threads() if self.device.type == "cpu" else None),
                              offload=self.options.offload)
@@ -191,22 +216,28 @@ class SplitModel:
                 raise ClusterError(explain_unschedulable(need, f"stage {seg.index} ({seg.range})")) from None
         loads = [self._load(seg) for seg in remote]
         for seg, ref in zip(remote, loads):
-            seg.node_id = self._get(ref, seg, self.options.start_timeout_s, "loading its blocks")["node_id"]
+            info = self._get(ref, seg, self.options.start_timeout_s, "loading the blocks")
+            seg.node_id, seg.dtype = info["node_id"], DTYPES[info["dtype"]]
         self._plan_links()
 
     def _plan_links(self) -> None:
-        """Resolve the codec spec of every link from where its two ends run (auto: raw on one node)."""
+        """Plan every link from its two ends: codec spec from where they run (auto: raw on one node),
+        wire dtype the narrower of their compute dtypes."""
         here = ray.get_runtime_context().get_node_id()
         segs = self.segments
+
+        def plan(a: Segment | None, b: Segment | None) -> LinkPlan:
+            node_a, node_b = (s.node_id if s else here for s in (a, b))
+            name = "->".join(f"stage{s.index}" if s else "caller" for s in (a, b))
+            wire = narrower(a.dtype if a else self.dtype, b.dtype if b else self.dtype)
+            return LinkPlan(choose_spec(self.options.codec, same_node=node_a == node_b), name, dtype_name(wire))
+
         for i, seg in enumerate(segs):
             if seg.spec.local:
                 continue
             prev = segs[i - 1] if i > 0 and not segs[i - 1].spec.local else None
             nxt = segs[i + 1] if i + 1 < len(segs) and not segs[i + 1].spec.local else None
-            seg.in_spec = choose_spec(self.options.codec, same_node=(prev.node_id if prev else here) == seg.node_id)
-            seg.in_link = f"{f'stage{prev.index}' if prev else 'caller'}->stage{seg.index}"
-            seg.out = {"spec": choose_spec(self.options.codec, same_node=(nxt.node_id if nxt else here) == seg.node_id),
-                       "link": f"stage{seg.index}->{f'stage{nxt.index}' if nxt else 'caller'}"}
+            seg.in_plan, seg.out_plan = plan(prev, seg), plan(seg, nxt)
 
     def _load(self, seg: Segment) -> Any:
         """Load from the worker's own file when it can read it, else ship the shard once."""
@@ -220,21 +251,17 @@ class SplitModel:
         return send_shard(seg.actor, sd, lambda ref, doing: self._get(ref, seg, 60, doing))
 
     def _get(self, ref: Any, seg: Segment | None, timeout: float, doing: str) -> Any:
-        where = f"stage {seg.index} ({seg.range})" if seg else "a stage"
         try:
             return ray.get(ref, timeout=timeout)
-        except GetTimeoutError:
-            raise StageError(f"{where} did not finish {doing} within {timeout:.0f}s: check the worker with "
-                             f"`mesh-ray status`, or raise step_timeout_s / start_timeout_s") from None
-        except RayActorError as e:
-            raise StageError(f"{where} died while {doing} ({type(e).__name__}): its worker crashed or its node left; "
-                             f"create the split again with mesh.split(...)") from None
-        except RayTaskError as e:
-            cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else None
-            if isinstance(cause, MeshError):
-                raise type(cause)(str(cause)) from None
-            msg = str(cause or e).strip().splitlines()[-1]
-            raise StageError(f"{where} failed while {doing}: {msg}: see the worker log for the traceback") from None
+        except Exception as e:  # noqa: BLE001 - every failure becomes one line
+            raise self.stage_error(e, seg, timeout, doing) from None
+
+    def stage_error(self, e: BaseException, seg: Segment | None, timeout: float, doing: str) -> MeshError:
+        """A Ray failure while ``doing`` on ``seg`` as the one-line error the caller sees."""
+        where = f"stage {seg.index} ({seg.range})" if seg else "a stage"
+        return ray_error(e, f"{doing} on {where}", timeout, timeout_error=StageError, died_error=StageError,
+                         timeout_fix="check the worker with `mesh-ray status`, or raise step_timeout_s / start_timeout_s",
+                         died_fix="its worker crashed or its node left; create the split again with mesh.split(...)")
 
     # -- forward --------------------------------------------------------------------------------
 
@@ -245,11 +272,22 @@ class SplitModel:
                 timesteps: torch.Tensor, y: torch.Tensor | None = None, guidance: torch.Tensor | None = None,
                 transformer_options: dict | None = None) -> torch.Tensor:
         """Same signature and result as ``Flux.forward``; a batch is cut into ``micro_batches``."""
+        out, self.last = self.finish_step(self.submit_step(img, img_ids, txt, txt_ids, timesteps, y, guidance,
+                                                           transformer_options))
+        return out
+
+    def submit_step(self, img: torch.Tensor, img_ids: torch.Tensor, txt: torch.Tensor, txt_ids: torch.Tensor,
+                    timesteps: torch.Tensor, y: torch.Tensor | None = None, guidance: torch.Tensor | None = None,
+                    transformer_options: dict | None = None) -> Step:
+        """Start one forward: embed each micro-batch and submit it as far as it goes without waiting.
+
+        Holds no per-call state on ``self``, so several steps (of different images) may be in flight;
+        ``finish_step`` completes one.
+        """
         if self._closed:
             raise MeshError("this split was closed: create a new one with mesh.split(...)")
         t0 = time.perf_counter()
-        opts = transformer_options or {}
-        gen_id = opts.get("mesh_generation")
+        gen_id = (transformer_options or {}).get("mesh_generation")
         n = min(self.options.micro_batches, img.shape[0])
         bounds = [round(i * img.shape[0] / n) for i in range(n + 1)]
         flights = []
@@ -261,33 +299,66 @@ class SplitModel:
                 args[0], args[2] = args[0].to(self.dtype), args[2].to(self.dtype)
                 self.model.check_inputs(*args)
                 cond = self.model.conditioning(args[4], args[5], args[6], dtype=self.dtype)
-                key = f"{gen_id}:{i}/{n}:{bounds[i]}-{bounds[i + 1]}" if gen_id else _tensor_key(args[1], args[2], args[3])
-                gen, state = self._generation(key, args, cond)
+                key = f"{gen_id}:{i}/{n}:{bounds[i]}-{bounds[i + 1]}" if gen_id else tensor_key(args[1], args[2], args[3])
+                gen, state = self._generation(key, args)
                 flights.append(_Flight(state=state, cond=cond, gen=gen, cond_host=_cpu_cond(cond)))
-            self._run(flights)
-            out = torch.cat([self.model.finish(f.state, f.cond) for f in flights], dim=0)
-        self.last = StepStats([t for f in flights for t in f.transfers], (time.perf_counter() - t0) * 1000)
-        return out
+            for f in flights:
+                self._advance(f)
+        return Step(flights, t0)
 
-    def _generation(self, key: str, args: list, cond: BlockCond) -> tuple[dict, BlockState]:
+    def finish_step(self, step: Step) -> tuple[torch.Tensor, StepStats]:
+        """Wait for a submitted step (every wait bounded by step_timeout_s); its output and transfers."""
+        with torch.inference_mode():
+            self._run(step.flights)
+            out = torch.cat([self.model.finish(f.state, f.cond) for f in step.flights], dim=0)
+        stats = StepStats([t for f in step.flights for t in f.transfers], (time.perf_counter() - step.t0) * 1000)
+        return out, stats
+
+    def _remember(self, key: str, make: Any) -> _Generation:
+        """The generation cached under ``key`` (``make()`` on a miss); least recently used ones are
+        dropped beyond ``generations_kept``, releasing their object-store entries."""
+        if key not in self._gen_refs:
+            self._gen_refs[key] = make()
+            while len(self._gen_refs) > self.generations_kept:
+                self._gen_refs.popitem(last=False)
+        self._gen_refs.move_to_end(key)
+        return self._gen_refs[key]
+
+    def _generation(self, key: str, args: list) -> tuple[_Generation, BlockState]:
         """Embed one micro-batch; put pe (and unchanged text tokens) in the object store once per generation."""
         img, img_ids, txt, txt_ids = args[:4]
-        state = BlockState(self.model.img_in(img), None, txt.shape[1])
         first = self.segments[0]
         cache_txt = not first.spec.local and first.range.start == 0
-        if key not in self._gen_refs:
+
+        def make() -> _Generation:
             pe = self.model.embed_positions(img_ids, txt_ids)
             txt_emb = self.model.embed_text(txt)
-            self._gen_refs[key] = {"id": key, "pe": [ray.put(pe.cpu())], "txt": [ray.put(txt_emb.cpu())] if cache_txt else None,
-                                   "grid": _grid(img_ids), "pe_local": pe, "txt_local": txt_emb}
-            while len(self._gen_refs) > 4 * max(1, self.options.micro_batches):
-                self._gen_refs.popitem(last=False)
-        g = self._gen_refs[key]
-        self._gen_refs.move_to_end(key)
-        txt_tokens = g["txt_local"]
-        state = BlockState(state.img, txt_tokens[:, :0] if cache_txt else txt_tokens, state.txt_len)
-        return {"id": key, "pe": g["pe"], "txt": g["txt"], "grid": g["grid"],
-                "pe_local": g["pe_local"], "txt_local": txt_tokens}, state
+            consts = GenConsts(key, [ray.put(pe.cpu())], [ray.put(txt_emb.cpu())] if cache_txt else None, _grid(img_ids))
+            return _Generation(consts, pe, txt_emb)
+
+        g = self._remember(key, make)
+        state = BlockState(self.model.img_in(img), g.txt[:, :0] if cache_txt else g.txt, txt.shape[1])
+        return g, state
+
+    def submit_chain(self, chain: list[Segment], state: BlockState | Any, cond: BlockCond, gen: GenConsts,
+                     remember: bool = True) -> Any:
+        """Submit one micro-batch through consecutive remote segments without waiting; returns the
+        ObjectRef of the last stage's WireState.  The one place a step enters the stage chain; the
+        inputs are kept until ``collect`` so that a step lost with a stage can be sent again."""
+        ref = pack_state(state, chain[0].in_plan, gen.grid) if isinstance(state, BlockState) else state
+        for seg in chain:
+            ref = seg.actor.forward.remote(ref, cond, gen, seg.out_plan)
+        if remember:
+            self.recovery.remember(ref, ChainCall(chain, state, cond, gen))
+        return ref
+
+    def collect(self, ref: Any, seg: Segment, device: torch.device | None = None, dtype: torch.dtype | None = None,
+                doing: str = "a forward step") -> tuple[BlockState, list[Hop]]:
+        """Wait (step_timeout_s) for a chain submitted with ``submit_chain`` ending at ``seg``; the
+        state on ``device`` in ``dtype`` (default: the caller's) and the hops it made.  A stage that
+        died is restarted and the chain sent again (``max_restarts``, ``max_step_retries``)."""
+        wire = self.recovery.wait(ref, seg, doing)
+        return unpack_state(wire, device or self.device, dtype or self.dtype)
 
     def _run(self, flights: list[_Flight]) -> None:
         """Advance every micro-batch: local segments here, remote chains submitted without waiting."""
@@ -298,28 +369,25 @@ class SplitModel:
             for i in pending:
                 f = flights[i]
                 if isinstance(f.state, ray.ObjectRef):
-                    seg = self.segments[f.cursor - 1]
-                    wire = self._get(f.state, seg, self.options.step_timeout_s, "a forward step")
-                    f.state, hops = unpack_state(wire, self.device)
+                    f.state, hops = self.collect(f.state, self.segments[f.cursor - 1])
                     f.transfers.extend(hops)
             pending = [i for i in pending if flights[i].cursor < len(self.segments)]
 
     def _advance(self, f: _Flight) -> None:
-        gen_remote = {"id": f.gen["id"], "pe": f.gen["pe"], "txt": f.gen["txt"], "grid": f.gen["grid"]}
-        while f.cursor < len(self.segments):
-            seg = self.segments[f.cursor]
+        """Run local segments here and submit the next remote chain; stop at the first result to wait for."""
+        segs = self.segments
+        while f.cursor < len(segs) and not isinstance(f.state, ray.ObjectRef):
+            seg = segs[f.cursor]
             if seg.spec.local:
-                if isinstance(f.state, ray.ObjectRef):
-                    return
-                state = with_cached_text(f.state, f.gen["txt_local"])
-                f.state = self.model.run_blocks(state, f.cond, f.gen["pe_local"], seg.range.start, seg.range.stop)
-            else:
-                if isinstance(f.state, BlockState):
-                    f.state = pack_state(f.state, seg.in_spec, f.gen["grid"], seg.in_link)
-                f.state = seg.actor.forward.remote(f.state, f.cond_host, gen_remote, seg.out)
-            f.cursor += 1
-            if isinstance(f.state, ray.ObjectRef) and (f.cursor >= len(self.segments) or self.segments[f.cursor].spec.local):
-                return
+                state = with_cached_text(f.state, f.gen.txt)
+                f.state = self.model.run_blocks(state, f.cond, f.gen.pe, seg.range.start, seg.range.stop)
+                f.cursor += 1
+                continue
+            end = f.cursor
+            while end + 1 < len(segs) and not segs[end + 1].spec.local:
+                end += 1
+            f.state = self.submit_chain(segs[f.cursor : end + 1], f.state, f.cond_host, f.gen.consts)
+            f.cursor = end + 1
 
     # -- block replacement for a foreign forward (e.g. ComfyUI's own FLUX model) ----------------
 
@@ -339,7 +407,8 @@ class SplitModel:
             chain = self.segments[i : j + 1]
             first, stop = chain[0].range.start, chain[-1].range.stop
             for b in range(first, stop):
-                key = ("double_block", b) if b < depth else ("single_block", b - depth)
+                kind, k = locate(b, depth)
+                key = (f"{kind}_block", k)
                 patches[key] = self._chain_patch(chain, first) if b == first else _passthrough
             i = j + 1
         return patches
@@ -361,38 +430,27 @@ class SplitModel:
             refs = []
             for i in range(n):
                 sl = slice(bounds[i], bounds[i + 1])
-                gen = self._patch_generation(pe if pe.shape[0] == 1 else pe[sl])
+                pe_i = pe if pe.shape[0] == 1 else pe[sl]
+                key = "patch:" + tensor_key(pe_i)
+                gen = self._remember(key, lambda: _Generation(GenConsts(key, [ray.put(pe_i.cpu())]), pe_i)).consts
                 if first < self.config.depth:
                     txt = args["txt"][sl]
                     state = BlockState(img[sl].to("cpu", self.dtype), txt.to("cpu", self.dtype), txt.shape[1])
                 else:  # joined stream; the text length only matters to a caller that unjoins
                     state = BlockState(img[sl].to("cpu", self.dtype), None, 0)
-                ref = pack_state(state, chain[0].in_spec, None, chain[0].in_link)
-                part = cond if n == 1 else _slice_cond(cond, sl)
-                for seg in chain:  # submitted without waiting: micro-batch i+1 enters as i moves on
-                    ref = seg.actor.forward.remote(ref, part, gen, seg.out)
-                refs.append(ref)
+                # submitted without waiting: micro-batch i+1 enters the chain as i moves on
+                refs.append(self.submit_chain(chain, state, cond if n == 1 else _slice_cond(cond, sl), gen))
             outs, hops = [], []
             for ref in refs:
-                out, h = unpack_state(self._get(ref, chain[-1], self.options.step_timeout_s, "a patched block range"),
-                                      img.device)
+                out, h = self.collect(ref, chain[-1], img.device, img.dtype, "a patched block range")
                 outs.append(out.unjoin() if first < self.config.depth else out.join())
                 hops.extend(h)
             self.last = StepStats(hops)
-            res = {"img": torch.cat([o.img for o in outs]).to(img.device, img.dtype)}
+            res = {"img": torch.cat([o.img for o in outs])}
             if first < self.config.depth:
-                res["txt"] = torch.cat([o.txt for o in outs]).to(img.device, img.dtype)
+                res["txt"] = torch.cat([o.txt for o in outs])
             return res
         return run
-
-    def _patch_generation(self, pe: torch.Tensor) -> dict:
-        """The rotary embedding of a patched call, put in the object store once (keyed by content)."""
-        key = "patch:" + _tensor_key(pe)
-        if key not in self._gen_refs:
-            self._gen_refs[key] = {"pe": [ray.put(pe.cpu())]}
-            while len(self._gen_refs) > 4 * max(1, self.options.micro_batches):
-                self._gen_refs.popitem(last=False)
-        return {"id": key, "pe": self._gen_refs[key]["pe"], "txt": None}
 
     def set_loras(self, loras: list[tuple[str | os.PathLike, float]]) -> str | None:
         """Apply LoRA safetensors files ``[(path, strength), ...]`` (BFL/ComfyUI, kohya ``lora_unet_``
@@ -408,6 +466,16 @@ class SplitModel:
     def stages(self) -> list[Segment]:
         return self.segments
 
+    @property
+    def generations_cached(self) -> int:
+        """Per-generation constants held in the object store now (at most ``generations_kept``)."""
+        return len(self._gen_refs)
+
+    @property
+    def generations_kept(self) -> int:
+        """The bound of that cache: as many as a stage keeps, and at least 4 per micro-batch."""
+        return max(GENERATIONS_KEPT, 4 * self.options.micro_batches)
+
     def stage_info(self, timeout_s: float = 30) -> list[dict]:
         out = []
         for seg in self.segments:
@@ -420,6 +488,7 @@ class SplitModel:
     def close(self) -> None:
         """Kill the stage actors and free their resources (idempotent)."""
         self._closed = True
+        self.recovery.forget()
         for seg in self.segments:
             if seg.actor is not None:
                 try:
@@ -490,11 +559,7 @@ def make_split(checkpoint: str, stages: int | list | None = None, n_blocks_remot
                **option_kwargs: Any) -> SplitModel:
     """Resolve the stage list and build a SplitModel (``Mesh.split`` documents the arguments)."""
     info = inspect(checkpoint)
-    if isinstance(options, (str, os.PathLike)):  # a YAML/JSON settings file
-        opts = load_settings(SplitOptions, options, **option_kwargs)
-    else:
-        given = options.model_dump() if isinstance(options, SplitOptions) else dict(options or {})
-        opts = load_settings(SplitOptions, None, **given, **option_kwargs)
+    opts = load_settings(SplitOptions, options, **option_kwargs)  # keywords > MESH_RAY_* > options
     n = info.config.num_blocks
     if n_blocks_remote is not None and stages is not None:
         raise ConfigError("give either stages or n_blocks_remote, not both")

@@ -7,8 +7,11 @@
 
 Dispatch goes to the replica with the fewest requests in flight.  A replica whose actor died
 (killed, crashed, out of memory) or exited on its idle timeout is started again on the next
-request.  A monitor thread collects finished requests, so forget-mode failures are logged and
-counted (``stats()``) without anyone waiting on them.
+request.  A request whose actor dies before answering (any mode) is sent again, up to
+``max_retries`` times, to the least-loaded replica (started again when it was the dead one); only
+then does it fail, with one ``ClusterError`` that says how often it was tried.  A monitor thread
+collects finished requests, so forget-mode failures are logged and counted (``stats()``) without
+anyone waiting on them, and re-sends the requests of a dead actor at once.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import ray
@@ -30,14 +33,18 @@ from ray.exceptions import RayActorError
 
 from mesh_ray.actors.shards import send_shard
 from mesh_ray.actors.vae import VaeDecoderActor, check_prefix
-from mesh_ray.images import save_images
+from mesh_ray.cluster import default_num_gpus
+from mesh_ray.config import VaeOptions, validate
 from mesh_ray.errors import ClusterError, ConfigError
+from mesh_ray.images import save_images
 from mesh_ray.models.vae import VaeInfo, check_tiling, inspect_vae, load_vae_state
-from mesh_ray.promise import DEFAULT_TIMEOUT_S, Promise, convert_ray_error
+from mesh_ray.names import VAE_MODES, VaeMode
+from mesh_ray import metrics
+from mesh_ray.promise import Promise, actor_lost, decoder_error
 
 log = logging.getLogger("mesh_ray.vae")
 
-MODES = ("wait", "forget", "promise")
+MODES = VAE_MODES
 SHIP = ("auto", "always", "never")
 
 
@@ -45,7 +52,7 @@ SHIP = ("auto", "always", "never")
 class _Replica:
     index: int
     handle: Any = None
-    in_flight: dict = field(default_factory=dict)  # status (or forget result) ObjectRef -> mode
+    in_flight: dict = field(default_factory=dict)  # status (or forget result) ObjectRef -> _Request
     last_used: float = 0.0
     alive: bool = False
     starts: int = 0
@@ -53,6 +60,19 @@ class _Replica:
     failed: int = 0
 
 
+@dataclass
+class _Request:
+    """One decode, kept until it ends so that it can be sent again when its actor dies."""
+
+    mode: str
+    send: Callable[[Any], tuple[ray.ObjectRef, ray.ObjectRef]]  # actor handle -> (status ref, result ref)
+    status: Any = None
+    result: Any = None
+    replica: _Replica | None = None
+    handle: Any = None  # the actor it was sent to
+    tries: int = 0
+    promise: Promise | None = None
+    spent: bool = False  # died after its last try (counted as failed once)
 def _nodes_alive() -> int:
     return sum(1 for n in ray.nodes() if n.get("Alive"))
 
@@ -66,59 +86,43 @@ def _as_numpy(latent: torch.Tensor | np.ndarray) -> np.ndarray:
 class VaeService:
     """A pool of ``replicas`` VAE decoder actors for one checkpoint.
 
-    Args:
-      checkpoint: VAE safetensors file (``decoder.*`` keys, BFL ae.safetensors layout); its
-          header is read here, the weights by each actor.
-      replicas: number of decoder actors.
-      num_gpus: GPUs per actor; None picks 1 when the cluster has GPUs, else 0 (CPU).
-      idle_timeout_s: an actor exits after this long without work (None: never); the next
-          request starts it again.
-      output_dir: where forget-mode PNGs are written (on the actor's node).
-      torch_threads: torch threads per actor (None: Ray's default, one per CPU requested).
-      num_cpus: CPUs reserved per actor (default 1).
-      dtype: ``auto`` (bf16 on GPU, fp32 on CPU) or float32 / bfloat16 / float16.
-      timeout_s: default wait for results (every wait has one).
-      ship: ``auto`` sends the decoder weights (once per node, cached by content hash) to a
-          replica whose node cannot read ``checkpoint`` (checked when the cluster has several
-          nodes); ``always`` sends them to every replica; ``never`` fails instead.
-      cache_dir: where shipped weights are cached on the replicas' nodes (default
-          ``MESH_RAY_CACHE_DIR`` or ``~/.cache/mesh-ray/shards``).
+    ``checkpoint``: VAE safetensors file (``decoder.*`` keys, BFL ae.safetensors layout); its header
+    is read here, the weights by each actor.  ``options`` (a ``VaeOptions`` or dict) and keywords
+    are ``VaeOptions`` fields (replicas, num_gpus, num_cpus, idle_timeout_s, output_dir,
+    torch_threads, dtype, timeout_s); keywords win.
     """
 
-    def __init__(self, checkpoint: str | os.PathLike, replicas: int = 1, num_gpus: float | None = None,
-                 idle_timeout_s: float | None = None, output_dir: str | os.PathLike = "outputs/vae",
-                 torch_threads: int | None = None, num_cpus: float = 1, dtype: str = "auto",
-                 timeout_s: float = DEFAULT_TIMEOUT_S, ship: str = "auto", cache_dir: str | None = None):
+    def __init__(self, checkpoint: str | os.PathLike, replicas: int | None = None,
+                 options: VaeOptions | dict | None = None, **kwargs: Any):
         if not ray.is_initialized():
             raise ClusterError("Ray is not initialised: call mesh_ray.connect() (or ray.init()) before creating a VaeService")
-        if replicas < 1:
-            raise ConfigError(f"replicas={replicas} is invalid: use at least 1 decoder replica")
-        if ship not in SHIP:
-            raise ConfigError(f"ship={ship!r} is invalid: use one of {', '.join(SHIP)}")
-        if idle_timeout_s is not None and idle_timeout_s <= 0:
-            raise ConfigError(f"idle_timeout_s={idle_timeout_s} is invalid: use a positive number of seconds or None")
+        base = options.model_dump(exclude_unset=True) if isinstance(options, VaeOptions) else dict(options or {})
+        base.update({k: v for k, v in {"replicas": replicas, **kwargs}.items() if v is not None})
+        self.options = opts = validate(VaeOptions, base)
+        replicas = opts.replicas
+        num_gpus = opts.num_gpus
         self.checkpoint = str(Path(checkpoint).resolve())
         self.info: VaeInfo = inspect_vae(self.checkpoint)
         self.config = self.info.config
-        if num_gpus is None:
-            num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        self.num_gpus = num_gpus
-        self.num_cpus = num_cpus
-        self.idle_timeout_s = idle_timeout_s
-        self.output_dir = str(Path(output_dir).resolve())
-        self.torch_threads = torch_threads
-        self.dtype = dtype
-        self.timeout_s = timeout_s
-        self.ship = ship
-        self.cache_dir = cache_dir
+        self.num_gpus = default_num_gpus() if num_gpus is None else num_gpus
+        self.num_cpus = opts.num_cpus
+        self.idle_timeout_s = opts.idle_timeout_s
+        self.output_dir = str(Path(opts.output_dir).resolve())
+        self.torch_threads = opts.torch_threads
+        self.dtype = opts.dtype
+        self.timeout_s = opts.timeout_s
+        self.max_retries = opts.max_retries
+        self.ship = opts.ship
+        self.cache_dir = opts.cache_dir
         self._state: dict | None = None  # decoder tensors, read once when a replica needs them shipped
         self.id = uuid.uuid4().hex[:6]
         self._seq = itertools.count()
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._closed = False
+        self._reaping = False
         self._counts = {"submitted": 0, "completed": 0, "failed": 0, "forget_images": 0, "forget_failed": 0,
-                        "restarts": 0}
+                        "restarts": 0, "retries": 0}
         self.last_error: str | None = None
         self._replicas = [_Replica(i) for i in range(replicas)]
         with self._lock:
@@ -132,7 +136,12 @@ class VaeService:
     def _start(self, r: _Replica) -> None:
         if r.starts:
             self._counts["restarts"] += 1
+            metrics.restart("vae_replica")
             log.info("starting VAE decoder replica %d again (start %d)", r.index, r.starts + 1)
+            try:  # dead or leaving already; make sure no orphan keeps its GPU
+                ray.kill(r.handle, no_restart=True)
+            except Exception:  # noqa: BLE001
+                pass
         r.handle = VaeDecoderActor.options(num_gpus=self.num_gpus, num_cpus=self.num_cpus).remote(
             self.checkpoint, self.output_dir, self.idle_timeout_s, self.torch_threads, self.dtype, r.index,
             self.ship != "always", self.cache_dir, self.config)
@@ -146,7 +155,7 @@ class VaeService:
             try:
                 return ray.get(ref, timeout=self.timeout_s)
             except Exception as e:
-                raise convert_ray_error(e, f"VAE decoder replica {r.index} ({doing})", self.timeout_s) from None
+                raise decoder_error(e, f"VAE decoder replica {r.index} ({doing})", self.timeout_s) from None
 
         if get(r.handle.has_weights.remote(), "starting"):
             return
@@ -179,45 +188,93 @@ class VaeService:
                 except RayActorError:
                     r.alive = False
                 except Exception as e:
-                    raise convert_ray_error(e, f"VAE decoder replica {r.index} (start-up check)", self.timeout_s) from None
+                    raise decoder_error(e, f"VAE decoder replica {r.index} (start-up check)", self.timeout_s) from None
             if not r.alive:
                 self._start(r)
             r.last_used = time.monotonic()
             return r
 
-    def _track(self, r: _Replica, ref: ray.ObjectRef, mode: str) -> None:
+    def _send(self, req: _Request) -> None:
+        """Send ``req`` to the least-loaded replica and watch it (a first send or a re-send)."""
         with self._lock:
-            r.in_flight[ref] = mode
+            r = self._acquire()
+            req.status, req.result = req.send(r.handle)
+            req.replica, req.handle, req.tries = r, r.handle, req.tries + 1
+            if req.promise is not None:
+                req.promise.ref = req.result
+                req.promise.label = self._label(req)
+            r.in_flight[req.status] = req
             self._counts["submitted"] += 1
             self._wake.notify_all()
 
+    def _label(self, req: _Request) -> str:
+        tried = f", try {req.tries} of {self.max_retries + 1}" if req.tries > 1 else ""
+        return f"VAE {req.mode} decode on replica {req.replica.index}{tried}"
+
+    def _resend(self, req: _Request, dead: ray.ObjectRef) -> ray.ObjectRef | None:
+        """``dead`` (a ref of ``req``) failed because its actor died: the ref of the re-sent request,
+        the current one when it was re-sent already, or None when the retries are spent."""
+        with self._lock:
+            if dead not in (req.status, req.result):
+                return req.result  # another thread re-sent it already
+            r = req.replica
+            r.in_flight.pop(req.status, None)
+            if r.handle is req.handle:
+                r.alive = False  # start it again rather than send more work to a dead actor
+            if req.spent:
+                return None
+            if req.tries > self.max_retries or self._closed:
+                req.spent = True
+                self._failed(r, req, ClusterError(
+                    f"{self._label(req)} failed: its decoder actor died before returning, {req.tries} times: "
+                    f"check the decoder logs (out of memory?), then decode again"))
+                return None
+            log.warning("VAE decoder replica %d died with a %s request in flight: sending it again", r.index, req.mode)
+            self._counts["retries"] += 1
+            metrics.retry("vae_decode")
+            self._send(req)
+            return req.result
+
+    def _failed(self, r: _Replica, req: Any, err: Exception) -> None:
+        """Count a failed request (lock held); a forget-mode failure, which nobody waits on, is logged."""
+        r.failed += 1
+        self._counts["failed"] += 1
+        self.last_error = str(err)
+        if req.mode == "forget":
+            self._counts["forget_failed"] += 1
+            log.warning("%s", err)
+
     def _reap(self) -> None:
-        """Account for finished requests (lock held): counts, forget failures, dead actors."""
+        """Account for finished requests (lock held): counts, forget failures, dead actors (re-sent)."""
         refs = [ref for r in self._replicas for ref in r.in_flight]
-        if not refs:
+        if not refs or self._reaping:  # a re-send from inside _reap must not reap again
             return
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
         ready_set = set(ready)
+        self._reaping = True
+        try:
+            self._collect(ready_set)
+        finally:
+            self._reaping = False
+
+    def _collect(self, ready_set: set) -> None:
         for r in self._replicas:
             for ref in [x for x in r.in_flight if x in ready_set]:
-                mode = r.in_flight.pop(ref)
+                req = r.in_flight.pop(ref, None)
+                if req is None:
+                    continue
                 r.last_used = time.monotonic()
                 try:
                     out = ray.get(ref, timeout=self.timeout_s)
                 except Exception as e:
-                    err = convert_ray_error(e, f"VAE {mode} request on replica {r.index}")
-                    r.failed += 1
-                    self._counts["failed"] += 1
-                    self.last_error = str(err)
-                    if isinstance(e, RayActorError):
-                        r.alive = False
-                    if mode == "forget":
-                        self._counts["forget_failed"] += 1
-                        log.warning("%s", err)
+                    if actor_lost(e):
+                        self._resend(req, ref)  # re-sent, or counted as failed when spent
+                        continue
+                    self._failed(r, req, decoder_error(e, self._label(req)))
                     continue
                 r.completed += 1
                 self._counts["completed"] += 1
-                if mode == "forget":
+                if req.mode == "forget":
                     self._counts["forget_images"] += len(out)
 
     def _watch(self) -> None:
@@ -236,18 +293,19 @@ class VaeService:
 
     # -- public -------------------------------------------------------------------------------
 
-    def decode(self, latent: torch.Tensor | np.ndarray, mode: Literal["wait", "forget", "promise"] = "wait",
+    def decode(self, latent: torch.Tensor | np.ndarray, mode: VaeMode = "wait",
                save: str | os.PathLike | None = None, metadata: Mapping[str, Any] | None = None,
                timeout: float | None = None, tile: int | None = None, overlap: int = 64, raw: bool = False):
         """Decode a latent ``[B, C, h, w]`` on the least-loaded replica.
 
         * ``wait``: returns images ``[B, H, W, C]`` float32 0..1; ``save`` (path or directory)
-          also writes them here as PNGs.  When the replica's actor dies mid-request the decode is
-          retried once on a freshly started replica.
+          also writes them here as PNGs.
         * ``forget``: the actor writes ``{output_dir}/{save or 'mesh_ray'}_{id}_{k:02d}.png`` with
           ``metadata`` as PNG text; returns the request id at once.
         * ``promise``: returns a ``Promise`` at once; with ``save`` it also starts
           ``promise.save(save, metadata)`` (its handle is ``promise.saved``).
+
+        In every mode a request whose actor dies is sent again (``max_retries`` times).
         """
         if mode not in MODES:
             raise ConfigError(f"unknown decode mode {mode!r}: use one of {', '.join(MODES)}")
@@ -258,31 +316,26 @@ class VaeService:
         if mode == "forget":
             prefix = check_prefix(str(save) if save is not None else "mesh_ray")
             request_id = f"{self.id}-{next(self._seq):05d}"
-            r = self._acquire()
-            ref = r.handle.decode_and_save.remote(arr, prefix, request_id, dict(metadata or {}), tile, overlap, raw)
-            self._track(r, ref, mode)
+            meta = dict(metadata or {})
+
+            def send_forget(h: Any) -> tuple[ray.ObjectRef, ray.ObjectRef]:
+                ref = h.decode_and_save.remote(arr, prefix, request_id, meta, tile, overlap, raw)
+                return ref, ref
+
+            self._send(_Request(mode, send_forget))
             return request_id
-        for attempt in (1, 2):
-            r = self._acquire()
-            status, ref = r.handle.decode.remote(arr, tile, overlap, raw)
-            self._track(r, status, mode)  # the monitor watches the small status, never fetches images
-            promise = Promise(ref, label=f"VAE decode on replica {r.index}", timeout_s=timeout)
-            if mode == "promise":
-                promise.saved = promise.save(save, metadata) if save is not None else None
-                return promise
-            try:
-                images = promise.result(timeout)
-            except ClusterError:
-                if not promise.actor_died or attempt == 2:
-                    raise
-                # The replica died (killed, crashed, or gone idle unnoticed): once more on a fresh one.
-                log.warning("VAE decoder replica %d died during a wait-mode decode: retrying on a new actor", r.index)
-                with self._lock:
-                    r.alive = False
-                continue
-            if save is not None:
-                save_images(images, save, metadata, stem=f"mesh_ray_{promise.id}")
-            return images
+        req = _Request(mode, lambda h: tuple(h.decode.remote(arr, tile, overlap, raw)))
+        # The monitor watches the small status ref, never fetches images; the promise holds the images' ref.
+        req.promise = Promise(None, timeout_s=timeout, resubmit=lambda dead: self._resend(req, dead))
+        self._send(req)
+        promise = req.promise
+        if mode == "promise":
+            promise.saved = promise.save(save, metadata) if save is not None else None
+            return promise
+        images = promise.result(timeout)
+        if save is not None:
+            save_images(images, save, metadata, stem=f"mesh_ray_{promise.id}")
+        return images
 
     def drain(self, timeout: float | None = None) -> None:
         """Wait until no request is in flight (forget-mode writes included)."""
@@ -310,7 +363,7 @@ class VaeService:
             try:
                 out.append(ray.get(h.info.remote(), timeout=timeout))
             except Exception as e:
-                out.append({"replica": i, "error": str(convert_ray_error(e, f"replica {i} info", timeout))})
+                out.append({"replica": i, "error": str(decoder_error(e, f"replica {i} info", timeout))})
         return out
 
     def stats(self) -> dict:

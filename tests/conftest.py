@@ -1,4 +1,8 @@
-"""Shared fixtures: one real local Ray for the session, independent of ~/.ray."""
+"""Shared fixtures: one real local Ray for the session, independent of ~/.ray.
+
+Plain helper functions are in ``tests/helpers.py``: test modules import them from there, never
+from ``conftest`` (tests/comfy has a conftest of its own, and the two would shadow each other).
+"""
 
 from __future__ import annotations
 
@@ -15,16 +19,9 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 import pytest  # noqa: E402
 import ray  # noqa: E402
 
+from helpers import ensure_ray  # noqa: E402,F401 - plain helpers live in tests/helpers.py (a unique module name)
+from mesh_ray.mesh import connect  # noqa: E402
 from mesh_ray.models import write_random_checkpoint  # noqa: E402
-
-RAY_CPUS = 8  # logical CPUs: more than the 2 real cores, so several stage actors fit
-
-
-def ensure_ray() -> None:
-    """Start the test cluster if no test has (tests that need their own cluster shut it down)."""
-    if not ray.is_initialized():
-        ray.init(num_cpus=RAY_CPUS, num_gpus=0, include_dashboard=False, namespace="mesh-ray-tests",
-                 log_to_driver=False, configure_logging=False)
 
 
 @pytest.fixture
@@ -32,6 +29,14 @@ def ray_local():
     """A real local Ray cluster, shared by the tests of the session."""
     ensure_ray()
     yield ray
+
+
+@pytest.fixture
+def mesh(ray_local):
+    """A ``Mesh`` on the test cluster; every split and VAE service made through it is closed after the test."""
+    m = connect()
+    yield m
+    m.close()
 
 
 @pytest.fixture(scope="session")

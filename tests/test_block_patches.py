@@ -8,8 +8,7 @@ import torch
 from mesh_ray.errors import ConfigError
 from mesh_ray.mesh import connect
 
-from test_flux_model import inputs
-from test_split import local_model
+from helpers import inputs, local_model
 
 
 def test_comfyui_style_args_run_the_remote_chain_and_bad_args_are_one_line(ray_local, tiny_ckpts):

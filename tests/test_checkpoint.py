@@ -99,7 +99,7 @@ def test_header_length_with_pickle_like_first_byte_is_read(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from mesh_ray.models.checkpoint import _read_header
+    from mesh_ray.models.safetensors_io import read_header
 
     for pad in range(512):
         path = tmp_path / "x.safetensors"
@@ -108,5 +108,5 @@ def test_header_length_with_pickle_like_first_byte_is_read(tmp_path):
             break
     else:
         pytest.skip("no metadata length gave a 0x80 first byte")
-    entries, meta = _read_header(path)
+    entries, meta = read_header(path)
     assert entries == {"w": ("F32", (2,))} and meta["p"] == "x" * pad

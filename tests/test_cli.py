@@ -10,15 +10,8 @@ import ray
 
 from mesh_ray.mesh import connect
 
-CLI = [sys.executable, "-m", "mesh_ray.cli"]
+from helpers import CLI, last_json, run  # noqa: F401
 
-
-def run(*args, timeout=300, cwd=None):
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
-
-
-def last_json(out):
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("arch, stages", [("flux1", 2), ("flux2", 3)])

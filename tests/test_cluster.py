@@ -10,7 +10,7 @@ from ray.cluster_utils import Cluster
 from mesh_ray.errors import ClusterError
 from mesh_ray.mesh import connect
 
-from test_flux_model import inputs
+from helpers import inputs
 
 
 def free_port():
@@ -45,7 +45,7 @@ def test_spread_stages_land_on_different_nodes(tiny_ckpts):
         assert all(i["gpu_ids"] for i in info)  # one (logical) GPU each; CPU compute here
         split(*inputs(split.config))
         # codec "auto": every link crosses nodes here and no NVENC exists, so quant8 on each hop
-        assert [t["mode"] for t in split.last.transfers] == ["quant8"] * 3
+        assert [t.mode for t in split.last.transfers] == ["quant8"] * 3
         split.close()
         with pytest.raises(ClusterError, match="cannot be placed with placement=strict_spread"):
             mesh.split(str(tiny_ckpts["flux1"]), stages=4, placement="strict_spread", start_timeout_s=5)

@@ -17,3 +17,6 @@ def test_cluster_yaml_validates_against_ray_schema():
     assert any("mesh-ray" in c for c in raw["setup_commands"])
     assert all("RAY_AUTH_MODE=token" in " ".join(raw[k]) for k in ("head_start_ray_commands", "worker_start_ray_commands"))
     assert "--num-gpus" in " ".join(raw["worker_start_ray_commands"])
+    # the ports README's "A real cluster" section gives drivers: HEAD:6379 and ray://HEAD:10001
+    assert "--port=6379 --ray-client-server-port=10001" in " ".join(raw["head_start_ray_commands"])
+    assert "--address=$RAY_HEAD_IP:6379" in " ".join(raw["worker_start_ray_commands"])

@@ -4,7 +4,6 @@ import pytest
 
 from mesh_ray.config import SplitOptions, load_settings
 from mesh_ray.errors import ConfigError
-from mesh_ray.mesh import connect
 
 
 def test_precedence_kwargs_over_env_over_file(tmp_path, monkeypatch):
@@ -35,8 +34,7 @@ def test_bad_sources_are_one_line(tmp_path, monkeypatch):
         load_settings(SplitOptions, other)
 
 
-def test_split_reads_environment_and_file(ray_local, tiny_ckpts, tmp_path, monkeypatch):
-    mesh = connect()
+def test_split_reads_environment_and_file(mesh, tiny_ckpts, tmp_path, monkeypatch):
     monkeypatch.setenv("MESH_RAY_MICRO_BATCHES", "2")
     split = mesh.split(str(tiny_ckpts["flux1"]), stages=1)
     assert split.options.micro_batches == 2

@@ -7,6 +7,8 @@ import torch
 from mesh_ray.errors import ConfigError
 from mesh_ray.models.flux import PRESETS, build, pack_latent, position_ids, preset, random_state_dict, unpack_tokens
 
+from helpers import inputs
+
 
 def tiny(arch, seed=0):
     cfg = PRESETS[f"tiny-{arch}"]
@@ -14,16 +16,6 @@ def tiny(arch, seed=0):
     model.load_state_dict(random_state_dict(cfg, seed), assign=True, strict=True)
     return model
 
-
-def inputs(cfg, b=2, h=4, w=6, txt_len=5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    img = torch.randn(b, h * w, cfg.in_channels, generator=g)
-    txt = torch.randn(b, txt_len, cfg.context_in_dim, generator=g)
-    img_ids, txt_ids = position_ids(cfg.arch, b, h, w, txt_len)
-    t = torch.rand(b, generator=g)
-    y = torch.randn(b, cfg.vec_in_dim, generator=g) if cfg.vec_in_dim else None
-    guidance = torch.full((b,), 3.5) if cfg.guidance_embed else None
-    return img, img_ids, txt, txt_ids, t, y, guidance
 
 
 def test_presets_have_the_released_sizes():

@@ -8,8 +8,7 @@ from safetensors.torch import save_file
 
 from mesh_ray.errors import CheckpointError
 
-from test_flux_model import inputs
-from test_split import local_model, mesh  # noqa: F401 - the shared fixture
+from helpers import inputs, local_model
 
 RANK, ALPHA = 4, 2.0
 TARGETS = ["double_blocks.0.img_attn.qkv.weight", "double_blocks.1.txt_mlp.0.weight",

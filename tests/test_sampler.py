@@ -4,11 +4,10 @@ import pytest
 import torch
 
 from mesh_ray.errors import ConfigError
-from mesh_ray.mesh import connect
 from mesh_ray.models.flux import PRESETS
 from mesh_ray.sampler import generate, initial_noise, random_conditioning, schedule
 
-from test_split import local_model
+from helpers import local_model
 
 # Produced by BFL's own get_schedule functions (flux/sampling.py, flux2/src/flux2/sampling.py).
 REFERENCE = [
@@ -35,7 +34,7 @@ def test_bad_steps_and_size():
 
 
 @pytest.mark.parametrize("arch", ["flux1", "flux2"])
-def test_generate_is_seeded_and_split_equals_local(ray_local, tiny_ckpts, arch):
+def test_generate_is_seeded_and_split_equals_local(mesh, tiny_ckpts, arch):
     path = tiny_ckpts[arch]
     model = local_model(path)
     txt, y = random_conditioning(model.config, batch=1, txt_len=8, seed=1)
@@ -44,7 +43,6 @@ def test_generate_is_seeded_and_split_equals_local(ray_local, tiny_ckpts, arch):
     c = generate(model, txt, y, width=64, height=48, steps=3, seed=6, progress=False)
     assert a.shape == (1, model.config.latent_channels, 6, 8)
     assert torch.equal(a, b) and not torch.equal(a, c)
-    mesh = connect()
     split = mesh.split(str(path), stages=2)
     steps_seen = []
     s = generate(split, txt, y, width=64, height=48, steps=3, seed=5, progress=False,

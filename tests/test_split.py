@@ -5,25 +5,8 @@ import ray
 import torch
 
 from mesh_ray.errors import ConfigError, StageError
-from mesh_ray.mesh import connect
-from mesh_ray.models.checkpoint import inspect, load_blocks
-from mesh_ray.models.flux import build
 
-from test_flux_model import inputs
-
-
-def local_model(path):
-    info = inspect(path)
-    model = build(info.config, "meta")
-    model.load_state_dict(load_blocks(path, ["all"], non_block=True, info=info), assign=True, strict=True)
-    return model
-
-
-@pytest.fixture
-def mesh(ray_local):
-    m = connect()
-    yield m
-    m.close()
+from helpers import inputs, local_model
 
 
 @pytest.mark.parametrize("arch", ["flux1", "flux2"])
@@ -116,8 +99,8 @@ def test_dead_stage_fails_fast_with_a_clear_error(mesh, tiny_ckpts):
     split = mesh.split(str(tiny_ckpts["flux1"]), stages=2, step_timeout_s=60)
     args = inputs(split.config)
     split(*args)
-    ray.kill(split.stages[1].actor)
-    with pytest.raises(StageError, match=r"stage 1 \(single:1-3\) died while a forward step .* create the split again"):
+    ray.kill(split.stages[1].actor)  # killed for good (no_restart=True): no restart can bring it back
+    with pytest.raises(StageError, match=r"stage 1 \(single:1-3\) died and cannot come back .* create the split again"):
         split(*args)
     split.close()
 

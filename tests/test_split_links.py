@@ -8,17 +8,8 @@ import torch
 
 from mesh_ray.errors import ConfigError
 from mesh_ray.memory import OffloadSpec
-from mesh_ray.mesh import connect
 
-from test_flux_model import inputs
-from test_split import local_model
-
-
-@pytest.fixture
-def mesh(ray_local):
-    m = connect()
-    yield m
-    m.close()
+from helpers import inputs, local_model
 
 
 def reference(path, b=2):
@@ -32,7 +23,7 @@ def test_lossless_quant8_links_are_exact_both_ways(mesh, tiny_ckpts):
     args, ref = reference(tiny_ckpts["flux2"])
     split = mesh.split(str(tiny_ckpts["flux2"]), stages=2, codec={"mode": "quant8", "lossless": True})
     assert torch.equal(split(*args), ref)
-    links = [(t["link"], t["mode"]) for t in split.last.transfers]
+    links = [(t.link, t.mode) for t in split.last.transfers]
     assert links == [("caller->stage0", "quant8"), ("stage0->stage1", "quant8"), ("stage1->caller", "quant8")]
     split.close()
 
@@ -46,10 +37,10 @@ def test_lossy_links_report_their_error_and_stay_close(mesh, tiny_ckpts, codec):
     cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
     assert cos > 0.99 and not torch.equal(out, ref)
     stats = split.last
-    assert [t["mode"] for t in stats.transfers] == [codec["mode"]] * 3  # the reply is coded too
+    assert [t.mode for t in stats.transfers] == [codec["mode"]] * 3  # the reply is coded too
     assert stats.bytes < stats.raw_bytes
     for t in stats.transfers:
-        assert t["encode_ms"] > 0 and t["decode_ms"] is not None and 0.9 < t["cosine"] <= 1.0 and t["max_abs"] >= 0
+        assert t.encode_ms > 0 and t.decode_ms is not None and 0.9 < t.cosine <= 1.0 and t.max_abs >= 0
     split.close()
 
 
@@ -57,7 +48,7 @@ def test_auto_is_raw_on_one_node(mesh, tiny_ckpts):
     args, ref = reference(tiny_ckpts["flux1"])
     split = mesh.split(str(tiny_ckpts["flux1"]), stages=3)  # codec defaults to auto
     assert torch.equal(split(*args), ref)
-    assert {t["mode"] for t in split.last.transfers} == {"raw"}
+    assert {t.mode for t in split.last.transfers} == {"raw"}
     split.close()
 
 

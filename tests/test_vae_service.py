@@ -29,7 +29,7 @@ def vae_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def service(vae_file, tmp_path_factory):
-    from conftest import ensure_ray  # the session Ray of tests/conftest.py (ray_local is per test)
+    from helpers import ensure_ray  # the session Ray of tests/conftest.py (ray_local is per test)
 
     ensure_ray()
     svc = VaeService(vae_file, replicas=2, output_dir=tmp_path_factory.mktemp("forget"), **ACTOR_OPTS)
@@ -106,8 +106,8 @@ def test_bad_inputs_fail_at_once_with_one_line_errors(ray_local, service):
     assert "3 channels" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_killed_decoder_fails_the_promise_and_next_request_restarts(ray_local, vae_file, tmp_path):
-    with VaeService(vae_file, replicas=1, output_dir=tmp_path / "o", **ACTOR_OPTS) as svc:
+def test_killed_decoder_without_retries_fails_the_promise_and_next_request_restarts(ray_local, vae_file, tmp_path):
+    with VaeService(vae_file, replicas=1, output_dir=tmp_path / "o", max_retries=0, **ACTOR_OPTS) as svc:
         svc.decode(_latent(4, 4), timeout=60)  # started and warm
         actor = svc.actors()[0]
         old_pid = ray.get(actor.info.remote(), timeout=30)["pid"]
@@ -115,10 +115,9 @@ def test_killed_decoder_fails_the_promise_and_next_request_restarts(ray_local, v
         handle = promise.save(tmp_path / "never")
         _wait_until(lambda: ray.get(actor.info.remote(), timeout=30)["busy"] == 1, 30, "the decode to start")
         ray.kill(actor)
-        t0 = time.monotonic()
         with pytest.raises(ClusterError) as e:
             promise.result(timeout=30)
-        assert time.monotonic() - t0 < 30 and "died" in str(e.value) and "\n" not in str(e.value)
+        assert "died" in str(e.value) and "\n" not in str(e.value)
         with pytest.raises(ClusterError, match="died"):
             handle.result(timeout=30)
         assert not (tmp_path / "never").exists() or not list((tmp_path / "never").iterdir())  # no half file
@@ -126,7 +125,39 @@ def test_killed_decoder_fails_the_promise_and_next_request_restarts(ray_local, v
         assert images.shape == (1, 32, 32, 3)
         new_pid = ray.get(svc.actors()[0].info.remote(), timeout=30)["pid"]
         stats = svc.stats()
-        assert new_pid != old_pid and stats["restarts"] == 1 and stats["failed"] == 1
+        assert new_pid != old_pid and stats["restarts"] == 1 and stats["failed"] == 1 and stats["retries"] == 0
+
+
+def test_killed_decoder_with_pending_work_loses_nothing(ray_local, vae_file, tmp_path):
+    """Kill a replica with promises, a wait and a forget request pending: every one completes on the
+    other replica or the restarted one, equal to a local decode; files already written stay; no .tmp."""
+    local = load_vae(vae_file)
+    out = tmp_path / "promised"
+    with VaeService(vae_file, replicas=2, output_dir=tmp_path / "forget", **ACTOR_OPTS) as svc:
+        early = svc.decode(_latent(4, 4, seed=99), mode="promise", save=out, timeout=60)
+        early_path = early.saved.result(60)[0]
+        early_bytes = early_path.read_bytes()
+        victim = svc.actors()[0]
+        lats = [_latent(64, 64, seed=s) for s in range(6)]
+        promises = [svc.decode(lat, mode="promise", save=out, timeout=300) for lat in lats]
+        rid = svc.decode(_latent(48, 48, seed=7), mode="forget", save="runs/x")
+        _wait_until(lambda: ray.get(victim.info.remote(), timeout=30)["busy"] == 1, 60, "replica 0 to start decoding")
+        pending = svc.stats()["replicas"][0]["in_flight"]
+        ray.kill(victim)
+        waited = svc.decode(_latent(8, 8, seed=5), timeout=300)  # a wait-mode decode right after the kill
+        assert torch.allclose(waited, local.decode(_latent(8, 8, seed=5)), atol=1e-5)
+        for lat, p in zip(lats, promises):
+            paths = p.saved.result(300)
+            assert len(paths) == 1 and paths[0].is_file()
+            assert torch.allclose(p.result(10), local.decode(lat), atol=1e-5)
+        svc.drain(timeout=300)
+        stats = svc.stats()
+        assert pending >= 2 and stats["retries"] >= pending and stats["failed"] == 0, stats
+        assert stats["forget_images"] == 1 and stats["forget_failed"] == 0
+        assert (tmp_path / "forget" / "runs" / f"x_{rid}_00.png").is_file()
+    assert early_path.read_bytes() == early_bytes  # written before the kill: kept as it was
+    assert len(list(out.glob("*.png"))) == 7
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob(".*"))
 
 
 def test_idle_timeout_exits_and_comes_back_on_demand(ray_local, vae_file, tmp_path):

@@ -8,15 +8,12 @@ from pathlib import Path
 import typer
 from typer.testing import CliRunner
 
-from mesh_ray.cli_workflow import register
+from mesh_ray.cli import app
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def _app() -> typer.Typer:
-    app, bench = typer.Typer(), typer.Typer()
-    app.add_typer(bench, name="bench")
-    register(app, bench)
     return app
 
 

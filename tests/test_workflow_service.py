@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from mesh_ray.errors import ClusterError
 from mesh_ray.workflow import WorkflowError, Workflows
 from mesh_ray.workflow.scheduler import Scheduler
 from mesh_ray.workflow.service import find_service, serve, stop_service
@@ -116,3 +117,89 @@ def test_two_client_processes_through_service(ray_local, tmp_path):
     finally:
         assert stop_service()
     assert find_service() is None
+
+
+LEAVING_CLIENT = textwrap.dedent("""
+    import json, sys, time, ray
+    from mesh_ray.workflow import Workflows
+    address = sys.argv[1]
+    ray.init(address=address, namespace="mesh-ray", log_to_driver=False, configure_logging=False)
+    wf = Workflows.connect(address, service=True, client_id="leaver")
+    held = {"a": {"class_type": "AllocateMemory", "inputs": {"bytes": 40_000_000, "seed": 3}},
+            "c": {"class_type": "Checksum", "inputs": {"data": ["a", 0]}}}
+    wf.run(held, release_level=0, timeout_s=120)  # level 0: the service keeps the 40 MB for this client
+    sleep = {"s": {"class_type": "Sleep", "inputs": {"seconds": 120, "value": "x"}},
+             "c": {"class_type": "Checksum", "inputs": {"data": ["s", 0]}}}
+    runs = [wf.submit(sleep).run_id, wf.submit(sleep).run_id]
+    print(json.dumps(runs), flush=True)
+    time.sleep(600)
+""")
+
+
+def _until(cond, timeout: float, what: str):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_client_that_disconnects_has_its_runs_cancelled_and_cache_freed(ray_local, tmp_path):
+    from mesh_ray.workflow.memory import store_bytes_used
+    from mesh_ray.workflow.service import _call
+
+    address = ray_local.get_runtime_context().gcs_address
+    script = tmp_path / "leaver.py"
+    script.write_text(LEAVING_CLIENT)
+    serve(max_parallel=2)
+    proc = None
+    try:
+        handle = find_service()
+        stay = Workflows.connect(service=True, client_id="stayer")
+        proc = subprocess.Popen([sys.executable, str(script), address], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()[-2000:]
+        running, queued = json.loads(line)
+        _until(lambda: stay._do("status", running) == "running", 60, "the leaver's run to start")
+        info = _call(handle, "info")
+        assert "leaver" in info["clients"] and "leaver" in info["caches"]
+        held = store_bytes_used()
+        other = stay.submit(_sleep_graph(1.0, "other"))
+        proc.kill()
+        proc.wait(timeout=30)
+        _until(lambda: "leaver" in _call(handle, "info")["dropped"], 60, "the service to notice the client left")
+        for rid in (running, queued):
+            r = stay._do("result", rid, 30.0, timeout=90)
+            assert r["status"] == "cancelled" and "leaver disconnected" in r["error"], r
+        info = _until(lambda: (i := _call(handle, "info")) and "leaver" not in i["caches"] and i, 60, "its cache to go")
+        assert "leaver" not in info["clients"] and "stayer" in info["clients"]
+        assert held is not None and _until(lambda: held - store_bytes_used() >= 30_000_000, 60, "the 40 MB to be freed")
+        assert other.result(timeout=120).status == "finished"  # the other client was not touched
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        assert stop_service()
+
+
+def test_service_restarted_under_a_client(ray_local):
+    from mesh_ray.bench.faults import kill_service
+
+    serve(max_parallel=1)
+    try:
+        wf = Workflows.connect(service=True, client_id="dave")
+        lost = wf.submit(_sleep_graph(60, "lost"))
+        kill_service()  # as a crash would: no shutdown
+        serve(max_parallel=1)  # a new service under the same name
+        with pytest.raises(WorkflowError, match="lost when the workflow service restarted"):
+            lost.status()
+        again = wf.submit(_sleep_graph(0.2, "again"))  # the client attached to the new service
+        assert again.result(timeout=120).status == "finished"
+        kill_service()
+        with pytest.raises(ClusterError, match="none runs now") as e:
+            again.status()
+        assert "\n" not in str(e.value)
+    finally:
+        stop_service()

@@ -16,17 +16,22 @@ import ray
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from mesh_ray.actors.device import pick_device
+from mesh_ray import metrics
+from mesh_ray.actors.device import dtype_name, pick_device
+from mesh_ray.actors.records import GenConsts, LinkPlan
 from mesh_ray.actors.shards import ShardCache
 from mesh_ray.actors.wire import WireState, pack_state, unpack_state, with_cached_text
-from mesh_ray.codec import CodecSpec
 from mesh_ray.errors import StageError
 from mesh_ray.memory import AutoOffload, OffloadSpec
 from mesh_ray.models.blocks import BlockRange
 from mesh_ray.models.checkpoint import load_blocks, save_checkpoint
 from mesh_ray.models.flux import BlockCond, FluxConfig, build
 
-GENERATIONS_KEPT = 4  # per-generation constants cached per stage (LRU)
+GENERATIONS_KEPT = 16  # per-generation constants cached per stage (LRU): images in flight at once
+
+
+class NotLoadedError(StageError):
+    """A step reached a stage that holds no weights (a restarted actor before its reload)."""
 
 
 class StageInit(BaseModel):
@@ -39,19 +44,21 @@ class StageInit(BaseModel):
     start: int
     stop: int
     checkpoint_path: str
-    dtype: str
+    dtype: str = "auto"  # "auto": decided here, from this stage's own device (see actors/device.py)
     cache_dir: str
     torch_threads: int | None = None
     offload: OffloadSpec | None = None
 
 
-def move_cond(cond: BlockCond, device: torch.device) -> BlockCond:
+def move_cond(cond: BlockCond, device: torch.device, dtype: torch.dtype | None = None) -> BlockCond:
+    """``cond`` on ``device`` (and in ``dtype`` when given: a stage computes in its own dtype)."""
     def mv(x: Any) -> Any:
         if x is None:
             return None
         if isinstance(x, torch.Tensor):
-            return x.to(device)
-        return tuple(mv(t) for t in x)
+            return x.to(device, dtype) if dtype is not None and x.is_floating_point() else x.to(device)
+        moved = [mv(t) for t in x]
+        return type(x)(*moved) if hasattr(x, "_fields") else tuple(moved)  # a Mod record stays one
 
     return BlockCond(vec=mv(cond.vec), double_img=mv(cond.double_img), double_txt=mv(cond.double_txt),
                      single=mv(cond.single))
@@ -133,12 +140,12 @@ class StageClass:
 
     # -- running --------------------------------------------------------------------------------
 
-    def _constants(self, gen: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _constants(self, gen: GenConsts) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-generation constants (rotary pe, unchanged text tokens), fetched once and cached."""
-        key = gen["id"]
+        key = gen.id
         if key not in self._consts:
-            pe = ray.get(gen["pe"][0], timeout=600).to(self.device)
-            txt = ray.get(gen["txt"][0], timeout=600).to(self.device) if gen.get("txt") else None
+            pe = ray.get(gen.pe[0], timeout=600).to(self.device)  # rotary pe stays fp32, as in the local model
+            txt = ray.get(gen.txt[0], timeout=600).to(self.device, self.dtype) if gen.txt else None
             self._consts[key] = {"pe": pe, "txt": txt}
             while len(self._consts) > GENERATIONS_KEPT:
                 self._consts.popitem(last=False)
@@ -147,22 +154,22 @@ class StageClass:
         return c["pe"], c["txt"]
 
     @torch.inference_mode()
-    def forward(self, state: WireState, cond: BlockCond, gen: dict, out: dict | None = None) -> WireState:
-        """Run this stage's blocks on ``state``; the result goes on as an ObjectRef, coded with
-        ``out["spec"]`` (the codec spec the caller chose for the outgoing link) unless raw."""
-        if not self.loaded:
-            raise StageError(f"stage {self.init.index} has no weights loaded: create the split through mesh.split()")
+    def forward(self, state: WireState, cond: BlockCond, gen: GenConsts, out: LinkPlan) -> WireState:
+        """Run this stage's blocks on ``state`` in this stage's dtype; the result goes on as an
+        ObjectRef, cast and coded as the caller planned the outgoing link (``out``)."""
+        if not self.loaded:  # e.g. just restarted by Ray: the split reloads the shard and sends the step again
+            raise NotLoadedError(f"stage {self.init.index} has no weights loaded: create the split through mesh.split()")
         t0, wall0 = time.perf_counter(), time.time()
         pe, txt = self._constants(gen)
-        state, hops = unpack_state(state, self.device)
+        state, hops = unpack_state(state, self.device, self.dtype)
         state = with_cached_text(state, txt)
         with self.offload.forward_pass() if self.offload else contextlib.nullcontext():
-            state = self.model.run_blocks(state, move_cond(cond, self.device), pe, self.range.start, self.range.stop)
-        out = out or {}
-        spec = CodecSpec.parse(out.get("spec") or "raw")  # a CodecSpec passes through unchanged
-        result = pack_state(state, spec, gen.get("grid"), out.get("link", f"stage{self.init.index}->next"), hops)
+            state = self.model.run_blocks(state, move_cond(cond, self.device, self.dtype), pe, self.range.start,
+                                          self.range.stop)
+        result = pack_state(state, out, gen.grid, hops)
         self.calls += 1
         self.busy_s += time.perf_counter() - t0
+        metrics.stage_step(self.init.index, (time.perf_counter() - t0) * 1000)
         self.recent.append((wall0, time.time()))
         return result
 
@@ -194,6 +201,7 @@ class StageClass:
         weights = sum(p.numel() * p.element_size() for b in self.range for p in self.model.block(b).parameters())
         return {"kind": "stage", "index": self.init.index, "blocks": str(self.range), "node_id": ctx.get_node_id(),
                 "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid(), "device": str(self.device),
+                "dtype": dtype_name(self.dtype),
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "loaded": self.loaded,
                 "shard_source": self.shard_source, "weight_bytes": weights, "rss_bytes": rss,
                 "cuda_bytes": torch.cuda.memory_allocated() if self.device.type == "cuda" else 0,

@@ -40,7 +40,8 @@ import torch
 from mesh_ray.actors.device import pick_device
 from mesh_ray.actors.shards import ShardCache
 from mesh_ray.errors import ClusterError, ConfigError
-from mesh_ray.images import save_images, to_uint8
+from mesh_ray import metrics
+from mesh_ray.images import remove_stale_tmp, save_images, to_uint8
 
 log = logging.getLogger("mesh_ray.vae")
 
@@ -228,18 +229,24 @@ class VaeDecoderActor:
             t0 = time.perf_counter()
             images = self._decode(latent, tile, overlap, raw)
             out = to_uint8(images) if as_uint8 else images.numpy()
-            return {"replica": self.replica, "ms": (time.perf_counter() - t0) * 1000, "shape": out.shape}, out
+            ms = (time.perf_counter() - t0) * 1000
+            metrics.vae_decode(ms, "decode")
+            return {"replica": self.replica, "ms": ms, "shape": out.shape}, out
         finally:
             self._end()
 
     def decode_and_save(self, latent: np.ndarray, prefix: str = "mesh_ray", request_id: str = "0",
                         metadata: Mapping[str, Any] | None = None, tile: int | None = None, overlap: int = 64,
                         raw: bool = False) -> list[str]:
-        """Decode and write ``{output_dir}/{prefix}_{request_id}_{k:02d}.png`` for each image."""
+        """Decode and write ``{output_dir}/{prefix}_{request_id}_{k:02d}.png`` for each image
+        (a re-sent request first removes what a killed predecessor left half-written)."""
         self._begin()
         try:
+            t0 = time.perf_counter()
             images = self._decode(latent, tile, overlap, raw)
+            metrics.vae_decode((time.perf_counter() - t0) * 1000, "decode_and_save")
             target = self.output_dir / check_prefix(prefix)
+            remove_stale_tmp(target.parent, f"{target.name}_{request_id}")
             written = save_images(images, target.parent, metadata, stem=f"{target.name}_{request_id}", as_dir=True)
             return [str(p) for p in written]
         finally:

@@ -8,11 +8,14 @@ has made so far in its chain, so the caller sees the cost of each transfer.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from mesh_ray.codec import CodecSpec, decode, encode_with_metrics
+from mesh_ray import metrics
+from mesh_ray.actors.device import DTYPES
+from mesh_ray.actors.records import Hop, LinkPlan
+from mesh_ray.codec import decode, encode_with_metrics
 from mesh_ray.models.flux import BlockState
 
 
@@ -23,7 +26,7 @@ class WireState:
     img: torch.Tensor | bytes
     txt: torch.Tensor | bytes | None
     txt_len: int
-    hops: list[dict] = field(default_factory=list)
+    hops: list[Hop] = field(default_factory=list)
 
 
 def _nbytes(t: torch.Tensor | None) -> int:
@@ -37,13 +40,16 @@ def with_cached_text(state: BlockState, txt: torch.Tensor | None) -> BlockState:
     return state
 
 
-def pack_state(state: BlockState, spec: CodecSpec, grid: tuple[int, int] | None, link: str,
-               hops: list[dict] | None = None) -> WireState:
-    """Code ``state`` for a link (raw: the host tensors themselves) and record the hop."""
+def pack_state(state: BlockState, plan: LinkPlan, grid: tuple[int, int] | None,
+               hops: list[Hop] | None = None) -> WireState:
+    """Cast ``state`` to the link's wire dtype, code it with the link's spec (raw: the host tensors
+    themselves) and record the hop."""
+    spec, dtype = plan.spec, DTYPES[plan.dtype]
+    state = BlockState(state.img.to(dtype), state.txt.to(dtype) if state.txt is not None else None, state.txt_len)
     if spec.mode == "raw":
         img, txt = state.img.cpu(), state.txt.cpu() if state.txt is not None else None
         size = _nbytes(img) + _nbytes(txt)
-        hop = {"link": link, "mode": "raw", "raw_bytes": size, "wire_bytes": size, "encode_ms": 0.0, "decode_ms": 0.0}
+        hop = Hop(size, size, 0.0, 0.0, link=plan.name, mode="raw", dtype=plan.dtype)
         return WireState(img, txt, state.txt_len, [*(hops or []), hop])
     t0 = time.perf_counter()
     if state.joined:
@@ -56,24 +62,27 @@ def pack_state(state: BlockState, spec: CodecSpec, grid: tuple[int, int] | None,
         img, m_img = encode_with_metrics(state.img, spec, grid, 0)
         txt, m_txt = encode_with_metrics(state.txt, spec, None, 0)
     ms = [m for m in (m_img, m_txt) if m is not None]
-    hop = {"link": link, "mode": spec.mode, "raw_bytes": sum(m.raw_bytes for m in ms),
-           "wire_bytes": sum(m.wire_bytes for m in ms), "encode_ms": round((time.perf_counter() - t0) * 1e3, 3),
-           "decode_ms": None}
+    hop = Hop(sum(m.raw_bytes for m in ms), sum(m.wire_bytes for m in ms), round((time.perf_counter() - t0) * 1e3, 3),
+              link=plan.name, mode=spec.mode, dtype=plan.dtype)
     if spec.debug_metrics:  # the image stream dominates; its error stands for the hop
-        hop["cosine"], hop["max_abs"] = m_img.cosine, max(m.max_abs for m in ms)
+        hop.cosine, hop.max_abs = m_img.cosine, max(m.max_abs for m in ms)
     return WireState(img, txt, state.txt_len, [*(hops or []), hop])
 
 
-def unpack_state(obj: WireState, device: torch.device) -> tuple[BlockState, list[dict]]:
-    """Decode a WireState onto ``device``, recording the decode time on its last hop."""
+def unpack_state(obj: WireState, device: torch.device, dtype: torch.dtype) -> tuple[BlockState, list[Hop]]:
+    """Decode a WireState onto ``device`` in the receiver's compute ``dtype``, recording the decode
+    time on its last hop."""
     if isinstance(obj.img, torch.Tensor):
-        txt = obj.txt.to(device) if obj.txt is not None else None
-        return BlockState(obj.img.to(device), txt, obj.txt_len), obj.hops
+        txt = obj.txt.to(device, dtype) if obj.txt is not None else None
+        if obj.hops:
+            metrics.wire_hop(obj.hops[-1])  # each hop is counted once, where it is received
+        return BlockState(obj.img.to(device, dtype), txt, obj.txt_len), obj.hops
     t0 = time.perf_counter()
-    img = decode(obj.img, device)
+    img = decode(obj.img, device).to(dtype)
     txt = obj.txt if obj.txt is None or isinstance(obj.txt, torch.Tensor) else decode(obj.txt, device)
-    txt = txt.to(device) if txt is not None else None
-    hops = [dict(h) for h in obj.hops]
+    txt = txt.to(device, dtype) if txt is not None else None
+    hops = [replace(h) for h in obj.hops]
     if hops:
-        hops[-1]["decode_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
+        hops[-1].decode_ms = round((time.perf_counter() - t0) * 1e3, 3)
+        metrics.wire_hop(hops[-1])
     return BlockState(img, txt, obj.txt_len), hops

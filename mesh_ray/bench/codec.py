@@ -17,6 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from mesh_ray.bench import text_table
 from mesh_ray.codec import decode, encode, error_stats
 from mesh_ray.codec.quant import truncate_minmax
 
@@ -131,17 +132,17 @@ def run_codec_bench(quick: bool = False, tokens_hw: tuple[int, int] = (64, 64), 
 
 
 def format_table(result: dict) -> str:
-    """The rows as a small fixed-width table for people."""
-    cols = ("set", "mode", "qp", "ratio", "cosine", "rel_l2", "max_abs", "encode_ms", "decode_ms", "breakeven_mb_s")
-    lines = [" ".join(f"{c:>14}" for c in cols)]
+    """The rows as a table for people."""
+    cols = ["set", "mode", "qp", "ratio", "cosine", "rel_l2", "max_abs", "encode_ms", "decode_ms", "breakeven_mb_s"]
+    rows = []
     for r in result["rows"]:
         mode = r["mode"] + ("+clip" if r.get("clip_percentile") else "") + ("/lossless" if r.get("lossless") else "") \
             + ("/noentropy" if r.get("entropy") == "none" and r["mode"] == "quant8" else "")
         cells = [r["set"], mode, "" if r["qp"] is None else r["qp"], f"{r['ratio']:.2f}", f"{r['cosine']:.6f}",
                  f"{r['rel_l2']:.2e}", f"{r['max_abs']:.3g}", f"{r['encode_ms']:.1f}", f"{r['decode_ms']:.1f}",
                  f"{r['breakeven_mb_s']:.0f}"]
-        lines.append(" ".join(f"{str(c):>14}" for c in cells))
-    return "\n".join(lines)
+        rows.append(cells)
+    return text_table(cols, rows)
 
 
 if __name__ == "__main__":  # python -m mesh_ray.bench.codec [--quick] [--json]

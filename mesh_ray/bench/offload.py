@@ -20,6 +20,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from mesh_ray.actors.device import resolve_dtype
+from mesh_ray.bench import text_table
 from mesh_ray.errors import ConfigError
 from mesh_ray.memory.offload import AutoOffload, resolve_device
 from mesh_ray.models.flux import Flux, FluxConfig, build, default_axes_dim, position_ids, random_state_dict
@@ -114,7 +116,7 @@ def run_offload_bench(hidden: int | None = None, tokens: int | None = None, bloc
     hidden, tokens, blocks = hidden or d_hidden, tokens or d_tokens, blocks or d_blocks
     steps = steps or d_steps
     txt_tokens = txt_tokens or max(8, tokens // 8)
-    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    torch_dtype = resolve_dtype(dev, dtype)
     if not 0 < budget_fraction <= 1:
         raise ConfigError(f"bench budget_fraction={budget_fraction} is outside (0, 1]: use e.g. 0.25")
     if any(w < 1 for w in windows):
@@ -132,7 +134,8 @@ def run_offload_bench(hidden: int | None = None, tokens: int | None = None, bloc
 def _run(cfg: FluxConfig, dev: torch.device, torch_dtype: torch.dtype, hidden: int, tokens: int, txt_tokens: int,
          blocks: int, steps: int, windows: Sequence[int], budget_fraction: float, peer: bool) -> dict:
     model = build(cfg, "meta")
-    model.load_state_dict(random_state_dict(cfg, seed=0, dtype=torch_dtype), assign=True)
+    # drawn on the compute device: a FLUX.1-dev-size model takes minutes to draw on a CPU
+    model.load_state_dict(random_state_dict(cfg, seed=0, dtype=torch_dtype, device=dev), assign=True)
     model.eval()
     x = _inputs(cfg, tokens, txt_tokens, dev, torch_dtype)
     bandwidth, bw_kind = measure_bandwidth(dev)
@@ -251,15 +254,9 @@ def format_table(result: dict) -> str:
             return f"{v / 1e6:.1f}M"
         return f"{v:.3f}" if isinstance(v, float) else str(v)
 
-    table = [cols] + [[r["setting"], r["skipped"]] if "skipped" in r else [cell(r, c) for c in cols]
-                      for r in result["rows"]]
-    widths = [max(len(row[i]) for row in table if len(row) == len(cols)) for i in range(len(cols))]
-    lines = [head]
-    for row in table:
-        if len(row) != len(cols):
-            lines.append(f"{row[0].ljust(widths[0])}  {row[1]}")
-        else:
-            lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))))
+    rows = [[cell(r, c) for c in cols] for r in result["rows"] if "skipped" not in r]
+    lines = [head, text_table(cols, rows)]
+    lines += [f"{r['setting']}: {r['skipped']}" for r in result["rows"] if "skipped" in r]
     g = result["goal"]
     if g["best_setting"]:
         met = "n/a on CPU" if g["met"] is None else ("met" if g["met"] else "NOT met")

@@ -12,6 +12,8 @@ import os
 import time
 from typing import Any
 
+from mesh_ray.bench import text_table
+from mesh_ray.bench.goals import RELEASE as G
 from mesh_ray.workflow.graph import validate_graph
 from mesh_ray.workflow.memory import fmt_bytes, min_live_bytes, store_bytes_used
 
@@ -66,22 +68,21 @@ def run_release_bench(loader_bytes: int = 96_000_000, heavy_bytes: int = 192_000
     below = 1 - p2 / p0 if p0 else 0.0
     return {"levels": levels, "min_live_bytes": min_live, "loader_bytes": loader_bytes, "heavy_bytes": heavy_bytes,
             "level2_over_min_live": round(over, 4), "level2_below_level0": round(below, 4),
-            "outputs_identical": same, "goal_met": bool(same and over <= 0.05 and below >= 0.40)}
+            "outputs_identical": same, "goal_met": bool(same and over <= G["level2_over_min_live"] and below >= G["level2_below_level0"])}
 
 
 def format_table(result: dict) -> str:
     """Levels side by side: peak live bytes, sampled object-store peak, ratio to the minimum live set."""
     lv, m = result["levels"], result["min_live_bytes"]
-    rows = [["level", "peak_live", "peak_store", "x_min_live", "seconds", "re-executed"]]
+    rows = []
     for k in ("0", "1", "2"):
         r = lv[k]
         rows.append([k, fmt_bytes(r["peak_bytes"]), fmt_bytes(r["peak_store_bytes"]),
                      f"{r['peak_bytes'] / m:.3f}" if m else "-", f"{r['seconds']:.2f}", str(len(r["reexecuted"]))])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [f"release bench: 2 loaders x {fmt_bytes(result['loader_bytes'])}, heavy node {fmt_bytes(result['heavy_bytes'])}; "
              f"minimum live set {fmt_bytes(m)}"]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
-    lines.append(f"level 2: {result['level2_over_min_live'] * 100:+.1f}% vs minimum live set (goal <= +5%), "
-                 f"{result['level2_below_level0'] * 100:.1f}% below level 0 (goal >= 40%); outputs identical: "
+    lines.append(text_table(["level", "peak_live", "peak_store", "x_min_live", "seconds", "re-executed"], rows))
+    lines.append(f"level 2: {result['level2_over_min_live'] * 100:+.1f}% vs minimum live set (goal <= +{G['level2_over_min_live']:.0%}), "
+                 f"{result['level2_below_level0'] * 100:.1f}% below level 0 (goal >= {G['level2_below_level0']:.0%}); outputs identical: "
                  f"{result['outputs_identical']}; goal met: {result['goal_met']}")
     return "\n".join(lines)

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from mesh_ray.bench import median_ms
+from mesh_ray.bench import goals, median_ms
 from mesh_ray.images import save_images
 from mesh_ray.mesh import connect
 from mesh_ray.models.flux import PRESETS, build, random_state_dict
 from mesh_ray.models.vae import VAE_PRESETS, write_random_vae
 from mesh_ray.sampler import generate, random_conditioning
 
-GOALS = {"throughput_ratio_promise_over_wait": 1.6, "blocked_ms_per_image_promise": 5.0}
+GOALS = goals.VAE
 
 
 def run_vae_bench(generations: int = 6, size: int = 512, arch: str = "flux1", vae_preset: str | None = None,

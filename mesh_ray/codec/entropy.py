@@ -20,7 +20,7 @@ def nvcomp_status() -> tuple[bool, str]:
     try:
         from nvidia import nvcomp  # noqa: F401  (lazy: fails without NVIDIA libraries)
     except Exception as exc:  # ImportError, or a missing shared library
-        return False, f"nvCOMP not importable ({type(exc).__name__}): pip install nvidia-nvcomp-cu12; quant8 uses zstd"
+        return False, f"nvCOMP not importable ({type(exc).__name__}): pip install nvidia-nvcomp-cu12 (or -cu13 for CUDA 13); quant8 uses zstd"
     return True, "nvCOMP (GDeflate) on the GPU"
 
 
@@ -40,7 +40,7 @@ def compress(data: bytes | memoryview, entropy: str) -> bytes:
     if entropy == "zstd":
         return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data)
     if entropy == "nvcomp":
-        return _nvcomp_codec().encode(_nvcomp_array(data)).cpu().tobytes()  # pragma: no cover (GPU)
+        return _nvcomp_bytes(_nvcomp_codec().encode(_nvcomp_array(data)))  # pragma: no cover (GPU)
     raise CodecError(f"unknown entropy stage {entropy!r}: use zstd, nvcomp or none")
 
 
@@ -58,7 +58,7 @@ def decompress(data: memoryview, entropy: str, size: int) -> bytes:
         if not usable:
             raise CodecError(f"payload is nvCOMP-coded but this machine cannot decode it: {reason}; "
                              "or encode with entropy='zstd'")
-        out = bytes(_nvcomp_codec().decode(_nvcomp_array(data)).cpu())  # pragma: no cover (GPU)
+        out = _nvcomp_bytes(_nvcomp_codec().decode(_nvcomp_array(data)))  # pragma: no cover (GPU)
     else:
         raise CodecError(f"unknown entropy stage {entropy!r}: decode with the mesh-ray version that encoded it")
     if len(out) != size:
@@ -72,6 +72,13 @@ def _nvcomp_codec():  # pragma: no cover (GPU)
     from nvidia import nvcomp
 
     return nvcomp.Codec(algorithm="GDeflate")
+
+
+def _nvcomp_bytes(array) -> bytes:  # pragma: no cover (GPU)
+    """An nvCOMP device Array -> bytes: ``cpu()`` gives a host Array with the array interface."""
+    import numpy as np
+
+    return np.asarray(array.cpu()).tobytes()
 
 
 def _nvcomp_array(data):  # pragma: no cover (GPU)

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mesh_ray.codec.errors import CodecError
+from mesh_ray.errors import validation_line
 
 Mode = Literal["raw", "quant8", "hevc", "auto"]
 Backend = Literal["auto", "nvenc", "x265"]
@@ -61,14 +62,4 @@ class CodecSpec(BaseModel):
         try:
             return cls(**spec)
         except ValidationError as exc:
-            raise CodecError(f"bad codec spec {spec!r}: {_one_line(exc)}") from None
-
-
-def _one_line(exc: ValidationError) -> str:
-    """The first validation problem as 'field: message' (pydantic's own text spans lines)."""
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err.get("loc", ())) or "spec"
-    msg = err.get("msg", "invalid").removeprefix("Value error, ")
-    if err.get("type") == "extra_forbidden":
-        msg = f"unknown field; known fields: {', '.join(CodecSpec.model_fields)}"
-    return f"{where}: {msg}"
+            raise CodecError(f"bad codec spec {spec!r}: {validation_line(exc, 'CodecSpec', cls.model_fields, 'field')}") from None

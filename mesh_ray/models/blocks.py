@@ -12,7 +12,18 @@ from dataclasses import dataclass
 
 from mesh_ray.errors import ConfigError
 
+KINDS = ("double", "single")  # block kinds in global order; the model's shard unit is "<kind>_blocks"
 _PART = r"(?:(double|single):)?(\d+)"
+
+
+def locate(b: int, depth: int) -> tuple[str, int]:
+    """Global block index -> (kind, index within its kind): double blocks first, then single."""
+    return ("double", b) if b < depth else ("single", b - depth)
+
+
+def global_index(kind: str, i: int, depth: int) -> int:
+    """(kind, index within its kind) -> global block index (the inverse of ``locate``)."""
+    return i + depth if kind == "single" else i
 _RANGE = re.compile(rf"^\s*{_PART}\s*-\s*{_PART}\s*$")
 
 
@@ -32,7 +43,7 @@ class BlockRange:
         return iter(range(self.start, self.stop))
 
     def label(self, b: int) -> str:
-        return f"double:{b}" if b < self.depth else f"single:{b - self.depth}"
+        return "{}:{}".format(*locate(b, self.depth))
 
     def __str__(self) -> str:
         first, last = self.label(self.start), self.label(self.stop - 1)
@@ -42,7 +53,7 @@ class BlockRange:
 
     def keys_prefixes(self) -> list[str]:
         """State-dict prefixes of the blocks in this range."""
-        return [f"double_blocks.{b}." if b < self.depth else f"single_blocks.{b - self.depth}." for b in self]
+        return ["{}_blocks.{}.".format(*locate(b, self.depth)) for b in self]
 
 
 def parse_range(text: str, depth: int, num_single: int, where: str = "block range") -> BlockRange:
@@ -63,7 +74,7 @@ def parse_range(text: str, depth: int, num_single: int, where: str = "block rang
             noun = {"double": "double", "single": "single", None: "blocks in all"}[kind]
             last = f"{kind}:{a}-{limit - 1}" if kind else f"{a}-{limit - 1}"
             raise ConfigError(f"{where} {text} runs past the model ({limit} {noun} blocks): use {last}")
-        return i + depth if kind == "single" else i
+        return global_index(kind, i, depth) if kind else i
 
     start, last = to_global(kind_a, a), to_global(kind_b, b)
     if last < start:

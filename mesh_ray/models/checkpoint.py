@@ -6,7 +6,6 @@ tensors of the blocks asked for, so a stage's memory follows its shard, not the 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import Counter
@@ -15,18 +14,15 @@ from typing import Iterable
 
 import torch
 from pydantic import BaseModel
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from mesh_ray.errors import CheckpointError
-from mesh_ray.models.blocks import BlockRange, parse_range
+from mesh_ray.models.blocks import KINDS, BlockRange, global_index, parse_range
 from mesh_ray.models.flux import PRESETS, FluxConfig, default_axes_dim, preset, random_state_dict
+from mesh_ray.models.safetensors_io import load_tensors, read_header, tensor_bytes, write_atomic
 
 PREFIXES = ("model.diffusion_model.",)
 CONFIG_METADATA_KEY = "mesh_ray.config"
-_BLOCK_KEY = re.compile(r"^(double|single)_blocks\.(\d+)\.")
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_BLOCK_KEY = re.compile(rf"^({'|'.join(KINDS)})_blocks\.(\d+)\.")  # the shard unit's state-dict keys
 
 
 class CheckpointInfo(BaseModel):
@@ -58,34 +54,6 @@ class CheckpointInfo(BaseModel):
                 "single_blocks": self.num_single, "bytes_per_double_block": self.block_bytes[0] if self.num_double else 0,
                 "bytes_per_single_block": self.block_bytes[-1] if self.num_single else 0,
                 "non_block_bytes": self.non_block_bytes, "config": self.config.model_dump()}
-
-
-def _read_header(path: str | os.PathLike) -> tuple[dict, dict]:
-    """(tensor entries, metadata) of a safetensors file, with one-line errors for bad files."""
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint not found: {p}: check the path (workers need it too, or it is shipped to them)")
-    with open(p, "rb") as f:
-        head = f.read(9)
-    # A safetensors file starts with its header length (8 bytes, little-endian) and then '{'; a
-    # length whose low byte is 0x80 must not be taken for a pickle.
-    n = int.from_bytes(head[:8], "little")
-    safetensors_like = len(head) == 9 and head[8:9] == b"{" and 8 + n <= p.stat().st_size
-    if not safetensors_like and (head[:2] == b"PK" or head[:1] == b"\x80"):
-        raise CheckpointError(f"{p} is a pickle/zip checkpoint: mesh-ray loads safetensors only; "
-                              f"convert it to .safetensors with a trusted tool first")
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            keys = list(f.keys())
-            meta = f.metadata() or {}
-            entries = {}
-            for k in keys:
-                sl = f.get_slice(k)
-                entries[k] = (sl.get_dtype(), tuple(sl.get_shape()))
-    except Exception as e:  # safetensors raises its own error types for bad headers / sizes
-        raise CheckpointError(f"{p} is not a readable safetensors file (corrupt or truncated: {e}): "
-                              f"re-download or re-export the checkpoint") from None
-    return entries, meta
 
 
 def _strip_prefix(keys: Iterable[str]) -> str:
@@ -136,7 +104,7 @@ def _infer_config(shapes: dict[str, tuple], meta: dict, path: str) -> FluxConfig
 
 def inspect(path: str | os.PathLike) -> CheckpointInfo:
     """Read only the safetensors header: architecture, preset or inferred config, sizes."""
-    entries, meta = _read_header(path)
+    entries, meta = read_header(path)
     prefix = _strip_prefix(entries)
     entries = {k[len(prefix):]: v for k, v in entries.items() if k.startswith(prefix)} if prefix else entries
     cfg = _infer_config({k: v[1] for k, v in entries.items()}, meta, str(path))
@@ -145,13 +113,11 @@ def inspect(path: str | os.PathLike) -> CheckpointInfo:
     non_block = 0
     dtypes: Counter = Counter()
     for k, (dt, shape) in entries.items():
-        nbytes = _DTYPE_BYTES.get(dt, 4)
-        for s in shape:
-            nbytes *= s
+        nbytes = tensor_bytes(dt, shape)
         dtypes[dt] += nbytes
         m = _BLOCK_KEY.match(k)
         if m:
-            i = int(m.group(2)) + (cfg.depth if m.group(1) == "single" else 0)
+            i = global_index(m.group(1), int(m.group(2)), cfg.depth)
             if i >= cfg.num_blocks:
                 raise CheckpointError(f"{path}: block key {k} is beyond the {cfg.num_blocks} blocks its config "
                                       f"declares: the file is inconsistent; re-export it")
@@ -175,34 +141,22 @@ def load_blocks(path: str | os.PathLike, ranges: Iterable[BlockRange | str] = ()
     info = info or inspect(path)
     parsed = [info.range(r) if isinstance(r, str) else r for r in ranges]
     prefixes = tuple(p for r in parsed for p in r.keys_prefixes())
-    out: dict[str, torch.Tensor] = {}
-    try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            for full in f.keys():
-                if not full.startswith(info.prefix):
-                    continue
-                key = full[len(info.prefix):]
-                is_block = _BLOCK_KEY.match(key) is not None
-                if (is_block and key.startswith(prefixes)) or (non_block and not is_block):
-                    t = f.get_tensor(full)
-                    out[key] = t.to(dtype) if dtype is not None and t.dtype != dtype else t
-    except CheckpointError:
-        raise
-    except Exception as e:
-        raise CheckpointError(f"reading {path} failed ({e}): the file is corrupt or truncated; re-download it") from None
-    return out
+
+    def select(full: str) -> str | None:
+        if not full.startswith(info.prefix):
+            return None
+        key = full[len(info.prefix):]
+        is_block = _BLOCK_KEY.match(key) is not None
+        return key if (is_block and key.startswith(prefixes)) or (non_block and not is_block) else None
+
+    return load_tensors(path, select, dtype=dtype, device=device)
 
 
 def save_checkpoint(state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
                     config: FluxConfig | None = None, prefix: str = "") -> Path:
     """Write a safetensors file atomically (temp name, then rename): a crash leaves no half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {CONFIG_METADATA_KEY: config.model_dump_json()} if config is not None else None
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({prefix + k: v.contiguous() for k, v in state_dict.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return path
+    return write_atomic({prefix + k: v for k, v in state_dict.items()}, path, meta)
 
 
 def write_random_checkpoint(path: str | os.PathLike, config: FluxConfig | str, seed: int = 0,
@@ -221,11 +175,6 @@ def write_random_checkpoint(path: str | os.PathLike, config: FluxConfig | str, s
 
 def shard_digest(state_dict: dict[str, torch.Tensor]) -> str:
     """Content hash of a shard (names, dtypes, shapes and bytes): the cache key on worker nodes."""
-    import hashlib
+    from mesh_ray.digest import tensor_digest
 
-    h = hashlib.blake2b(digest_size=16)
-    for k in sorted(state_dict):
-        t = state_dict[k].detach().contiguous().cpu()
-        h.update(json.dumps([k, str(t.dtype), list(t.shape)]).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    return tensor_digest((k, state_dict[k]) for k in sorted(state_dict))

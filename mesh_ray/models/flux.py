@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from torch import Tensor, nn
 
 from mesh_ray.errors import ConfigError
+from mesh_ray.models.blocks import KINDS, locate
 
 # --------------------------------------------------------------------------------------------
 # Config and presets
@@ -189,6 +190,14 @@ def _split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
     return q, k, v
 
 
+class Mod(NamedTuple):
+    """One adaLN modulation: ``(1 + scale) * norm(x) + shift`` in, ``x + gate * f(...)`` out."""
+
+    shift: Tensor
+    scale: Tensor
+    gate: Tensor
+
+
 def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return (1 + scale) * x + shift
 
@@ -251,19 +260,20 @@ class SiLUGate(nn.Module):
 
 
 class Modulation(nn.Module):
-    """shift/scale/gate triples from the conditioning vector (two triples when ``double``)."""
+    """``Mod`` records (shift, scale, gate) from the conditioning vector: two when ``double``
+    (attention, then MLP), else one."""
 
     def __init__(self, dim: int, double: bool, bias: bool = True):
         super().__init__()
         self.multiplier = 6 if double else 3
         self.lin = nn.Linear(dim, self.multiplier * dim, bias=bias)
 
-    def forward(self, vec: Tensor) -> tuple[tuple[Tensor, ...], ...]:
+    def forward(self, vec: Tensor) -> tuple[Mod, ...]:
         out = self.lin(F.silu(vec))
         if out.ndim == 2:
             out = out[:, None, :]
         chunks = out.chunk(self.multiplier, dim=-1)
-        return tuple(chunks[i : i + 3] for i in range(0, self.multiplier, 3))
+        return tuple(Mod(*chunks[i : i + 3]) for i in range(0, self.multiplier, 3))
 
 
 def _mlp(hidden: int, mlp_hidden: int, gated: bool, bias: bool) -> nn.Sequential:
@@ -279,9 +289,9 @@ class BlockCond:
     """Per-step conditioning every block reads: ``vec``, and FLUX.2's shared modulations."""
 
     vec: Tensor
-    double_img: tuple[tuple[Tensor, ...], ...] | None = None
-    double_txt: tuple[tuple[Tensor, ...], ...] | None = None
-    single: tuple[Tensor, ...] | None = None
+    double_img: tuple[Mod, Mod] | None = None  # FLUX.2: (attention, MLP) modulation of the image stream
+    double_txt: tuple[Mod, Mod] | None = None
+    single: Mod | None = None
 
 
 @dataclass
@@ -332,19 +342,21 @@ class DoubleStreamBlock(nn.Module):
         else:
             (img_m1, img_m2), (txt_m1, txt_m2) = cond.double_img, cond.double_txt
 
-        img_q, img_k, img_v = _split_heads(self.img_attn.qkv(_modulate(self.img_norm1(img), *img_m1[:2])), self.num_heads)
+        img_q, img_k, img_v = _split_heads(
+            self.img_attn.qkv(_modulate(self.img_norm1(img), img_m1.shift, img_m1.scale)), self.num_heads)
         img_q, img_k = self.img_attn.norm(img_q, img_k, img_v)
-        txt_q, txt_k, txt_v = _split_heads(self.txt_attn.qkv(_modulate(self.txt_norm1(txt), *txt_m1[:2])), self.num_heads)
+        txt_q, txt_k, txt_v = _split_heads(
+            self.txt_attn.qkv(_modulate(self.txt_norm1(txt), txt_m1.shift, txt_m1.scale)), self.num_heads)
         txt_q, txt_k = self.txt_attn.norm(txt_q, txt_k, txt_v)
 
         attn = attention(torch.cat((txt_q, img_q), dim=2), torch.cat((txt_k, img_k), dim=2),
                          torch.cat((txt_v, img_v), dim=2), pe)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
-        img = img + img_m1[2] * self.img_attn.proj(img_attn)
-        img = img + img_m2[2] * self.img_mlp(_modulate(self.img_norm2(img), *img_m2[:2]))
-        txt = txt + txt_m1[2] * self.txt_attn.proj(txt_attn)
-        txt = txt + txt_m2[2] * self.txt_mlp(_modulate(self.txt_norm2(txt), *txt_m2[:2]))
+        img = img + img_m1.gate * self.img_attn.proj(img_attn)
+        img = img + img_m2.gate * self.img_mlp(_modulate(self.img_norm2(img), img_m2.shift, img_m2.scale))
+        txt = txt + txt_m1.gate * self.txt_attn.proj(txt_attn)
+        txt = txt + txt_m2.gate * self.txt_mlp(_modulate(self.txt_norm2(txt), txt_m2.shift, txt_m2.scale))
         return img, txt
 
 
@@ -366,13 +378,13 @@ class SingleStreamBlock(nn.Module):
             self.modulation = Modulation(h, double=False)
 
     def forward(self, x: Tensor, pe: Tensor, cond: BlockCond) -> Tensor:
-        (shift, scale, gate), = self.modulation(cond.vec) if hasattr(self, "modulation") else (cond.single,)
-        qkv, mlp = torch.split(self.linear1(_modulate(self.pre_norm(x), shift, scale)),
+        m = self.modulation(cond.vec)[0] if hasattr(self, "modulation") else cond.single
+        qkv, mlp = torch.split(self.linear1(_modulate(self.pre_norm(x), m.shift, m.scale)),
                                [3 * self.hidden_size, self.mlp_in], dim=-1)
         q, k, v = _split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k, v)
         out = self.linear2(torch.cat((attention(q, k, v, pe), self.mlp_act(mlp)), dim=2))
-        return x + gate * out
+        return x + m.gate * out
 
 
 class LastLayer(nn.Module):
@@ -409,7 +421,7 @@ class Flux(nn.Module):
     ``f(args, {"original_block": fn}) -> dict`` that runs instead of that block, as in ComfyUI.
     """
 
-    shard_unit = ("double_blocks", "single_blocks")
+    shard_unit = tuple(f"{kind}_blocks" for kind in KINDS)
 
     def __init__(self, config: FluxConfig):
         super().__init__()
@@ -437,8 +449,8 @@ class Flux(nn.Module):
 
     def block(self, index: int) -> nn.Module:
         """The block at global index ``index`` (double blocks first)."""
-        d = self.config.depth
-        return self.double_blocks[index] if index < d else self.single_blocks[index - d]
+        kind, i = locate(index, self.config.depth)
+        return getattr(self, f"{kind}_blocks")[i]
 
     # -- validation -------------------------------------------------------------------------
 
@@ -506,9 +518,10 @@ class Flux(nn.Module):
         replace: dict = ((transformer_options or {}).get("patches_replace") or {}).get("dit") or {}
         depth = self.config.depth
         for b in range(start, stop):
-            if b < depth:
+            kind, i = locate(b, depth)
+            key = (f"{kind}_block", i)
+            if kind == "double":
                 state = state.unjoin()
-                key = ("double_block", b)
                 if key in replace:
                     out = replace[key](
                         {"img": state.img, "txt": state.txt, "vec": cond.vec, "pe": pe, "cond": cond,
@@ -520,7 +533,6 @@ class Flux(nn.Module):
                     state = BlockState(img, txt, state.txt_len)
             else:
                 state = state.join()
-                i, key = b - depth, ("single_block", b - depth)
                 if key in replace:
                     out = replace[key]({"img": state.img, "vec": cond.vec, "pe": pe, "cond": cond,
                                         "transformer_options": transformer_options},
@@ -605,15 +617,18 @@ def build(config: FluxConfig, device: torch.device | str = "cpu", dtype: torch.d
 
 
 def random_state_dict(config: FluxConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
-                      std: float = 0.02) -> dict[str, Tensor]:
-    """Seeded random weights with the real key layout (norm scales 1, others N(0, std))."""
+                      std: float = 0.02, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """Seeded random weights with the real key layout (norm scales 1, others N(0, std)).
+
+    ``device`` is where the numbers are drawn and kept: a GPU draws a FLUX.1-dev-size model in a
+    second where the CPU needs minutes (the same seed gives other numbers on another device type).
+    """
     model = build(config, "meta")
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed)
     out: dict[str, Tensor] = {}
     for name, p in model.named_parameters():
         if name.endswith(".scale"):
-            out[name] = torch.ones(p.shape, dtype=dtype)
+            out[name] = torch.ones(p.shape, dtype=dtype, device=device)
         else:
-            out[name] = (torch.randn(p.shape, generator=gen) * std).to(dtype)
+            out[name] = (torch.randn(p.shape, generator=gen, device=device) * std).to(dtype)
     return out
-

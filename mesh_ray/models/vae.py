@@ -33,11 +33,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, model_validator
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from mesh_ray.errors import CheckpointError, ConfigError
+from mesh_ray.models.safetensors_io import load_tensors, read_header, tensor_bytes, write_atomic
 
 # --------------------------------------------------------------------------------------------
 # Config and presets
@@ -488,9 +487,7 @@ def _infer_vae_config(shapes: dict[str, tuple], meta: dict, path: str) -> VaeCon
 
 def inspect_vae(path: str | os.PathLike) -> VaeInfo:
     """Read only the safetensors header: family, preset or inferred config, sizes."""
-    from mesh_ray.models.checkpoint import _DTYPE_BYTES, _read_header
-
-    entries, meta = _read_header(path)
+    entries, meta = read_header(path)
     prefix = next((p for p in sorted(PREFIXES, key=len, reverse=True)
                    if f"{p}decoder.conv_in.weight" in entries), None)
     if prefix is None:
@@ -500,7 +497,7 @@ def inspect_vae(path: str | os.PathLike) -> VaeInfo:
     own = {k[len(prefix):]: v for k, v in entries.items() if k.startswith(prefix)}
     cfg = _infer_vae_config({k: v[1] for k, v in own.items()}, meta, str(path))
     dec = {k: v for k, v in own.items() if _decoder_key(k)}
-    nbytes = sum(_DTYPE_BYTES.get(dt, 4) * math.prod(shape) for dt, shape in dec.values())
+    nbytes = sum(tensor_bytes(dt, shape) for dt, shape in dec.values())
     dtypes = sorted({dt for dt, _ in dec.values()})
     name = next((n for n, c in VAE_PRESETS.items() if c == cfg), None)
     return VaeInfo(path=str(path), arch=cfg.arch, preset=name, config=cfg, prefix=prefix,
@@ -512,16 +509,12 @@ def load_vae_state(path: str | os.PathLike, info: VaeInfo | None = None,
                    device: str | torch.device = "cpu") -> dict[str, Tensor]:
     """Slim load: only the decoder (and FLUX.2 batch-norm) tensors are read from the file."""
     info = info or inspect_vae(path)
-    out: dict[str, Tensor] = {}
-    try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            for full in f.keys():
-                key = full[len(info.prefix):] if full.startswith(info.prefix) else None
-                if key is not None and _decoder_key(key):
-                    out[key] = f.get_tensor(full)
-    except Exception as e:
-        raise CheckpointError(f"reading {path} failed ({e}): the file is corrupt or truncated; re-download it") from None
-    return out
+
+    def select(full: str) -> str | None:
+        key = full[len(info.prefix):] if full.startswith(info.prefix) else None
+        return key if key is not None and _decoder_key(key) else None
+
+    return load_tensors(path, select, device=device)
 
 
 def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -556,12 +549,7 @@ def save_vae_state(state: dict[str, Tensor], path: str | os.PathLike, config: Va
     """Write VAE tensors as safetensors atomically; ``config`` is embedded unless it is a released one."""
     released = config is None or any(config == VAE_PRESETS[n] for n in ("flux1", "flux2"))
     meta = None if released else {VAE_CONFIG_METADATA_KEY: config.model_dump_json()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({prefix + k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return path
+    return write_atomic({prefix + k: v for k, v in state.items()}, path, meta)
 
 
 def random_vae_state_dict(config: VaeConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:

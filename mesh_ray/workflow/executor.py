@@ -22,6 +22,7 @@ from typing import Any, Callable
 import ray
 
 from mesh_ray.errors import MeshError
+from mesh_ray.rayutil import cause_line, ray_get
 from mesh_ray.workflow.events import EventRelay, event
 from mesh_ray.workflow.graph import Graph, Link, NodeSpec, is_link, validate_graph
 from mesh_ray.workflow.memory import LiveSet
@@ -70,15 +71,6 @@ class _Cached:
     sizes: list[int]
     host: str | None
     results: list | None
-
-
-def _error_text(e: BaseException) -> str:
-    """The node's own exception as one line, without Ray's traceback wrapper."""
-    cause = getattr(e, "cause", None)
-    if isinstance(cause, BaseException):
-        e = cause
-    text = " ".join(str(e).split()) or type(e).__name__
-    return f"{type(e).__name__}: {text[:300]}"
 
 
 class Executor:
@@ -272,7 +264,7 @@ class _Run:
                     ray.get(r, timeout=5)
                 except Exception:  # noqa: BLE001
                     pass
-            raise _NodeFailed(nid, _error_text(e)) from None
+            raise _NodeFailed(nid, cause_line(e)) from None
         self.status[nid] = "done"
         self.executed.append(nid)
         if "expand" in meta:
@@ -283,7 +275,7 @@ class _Run:
         else:
             results = None
             if self.g.types[nid].output or nid in self.want:
-                results = ray.get(refs, timeout=60)
+                results = ray_get(refs, 60, f"reading the outputs of node {nid!r}", failed_error=WorkflowError)
             self.finish_outputs(nid, refs, meta["sizes"], results)
             if self.level == 0 and self.g.types[nid].cache:
                 self.used_cache[self.sig[nid]] = _Cached(refs, meta["sizes"], self.host_of.get(nid)

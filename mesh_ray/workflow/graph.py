@@ -7,12 +7,13 @@ import difflib
 import json
 import os
 from dataclasses import dataclass, field
+from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from mesh_ray.errors import ConfigError
+from mesh_ray.errors import ConfigError, validation_line
 from mesh_ray.workflow.registry import NodeType, get_node_type, node_types
 
 Link = tuple[str, int]
@@ -73,9 +74,7 @@ def _parse_node(nid: str, raw: Any) -> NodeSpec:
     try:
         return NodeSpec.model_validate(raw)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "node"
-        raise ConfigError(f"node {nid!r} field {where!r}: {first['msg']}: write it as "
+        raise ConfigError(f"{validation_line(e, f'node {nid!r}', NodeSpec.model_fields, 'field')}: write it as "
                           f'{{"class_type": "...", "inputs": {{...}}}}') from None
 
 
@@ -102,28 +101,15 @@ def _check_inputs(nid: str, spec: NodeSpec, nt: NodeType, known: dict[str, NodeS
 
 
 def _topo_order(nodes: dict[str, NodeSpec], fixed: set[str]) -> list[str]:
-    """Kahn's algorithm over the new nodes; a leftover node is on a cycle, which is reported as a path."""
-    deps = {nid: {v[0] for v in spec.inputs.values() if is_link(v) and v[0] not in fixed} for nid, spec in nodes.items()}
-    order: list[str] = []
-    ready = sorted(n for n, d in deps.items() if not d)
-    done: set[str] = set()
-    while ready:
-        n = ready.pop(0)
-        order.append(n)
-        done.add(n)
-        for m, d in deps.items():
-            if m not in done and m not in ready and n in d and d <= done:
-                ready.append(m)
-    left = [n for n in nodes if n not in done]
-    if left:
-        path, cur = [], left[0]
-        while cur not in path:
-            path.append(cur)
-            cur = sorted(d for d in deps[cur] if d not in done)[0]
-        cycle = path[path.index(cur):] + [cur]
-        raise ConfigError(f"node {cur!r} is part of a cycle ({' -> '.join(cycle)}, each takes the next one's output): "
-                          f"remove one of these links")
-    return order
+    """The new nodes in dependency order (``graphlib``); a cycle is reported as a path."""
+    deps = {nid: sorted({v[0] for v in spec.inputs.values() if is_link(v) and v[0] not in fixed})
+            for nid, spec in nodes.items()}
+    try:
+        return list(TopologicalSorter(deps).static_order())
+    except CycleError as e:
+        cycle = list(reversed(e.args[1]))  # graphlib lists producer before consumer; name consumer first
+        raise ConfigError(f"node {cycle[0]!r} is part of a cycle ({' -> '.join(cycle)}, each takes the next one's "
+                          f"output): remove one of these links") from None
 
 
 def validate_graph(data: Any, existing: Graph | None = None) -> Graph:
@@ -158,7 +144,10 @@ def load_graph(path: str | os.PathLike) -> Graph:
     if not p.is_file():
         raise ConfigError(f"graph file {p} not found: check the path")
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:  # a pickle or other binary: graphs are JSON only, never unpickled
+        raise ConfigError(f"graph file {p} is not JSON text (binary data): save the graph as JSON "
+                          f"(ComfyUI 'Save (API)'); pickled graphs are never loaded") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"graph file {p} is not valid JSON ({e.msg} at line {e.lineno}): fix its syntax") from None
     if isinstance(data, dict) and "prompt" in data and isinstance(data["prompt"], dict):

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from mesh_ray.errors import ConfigError
+from mesh_ray.names import VAE_MODES
 from mesh_ray.workflow.registry import Expansion, node
 
 
@@ -131,6 +132,34 @@ def sample(model: Any, width: int = 256, height: int = 256, steps: int = 4, seed
                     progress=False, callback=lambda i, n, _x: progress(i, n))
 
 
+@node("SampleMany", outputs=("LATENT",))
+def sample_many(model: Any, count: int = 4, width: int = 256, height: int = 256, steps: int = 4, seed: int = 0,
+                guidance: float = 3.5, txt_len: int = 16, conditioning_seed: int = 0, max_in_flight: int | None = None,
+                progress: Any = None) -> Any:
+    """Sample ``count`` latents [count, C, h, w] pipelined over the split's stages (``generate_many``):
+    image i is ``Sample`` with seed + i and conditioning_seed + i; reports every step of every image."""
+    import torch
+
+    from mesh_ray.pipeline import ImageRequest, generate_many
+    from mesh_ray.sampler import random_conditioning
+
+    if count < 1:
+        raise ConfigError(f"SampleMany count must be at least 1, got {count}")
+    reqs = []
+    for i in range(count):
+        txt, y = random_conditioning(model.config, batch=1, txt_len=txt_len, seed=conditioning_seed + i)
+        reqs.append(ImageRequest(txt=txt, y=y, width=width, height=height, steps=steps, seed=seed + i, guidance=guidance))
+    done = [0]
+
+    def step(_ev: Any) -> None:
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], count * steps)
+
+    res = generate_many(model, reqs, max_in_flight=max_in_flight, progress=False, callback=step)
+    return torch.cat(res.latents, dim=0)
+
+
 @node("LatentPreview", outputs=("IMAGE",))
 def latent_preview(latent: Any) -> np.ndarray:
     """A latent -> images [B, H, W, 3] float 0..1 without a VAE (first three channels, stretched)."""
@@ -159,8 +188,8 @@ class PromisedImages:
 def vae_decode(vae: Any, latent: Any, mode: str = "wait", save: str | None = None) -> Any:
     """Decode on the VAE service: ``wait`` -> images, ``forget`` -> request id (the replica writes
     ``output_dir/{save}_*.png``), ``promise`` -> promised images for SavePromisedImage."""
-    if mode not in ("wait", "forget", "promise"):
-        raise ConfigError(f"VAEDecode mode {mode!r} is unknown: use wait, forget or promise")
+    if mode not in VAE_MODES:
+        raise ConfigError(f"VAEDecode mode {mode!r} is unknown: use {', '.join(VAE_MODES)}")
     if mode == "wait":
         return vae.decode(latent, mode="wait").numpy()
     if mode == "forget":

@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from mesh_ray import metrics
 from mesh_ray.errors import ConfigError
 from mesh_ray.workflow.events import TERMINAL, event
 from mesh_ray.workflow.executor import LEVELS, Executor, RunResult, WorkflowError
@@ -55,6 +56,7 @@ class Scheduler:
         self._dispatched = 0
         self._busy: set[str] = set()  # clients with a run executing
         self._executors: dict[str, Executor] = {}
+        self._gone: dict[str, str] = {}  # client -> why it was dropped (its runs are cancelled with that)
         self._cv = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._dispatch, name="mesh-ray-workflow-dispatch", daemon=True)
@@ -76,8 +78,10 @@ class Scheduler:
             self._queues.setdefault(rec.client, deque()).append(rec.run_id)
             if rec.client not in self._clients:
                 self._clients.append(rec.client)
+            self._gone.pop(rec.client, None)  # a client id that comes back is served again
             rec.events.append(event(rec.run_id, "run_queued", client=rec.client,
                                     position=sum(len(q) for q in self._queues.values())))
+            self._gauge()
             self._cv.notify_all()
         return rec.run_id
 
@@ -107,11 +111,43 @@ class Scheduler:
             if rec.state == "queued":
                 self._queues[rec.client].remove(run_id)
                 self._end(rec, RunResult(run_id, "cancelled", rec.level, error=f"run {run_id} was cancelled before it started"))
+                self._gauge()
                 return True
             if rec.state == "running":
                 rec.cancel.set()
                 return True
             return False
+
+    def drop_client(self, client_id: str, reason: str) -> list[str]:
+        """A client went away: cancel its queued and running runs, forget their outputs and free what its
+        executor keeps (cached outputs, node host actors) once its running run has stopped.  Returns the
+        ids of the runs it cancelled; other clients are not touched."""
+        with self._cv:
+            self._gone[client_id] = reason
+            hit = []
+            for rec in self._runs.values():
+                if rec.client != client_id:
+                    continue
+                if rec.state == "queued":
+                    self._queues[rec.client].remove(rec.run_id)
+                    self._end(rec, RunResult(rec.run_id, "cancelled", rec.level, error=f"run {rec.run_id} was cancelled: {reason}"))
+                    hit.append(rec.run_id)
+                elif rec.state == "running":
+                    rec.cancel.set()
+                    hit.append(rec.run_id)
+                if rec.state != "running" and rec.result is not None:
+                    rec.result["outputs"] = {}
+            ex = None if client_id in self._busy else self._executors.pop(client_id, None)
+            self._gauge()
+        if ex is not None:
+            ex.close()
+        log.info("client %s is gone (%s): cancelled %d runs", client_id, reason, len(hit))
+        return hit
+
+    def clients(self) -> list[str]:
+        """Clients that have an executor (a cache) here now."""
+        with self._cv:
+            return list(self._executors)
 
     def runs(self, client_id: str | None = None) -> list[dict]:
         with self._cv:
@@ -158,6 +194,7 @@ class Scheduler:
                     return
                 rec.state = "running"
                 self._busy.add(rec.client)
+                self._gauge()
             threading.Thread(target=self._execute, args=(rec,), name=f"mesh-ray-run-{rec.run_id}", daemon=True).start()
 
     def _execute(self, rec: _Rec) -> None:
@@ -169,9 +206,22 @@ class Scheduler:
             log.exception("workflow run %s crashed", rec.run_id)
             result = RunResult(rec.run_id, "failed", rec.level, error=f"run {rec.run_id} failed: {type(e).__name__}: {e}")
         with self._cv:
+            reason = self._gone.get(rec.client)
+            if reason is not None:  # nobody will read the outputs: do not keep them
+                result.outputs = {}
+                if result.status == "cancelled":
+                    result.error = f"run {rec.run_id} was cancelled: {reason}"
             self._end(rec, result)
             self._busy.discard(rec.client)
+            ex = self._executors.pop(rec.client, None) if reason is not None else None
+            self._gauge()
             self._cv.notify_all()
+        if ex is not None:  # the client left while this run ran: free its cache and hosts now
+            ex.close()
+
+    def _gauge(self) -> None:
+        """Queue depth and running runs to the metrics (lock held)."""
+        metrics.service_runs(sum(len(q) for q in self._queues.values()), len(self._busy))
 
     def _end(self, rec: _Rec, result: RunResult) -> None:
         rec.result = result.to_dict()

@@ -6,22 +6,35 @@ the same whether it talks to that service or runs embedded in the calling proces
     for ev in run.follow(timeout=600): ...       # node started / finished, sampler step k of n
     result = run.result(timeout=600)             # RunResult: outputs, peaks, re-executed nodes
     run.cancel()
+
+Faults: a client whose driver goes away (exits, crashes, loses its node) has its queued and
+running runs cancelled and its cached outputs and node hosts freed within a few seconds; other
+clients are not touched.  When the service itself is restarted under a connected client, the
+client's next call finds the new service (and attaches again); a run the old service held is
+reported lost in one line (submit it again), never waited on forever.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import time
 import uuid
 from typing import Any, Callable, Iterator
 
 import ray
 
+from mesh_ray.cluster import ray_address
 from mesh_ray.errors import ClusterError, ConfigError
+from mesh_ray.rayutil import ray_get
 from mesh_ray.workflow.events import TERMINAL
 from mesh_ray.workflow.executor import Executor, RunResult, WorkflowError
 from mesh_ray.workflow.graph import Graph, load_graph, validate_graph
+from mesh_ray.workflow.leases import LEASE_CHECK_S, ClientLeases, new_lease
 from mesh_ray.workflow.scheduler import Scheduler
+
+log = logging.getLogger("mesh_ray.workflow")
 
 SERVICE_NAME = "mesh-ray/workflow-service"
 SERVICE_NAMESPACE = "mesh-ray"
@@ -35,6 +48,26 @@ class WorkflowService:
     def __init__(self, max_parallel: int = 2) -> None:
         self._s = Scheduler(sink=ray.get_runtime_context().current_actor, max_parallel=max_parallel)
         self._started = time.time()
+        self._leases = ClientLeases()
+        self._dropped: list[str] = []
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch_clients, name="mesh-ray-client-leases", daemon=True).start()
+
+    def _watch_clients(self) -> None:
+        """Drop the clients whose driver died: their runs are cancelled, what they keep is freed."""
+        while not self._stop.wait(LEASE_CHECK_S):
+            try:
+                for client in self._leases.gone():
+                    self._s.drop_client(client, f"its client {client} disconnected")
+                    self._dropped.append(client)
+            except Exception as e:  # noqa: BLE001 - the watcher must outlive any one failure
+                log.warning("client lease check failed: %s", e)
+
+    def attach(self, client_id: str, box: list) -> str:
+        """Register a client's lease (``leases.new_lease``) so that its runs end when it goes away;
+        returns this service's actor id (a client tells a restarted service by it)."""
+        self._leases.attach(client_id, box)
+        return self._actor_id()
 
     def submit(self, graph: dict, client_id: str, release_level: int, timeout_s: float, base_dir: str | None,
                outputs: list[str] | None) -> str:
@@ -63,33 +96,35 @@ class WorkflowService:
         runs = self._s.runs()
         return {"kind": "workflow-service", "pid": os.getpid(), "uptime_s": round(time.time() - self._started, 1),
                 "runs": len(runs), "running": sum(r["state"] == "running" for r in runs),
-                "queued": sum(r["state"] == "queued" for r in runs)}
+                "queued": sum(r["state"] == "queued" for r in runs), "clients": self._leases.clients(),
+                "caches": self._s.clients(), "dropped": list(self._dropped), "actor_id": self._actor_id()}
+
+    @staticmethod
+    def _actor_id() -> str:
+        return ray.get_runtime_context().get_actor_id()
 
     def shutdown(self) -> None:
+        self._stop.set()
         self._s.shutdown()
+
+
+class ServiceGone(ClusterError):
+    """The workflow service actor this client talked to is dead."""
 
 
 def _call(handle: Any, method: str, *args: Any, timeout: float = CALL_TIMEOUT_S) -> Any:
     """A service call with a timeout; Ray failures become one-line errors."""
-    try:
-        return ray.get(getattr(handle, method).remote(*args), timeout=timeout)
-    except ray.exceptions.GetTimeoutError:
-        raise ClusterError(f"the workflow service did not answer {method} within {timeout:g} s: "
-                           f"check it with `mesh-ray status` or restart it with `mesh-ray serve`") from None
-    except ray.exceptions.RayActorError:
-        raise ClusterError("the workflow service died: start it again with `mesh-ray serve`") from None
-    except ray.exceptions.RayTaskError as e:
-        cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else None
-        if cause is not None and isinstance(cause, (ConfigError, WorkflowError)):
-            raise type(cause)(str(cause)) from None
-        raise WorkflowError(f"the workflow service failed on {method}: {str(cause or e).splitlines()[0]}") from None
+    return ray_get(getattr(handle, method).remote(*args), timeout, f"the workflow service call {method}",
+                   timeout_fix="check it with `mesh-ray status` or restart it with `mesh-ray serve`",
+                   died_fix="start it again with `mesh-ray serve`", failed_fix="see the service log",
+                   failed_error=WorkflowError, died_error=ServiceGone, keep=(ConfigError, WorkflowError))
 
 
 def connect_ray(address: str | None = None) -> None:
     """``mesh_ray.connect``; an embedded Ray gets at least 4 logical CPUs, since most nodes are light."""
     from mesh_ray.mesh import connect
 
-    embedded = address is None and not os.environ.get("RAY_ADDRESS")
+    embedded = ray_address(address) is None
     connect(address, **({"num_cpus": max(os.cpu_count() or 1, 4)} if embedded else {}))
 
 
@@ -174,6 +209,9 @@ class Workflows:
     def __init__(self, backend: Any, remote: bool, client_id: str | None = None) -> None:
         self._backend, self.remote = backend, remote
         self.client_id = client_id or f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:4]}"
+        if remote:
+            self._lease = new_lease(self.client_id)  # this driver owns it: the service sees when we go
+            self._service_id = _call(backend, "attach", self.client_id, self._lease)
 
     @classmethod
     def connect(cls, address: str | None = None, service: bool | None = None, client_id: str | None = None,
@@ -189,9 +227,32 @@ class Workflows:
         return cls(Scheduler(max_parallel=max_parallel), False, client_id)
 
     def _do(self, method: str, *args: Any, timeout: float = CALL_TIMEOUT_S) -> Any:
-        if self.remote:
+        if not self.remote:
+            return getattr(self._backend, method)(*args)
+        try:
             return _call(self._backend, method, *args, timeout=timeout)
-        return getattr(self._backend, method)(*args)
+        except ServiceGone:
+            self._reconnect()
+        if method == "submit" or method == "runs":
+            return _call(self._backend, method, *args, timeout=timeout)
+        run_id = args[0]
+        raise WorkflowError(f"run {run_id} was lost when the workflow service restarted: submit it again")
+
+    def _reconnect(self) -> None:
+        """The service died: use the one running now (started again with `mesh-ray serve`) or fail in one line."""
+        gone = ServiceGone("the workflow service died and none runs now: start it again with `mesh-ray serve`, "
+                           "then submit your runs again")
+        handle = find_service()
+        if handle is None:
+            raise gone
+        try:
+            service_id = _call(handle, "attach", self.client_id, self._lease)
+        except ServiceGone:
+            raise gone from None
+        if service_id == self._service_id:
+            raise gone
+        log.warning("the workflow service was restarted: client %s attached to the new one", self.client_id)
+        self._backend, self._service_id = handle, service_id
 
     def submit(self, graph: Graph | dict | str | os.PathLike, release_level: int = 0, timeout_s: float = 3600.0,
                outputs: list[str] | None = None) -> RunHandle:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from comfy_host import REPO
 
 START_TIMEOUT_S = 300
 EVENT_TIMEOUT_S = 300

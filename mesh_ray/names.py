@@ -1,0 +1,8 @@
+"""Names shared by the API, the CLI and the workflow nodes (importing this costs nothing: no torch, no Ray)."""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+VaeMode = Literal["wait", "forget", "promise"]
+VAE_MODES: tuple[str, ...] = get_args(VaeMode)  # how VaeService.decode returns (docs/vae.md)

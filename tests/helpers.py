@@ -1,0 +1,54 @@
+"""Helpers the tests share (imported as ``from helpers import ...``; fixtures stay in conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import ray
+import torch
+
+from mesh_ray.models.checkpoint import inspect, load_blocks
+from mesh_ray.models.flux import build, position_ids
+
+RAY_CPUS = 8  # logical CPUs: more than the 2 real cores, so several stage actors fit
+
+
+def ensure_ray() -> None:
+    """Start the test cluster if no test has (tests that need their own cluster shut it down)."""
+    if not ray.is_initialized():
+        # address="local": always a cluster of our own, never one a `ray start` left on this machine
+        ray.init(address="local", num_cpus=RAY_CPUS, num_gpus=0, include_dashboard=False, namespace="mesh-ray-tests",
+                 log_to_driver=False, configure_logging=False)
+
+
+def inputs(cfg, b=2, h=4, w=6, txt_len=5, seed=0):
+    """Seeded forward inputs (img, img_ids, txt, txt_ids, timesteps, y, guidance) for a FLUX config."""
+    g = torch.Generator().manual_seed(seed)
+    img = torch.randn(b, h * w, cfg.in_channels, generator=g)
+    txt = torch.randn(b, txt_len, cfg.context_in_dim, generator=g)
+    img_ids, txt_ids = position_ids(cfg.arch, b, h, w, txt_len)
+    t = torch.rand(b, generator=g)
+    y = torch.randn(b, cfg.vec_in_dim, generator=g) if cfg.vec_in_dim else None
+    guidance = torch.full((b,), 3.5) if cfg.guidance_embed else None
+    return img, img_ids, txt, txt_ids, t, y, guidance
+
+
+def local_model(path):
+    """The whole model of a checkpoint in this process (the reference a split is compared with)."""
+    info = inspect(path)
+    model = build(info.config, "meta")
+    model.load_state_dict(load_blocks(path, ["all"], non_block=True, info=info), assign=True, strict=True)
+    return model
+
+
+CLI = [sys.executable, "-m", "mesh_ray.cli"]
+
+
+def run(*args, timeout=300, cwd=None):
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def last_json(out):
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,0 +1,63 @@
+"""What the GPU checks rely on, run on the CPU: Ray-free imports, device-drawn weights, the checks' CPU paths."""
+
+import json
+import subprocess
+import sys
+
+import torch
+from rich.console import Console
+
+from mesh_ray.bench.gpu_checks import check_codec, check_split, make_fixtures
+from mesh_ray.cli import doctor_table
+from mesh_ray.codec import BackendStatus
+from mesh_ray.models.flux import PRESETS, random_state_dict
+
+NO_RAY = """
+import sys
+class NoRay:
+    def find_spec(self, name, path=None, target=None):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("no Ray on this machine")
+sys.meta_path.insert(0, NoRay())
+import mesh_ray, mesh_ray.models, mesh_ray.codec, mesh_ray.memory, mesh_ray.bench.offload, mesh_ray.bench.gpu_checks
+print(mesh_ray.inspect.__module__, mesh_ray.OffloadSpec.__name__)
+"""
+
+
+def test_models_codec_and_memory_import_without_ray():
+    # The GPU machine has no Ray: models, codecs, offload and the checks must not need it.
+    out = subprocess.run([sys.executable, "-c", NO_RAY], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["mesh_ray.models.checkpoint", "OffloadSpec"]
+
+
+def test_random_state_dict_is_seeded_per_device():
+    cfg = PRESETS["tiny-flux1"]
+    a = random_state_dict(cfg, seed=3, device="cpu")
+    b = random_state_dict(cfg, seed=3)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(t.device.type == "cpu" for t in a.values())
+
+
+def test_split_check_runs_and_is_exact_on_cpu():
+    r = check_split("tiny-flux1", "cpu", side=8, txt_len=8)
+    assert r["max_abs_diff_split_vs_local"] == 0.0
+    assert r["hop_bytes"] == (64 + 8) * PRESETS["tiny-flux1"].hidden_size * 4
+    for key in ("step_ms_local", "double_block_ms", "single_block_ms", "front_ms", "ratio_split_over_local"):
+        assert r[key] > 0
+
+
+def test_codec_check_reports_missing_nvdec_and_measures_quant8(tmp_path):
+    make_fixtures(tmp_path)
+    r = check_codec(tmp_path, "cpu", tokens=512 + 64, channels=64)
+    assert "no CUDA device" in r["nvdec_vs_pyav"]["error"]
+    rows = {json.dumps(row["spec"], sort_keys=True): row for row in r["quant8_28MB"]}
+    lossless = rows[json.dumps({"entropy": "zstd", "lossless": True, "mode": "quant8"}, sort_keys=True)]
+    assert lossless["exact"] is True and lossless["ratio"] > 1.0
+    assert "error" in rows[json.dumps({"entropy": "nvcomp", "mode": "quant8"}, sort_keys=True)]
+
+
+def test_doctor_prints_reasons_verbatim():
+    console = Console(record=True, width=200)
+    console.print(doctor_table([BackendStatus("x265", False, "PyAV missing: pip install 'mesh-ray[video]'")]))
+    assert "mesh-ray[video]" in console.export_text()
