@@ -129,10 +129,33 @@ def _gcs_metadata(address: str) -> dict:
 
 
 def preflight(address: str, timeout_s: float) -> None:
-    """Check token and versions against the GCS at ``address`` (host:port) before ``ray.init`` joins it."""
+    """Check token and versions against the GCS at ``address`` (host:port) before ``ray.init`` joins it.
+
+    The token is presented only when the cluster asks for one: a cluster without token auth (one a
+    script started with ``ray.cluster_utils.Cluster``, or ``RAY_AUTH_MODE=disabled`` on the head)
+    is joined without it, since a driver in token mode cannot run actors there.
+    """
     from ray.exceptions import AuthenticationError
 
-    mode = present_token_if_available()
+    explicit = os.environ.get(AUTH_MODE_VAR)
+    mode = (explicit or "disabled").lower()
+    result = _probe_gcs(address, timeout_s)
+    if isinstance(result.get("error"), AuthenticationError) and explicit is None and token_source() is not None:
+        mode = present_token_if_available()  # the cluster wants a token and this machine has one
+        result = _probe_gcs(address, timeout_s)
+    error = result.get("error")
+    if isinstance(error, AuthenticationError):
+        raise _auth_error(address, mode)
+    if error is not None:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ClusterError(f"the Ray head at {address} did not answer ({first}): check that `ray status` works on "
+                           f"the head and that this machine reaches its port") from None
+    if result.get("metadata"):
+        check_versions(result["metadata"], address)
+
+
+def _probe_gcs(address: str, timeout_s: float) -> dict[str, Any]:
+    """{"metadata": ...} or {"error": exc} from a bare GCS client, within ``timeout_s``."""
     result: dict[str, Any] = {}
 
     def probe() -> None:
@@ -147,12 +170,4 @@ def preflight(address: str, timeout_s: float) -> None:
     if worker.is_alive():
         raise ClusterError(f"something listens at {address} but it did not answer as a Ray head (GCS) within "
                            f"{timeout_s:g} s: check the port (the head's `ray start --head --port=...`) or raise timeout_s")
-    error = result.get("error")
-    if isinstance(error, AuthenticationError):
-        raise _auth_error(address, mode)
-    if error is not None:
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ClusterError(f"the Ray head at {address} did not answer ({first}): check that `ray status` works on "
-                           f"the head and that this machine reaches its port") from None
-    if result.get("metadata"):
-        check_versions(result["metadata"], address)
+    return result

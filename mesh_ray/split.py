@@ -214,6 +214,8 @@ class SplitModel:
                 ray.get(seg.actor.ready.remote(), timeout=self.options.start_timeout_s)
             except GetTimeoutError:
                 raise ClusterError(explain_unschedulable(need, f"stage {seg.index} ({seg.range})")) from None
+            except Exception as e:  # noqa: BLE001 - a stage that died while starting: one line, not a traceback
+                raise self.stage_error(e, seg, self.options.start_timeout_s, "starting") from None
         loads = [self._load(seg) for seg in remote]
         for seg, ref in zip(remote, loads):
             info = self._get(ref, seg, self.options.start_timeout_s, "loading the blocks")

@@ -1,6 +1,9 @@
 """Connection errors and multi-node placement with ray.cluster_utils.Cluster (real Ray, several nodes)."""
 
+import os
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -52,3 +55,34 @@ def test_spread_stages_land_on_different_nodes(tiny_ckpts):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+NO_TOKEN_CLUSTER = """
+import os, tempfile
+from pathlib import Path
+from ray.cluster_utils import Cluster
+import ray
+from mesh_ray.mesh import connect
+from mesh_ray.models import write_random_checkpoint
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+cluster.add_node(num_cpus=2)
+cluster.wait_for_nodes()
+try:
+    mesh = connect(cluster.address)
+    ckpt = write_random_checkpoint(Path(tempfile.mkdtemp()) / "t.safetensors", "tiny-flux1", seed=1)
+    with mesh.split(str(ckpt), stages=2, codec="raw", start_timeout_s=60) as split:
+        print("mode", os.environ.get("RAY_AUTH_MODE"), "stages", len(split.stage_info()))
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+def test_a_cluster_without_token_auth_is_joined_without_presenting_the_token(tmp_path):
+    # This machine has a token (RAY_AUTH_TOKEN) but the cluster was started without token auth:
+    # the driver must not switch itself to token mode, or its actors never start there.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    env.update(RAY_AUTH_TOKEN="f" * 32, HOME=str(tmp_path), MESH_RAY_CACHE_DIR=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, "-c", NO_TOKEN_CLUSTER], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "mode None stages 2" in out.stdout
