@@ -64,8 +64,12 @@ class _Host:
         return self.actor
 
     def close(self) -> None:
-        if self.actor is not None and ray.is_initialized():
-            ray.kill(self.actor)
+        """Kill the host if it still belongs to the running Ray (a test may have restarted Ray since)."""
+        if self.actor is not None and ray.is_initialized() and ray.get_runtime_context().gcs_address == self.cluster:
+            try:
+                ray.kill(self.actor)
+            except ray.exceptions.ActorHandleNotFoundError:  # its session ended: the actor went with it
+                pass
         self.actor = None
 
 
