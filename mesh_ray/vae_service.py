@@ -73,6 +73,8 @@ class _Request:
     tries: int = 0
     promise: Promise | None = None
     spent: bool = False  # died after its last try (counted as failed once)
+
+
 def _nodes_alive() -> int:
     return sum(1 for n in ray.nodes() if n.get("Alive"))
 
@@ -274,6 +276,10 @@ class VaeService:
                     continue
                 r.completed += 1
                 self._counts["completed"] += 1
+                # Done: drop the request's links to its promise and result.  The promise holds its own
+                # ref, and the request <-> promise cycle (its resubmit closure) would otherwise keep
+                # every decoded image in the object store until Python's cycle collector ran.
+                req.promise, req.result = None, None
                 if req.mode == "forget":
                     self._counts["forget_images"] += len(out)
 
