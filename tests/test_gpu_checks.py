@@ -1,8 +1,12 @@
 """What the GPU checks rely on, run on the CPU: Ray-free imports, device-drawn weights, the checks' CPU paths."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 import torch
 from rich.console import Console
@@ -14,6 +18,9 @@ from mesh_ray.models.flux import PRESETS, random_state_dict
 
 NO_RAY = """
 import sys
+from pathlib import Path
+
+import pytest
 class NoRay:
     def find_spec(self, name, path=None, target=None):
         if name == "ray" or name.startswith("ray."):
@@ -61,3 +68,28 @@ def test_doctor_prints_reasons_verbatim():
     console = Console(record=True, width=200)
     console.print(doctor_table([BackendStatus("x265", False, "PyAV missing: pip install 'mesh-ray[video]'")]))
     assert "mesh-ray[video]" in console.export_text()
+
+
+def test_gpu_fault_check_runs_on_cpu(tmp_path):
+    # The script behind issue 10's GPU check, as a dry run: kill a stage mid-generation, same image.
+    env = {**os.environ, "MESH_RAY_CACHE_DIR": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-m", "mesh_ray.bench.gpu_fault_check", "--out", str(tmp_path), "--double", "1",
+                          "--single", "2", "--steps", "3", "--size", "32"], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["identical"] is True and r["restarts"] == 1 and r["retries"] >= 1
+
+
+@pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="COMFYUI_PATH is not set (CI sets it to ../shared/comfyui)")
+def test_gpu_comfy_check_runs_on_cpu(tmp_path):
+    # The script behind issue 9's GPU check, as a dry run in the real ComfyUI on the CPU.
+    comfy = Path(os.environ["COMFYUI_PATH"]).resolve()
+    stubs = comfy.parent / "comfyui-stubs"
+    env = {**os.environ, "MESH_RAY_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(stubs),
+           "PYTHONPYCACHEPREFIX": str(tmp_path / "pycache")}
+    out = subprocess.run([sys.executable, "-m", "comfy_integration.gpu_check", "--comfy", str(comfy), "--out",
+                          str(tmp_path), "--small", "--cpu", "--remote", "3", "--latent", "8"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["max_abs_diff"] < 1e-4 and r["split_loaded_bytes"] < r["unsplit_loaded_bytes"]
