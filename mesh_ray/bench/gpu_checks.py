@@ -128,7 +128,6 @@ def check_split(preset: str = "flux1-dev", device: str = "cuda", side: int = 64,
         out["hop_bytes"] = sum(t.numel() * t.element_size() for t in mid.tensors())
         out["hop_ms"] = _wall_ms(lambda: hop(mid), 10)
         out["ratio_split_over_local"] = out["step_ms_split"] / out["step_ms_local_wall"]
-    del model
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return out
