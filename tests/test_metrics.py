@@ -13,6 +13,7 @@ from mesh_ray import metrics
 from mesh_ray.metrics import METRICS, read_metrics, total
 from mesh_ray.models.vae import write_random_vae
 from mesh_ray.vae_service import VaeService
+from mesh_ray.workflow import TESTING_NODES
 from mesh_ray.workflow.scheduler import Scheduler
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
@@ -48,7 +49,7 @@ def test_vae_retries_restarts_and_queue_depth_reach_prometheus(ray_local, tmp_pa
     s = Scheduler(max_parallel=1, measure_store=False)
     try:
         graph = {"s": {"class_type": "Sleep", "inputs": {"seconds": 30, "value": "q"}}}
-        runs = [s.submit(graph, "m") for _ in range(3)]  # one runs, two wait in the queue
+        runs = [s.submit(graph, "m", node_modules=[TESTING_NODES]) for _ in range(3)]  # one runs, two wait
         while s.status(runs[0]) != "running":
             time.sleep(0.05)
         decodes = "ray_mesh_ray_vae_decode_ms_count"

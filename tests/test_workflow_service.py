@@ -10,15 +10,16 @@ import time
 
 import pytest
 
-from mesh_ray.errors import ClusterError
-from mesh_ray.workflow import WorkflowError, Workflows
+from mesh_ray.errors import ClusterError, ConfigError
+from mesh_ray.workflow import TESTING_NODES, Graph, WorkflowError, Workflows, validate_graph
 from mesh_ray.workflow.scheduler import Scheduler
 from mesh_ray.workflow.service import find_service, serve, stop_service
 
 
-def _sleep_graph(seconds: float, tag: str) -> dict:
-    return {"s": {"class_type": "Sleep", "inputs": {"seconds": seconds, "value": tag}},
-            "c": {"class_type": "Checksum", "inputs": {"data": ["s", 0]}}}
+def _sleep_graph(seconds: float, tag: str) -> Graph:
+    """Sleep, then a digest: testing node types, so the Graph names their module."""
+    return validate_graph({"s": {"class_type": "Sleep", "inputs": {"seconds": seconds, "value": tag}},
+                           "c": {"class_type": "Checksum", "inputs": {"data": ["s", 0]}}}, modules=[TESTING_NODES])
 
 
 def _started(s: Scheduler, run_id: str) -> float:
@@ -77,14 +78,14 @@ def test_progress_events_embedded(ray_local):
 
 CLIENT = textwrap.dedent("""
     import json, sys, ray
-    from mesh_ray.workflow import Workflows
+    from mesh_ray.workflow import TESTING_NODES, Workflows
     address, tag = sys.argv[1], sys.argv[2]
     ray.init(address=address, namespace="mesh-ray", log_to_driver=False, configure_logging=False)
     wf = Workflows.connect(address, service=True, client_id=tag)
     graph = {"s": {"class_type": "Sleep", "inputs": {"seconds": 1.0, "value": tag}},
              "c": {"class_type": "Checksum", "inputs": {"data": ["s", 0]}}}
     events = []
-    result = wf.run(graph, release_level=2, on_event=events.append, timeout_s=120)
+    result = wf.run(graph, release_level=2, on_event=events.append, timeout_s=120, node_modules=[TESTING_NODES])
     print(json.dumps({"status": result.status, "run_id": result.run_id, "digest": result.outputs["c"],
                       "kinds": sorted({e["type"] for e in events})}))
 """)
@@ -114,6 +115,18 @@ def test_two_client_processes_through_service(ray_local, tmp_path):
         while run.status() != "running" and time.monotonic() < deadline:
             time.sleep(0.05)
         assert run.cancel() and run.result(timeout=30).status == "cancelled"
+        assert info["node_module_prefixes"] == ["mesh_ray."]  # the allow-list of the process that started it
+        bare = {"s": {"class_type": "Sleep", "inputs": {"seconds": 0.1, "value": "m"}}}  # a dict: no modules
+        with pytest.raises(ConfigError) as e:  # the service validates: this client sends JSON and names only
+            here.submit(bare)
+        assert str(e.value) == (f"node 's' has unknown class_type 'Sleep': it is a node type of module {TESTING_NODES}, "
+                                f"which this run does not load: pass --nodes {TESTING_NODES} "
+                                f"(node_modules=[{TESTING_NODES!r}] in Python)")
+        with pytest.raises(ConfigError, match="^node module 'json' is not allowed \\(allowed: mesh_ray.\\): "):
+            here.submit(bare, node_modules=["json"])
+        assert here.run(bare, node_modules=[TESTING_NODES], timeout_s=120).status == "finished"
+        with pytest.raises(ConfigError, match="unknown class_type 'Sleep'"):  # named by runs before, still not built in
+            here.submit(bare)
     finally:
         assert stop_service()
     assert find_service() is None
@@ -121,16 +134,16 @@ def test_two_client_processes_through_service(ray_local, tmp_path):
 
 LEAVING_CLIENT = textwrap.dedent("""
     import json, sys, time, ray
-    from mesh_ray.workflow import Workflows
+    from mesh_ray.workflow import TESTING_NODES, Workflows
     address = sys.argv[1]
     ray.init(address=address, namespace="mesh-ray", log_to_driver=False, configure_logging=False)
     wf = Workflows.connect(address, service=True, client_id="leaver")
     held = {"a": {"class_type": "AllocateMemory", "inputs": {"bytes": 40_000_000, "seed": 3}},
             "c": {"class_type": "Checksum", "inputs": {"data": ["a", 0]}}}
-    wf.run(held, release_level=0, timeout_s=120)  # level 0: the service keeps the 40 MB for this client
+    wf.run(held, release_level=0, timeout_s=120, node_modules=[TESTING_NODES])  # level 0: the service keeps 40 MB
     sleep = {"s": {"class_type": "Sleep", "inputs": {"seconds": 120, "value": "x"}},
              "c": {"class_type": "Checksum", "inputs": {"data": ["s", 0]}}}
-    runs = [wf.submit(sleep).run_id, wf.submit(sleep).run_id]
+    runs = [wf.submit(sleep, node_modules=[TESTING_NODES]).run_id for _ in range(2)]
     print(json.dumps(runs), flush=True)
     time.sleep(600)
 """)
@@ -184,7 +197,7 @@ def test_client_that_disconnects_has_its_runs_cancelled_and_cache_freed(ray_loca
         assert stop_service()
 
 
-def test_service_restarted_under_a_client(ray_local):
+def test_service_restarted_under_a_client(ray_local, monkeypatch):
     from mesh_ray.bench.faults import kill_service
 
     serve(max_parallel=1)
@@ -192,11 +205,15 @@ def test_service_restarted_under_a_client(ray_local):
         wf = Workflows.connect(service=True, client_id="dave")
         lost = wf.submit(_sleep_graph(60, "lost"))
         kill_service()  # as a crash would: no shutdown
-        serve(max_parallel=1)  # a new service under the same name
+        monkeypatch.setenv("MESH_RAY_NODE_MODULE_PREFIXES", "mesh_ray.,json")  # the operator widens the allow-list
+        assert serve(max_parallel=1)["node_module_prefixes"] == ["mesh_ray.", "json"]  # a new service, same name
         with pytest.raises(WorkflowError, match="lost when the workflow service restarted"):
             lost.status()
         again = wf.submit(_sleep_graph(0.2, "again"))  # the client attached to the new service
         assert again.result(timeout=120).status == "finished"
+        monkeypatch.delenv("MESH_RAY_NODE_MODULE_PREFIXES")  # the client's own setting does not matter
+        with pytest.raises(ConfigError, match="^node module 'json' defines no node types"):  # allowed, imported
+            wf.submit({"1": {"class_type": "SaveImage", "inputs": {"images": 1}}}, node_modules=["json"])
         kill_service()
         with pytest.raises(ClusterError, match="none runs now") as e:
             again.status()

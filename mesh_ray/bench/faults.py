@@ -28,7 +28,9 @@ import ray
 import torch
 
 from mesh_ray.bench import text_table
+from mesh_ray.workflow.graph import Graph, validate_graph
 from mesh_ray.workflow.memory import store_bytes_used
+from mesh_ray.workflow.modules import TESTING_NODES
 
 STAGE_OPTS = dict(stages=2, codec="raw", dtype="float32", torch_threads=1, start_timeout_s=60, step_timeout_s=120)
 
@@ -136,12 +138,12 @@ def _vae_kill(vae_path: str, out_dir: Path, n: int) -> dict:
 
 LEAVER = textwrap.dedent("""
     import json, sys, time, ray
-    from mesh_ray.workflow import Workflows
+    from mesh_ray.workflow import TESTING_NODES, Workflows
     ray.init(address=sys.argv[1], namespace="mesh-ray", log_to_driver=False, configure_logging=False)
     wf = Workflows.connect(sys.argv[1], service=True, client_id="leaver")
     g = {"s": {"class_type": "Sleep", "inputs": {"seconds": 300, "value": "x"}},
          "c": {"class_type": "Checksum", "inputs": {"data": ["s", 0]}}}
-    print(json.dumps([wf.submit(g).run_id, wf.submit(g).run_id]), flush=True)
+    print(json.dumps([wf.submit(g, node_modules=[TESTING_NODES]).run_id for _ in range(2)]), flush=True)
     time.sleep(900)
 """)
 
@@ -159,9 +161,10 @@ def kill_service(timeout_s: float = 60.0) -> None:
         time.sleep(0.1)
 
 
-def _graph(tag: str, seconds: float = 0.2) -> dict:
-    return {"s": {"class_type": "Sleep", "inputs": {"seconds": seconds, "value": tag}},
-            "c": {"class_type": "Checksum", "inputs": {"data": ["s", 0]}}}
+def _graph(tag: str, seconds: float = 0.2) -> Graph:
+    """Sleep, then a digest: testing node types (the graph names their module)."""
+    return validate_graph({"s": {"class_type": "Sleep", "inputs": {"seconds": seconds, "value": tag}},
+                           "c": {"class_type": "Checksum", "inputs": {"data": ["s", 0]}}}, modules=[TESTING_NODES])
 
 
 def _client_disconnect(address: str, tmp: Path) -> dict:

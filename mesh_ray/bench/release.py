@@ -16,6 +16,7 @@ from mesh_ray.bench import text_table
 from mesh_ray.bench.goals import RELEASE as G
 from mesh_ray.workflow.graph import validate_graph
 from mesh_ray.workflow.memory import fmt_bytes, min_live_bytes, store_bytes_used
+from mesh_ray.workflow.modules import TESTING_NODES
 
 # Ray frees released objects in batches, once a second by default; a short period makes the sampled
 # store peak follow the releases (only takes effect when this process starts Ray).
@@ -33,7 +34,8 @@ def _settle(floor: int | None, timeout_s: float = 5.0) -> None:
 
 
 def scenario(loader_bytes: int = 96_000_000, heavy_bytes: int = 192_000_000) -> dict:
-    """The benchmark graph in API format (also in examples/release_scenario.json with the defaults)."""
+    """The benchmark graph in API format (also in examples/release_scenario.json with the defaults); its node
+    types are the testing ones (``node_modules=[TESTING_NODES]``)."""
     return {
         "1": {"class_type": "AllocateMemory", "inputs": {"bytes": loader_bytes, "seed": 1}},
         "2": {"class_type": "AllocateMemory", "inputs": {"bytes": loader_bytes, "seed": 2}},
@@ -52,7 +54,7 @@ def run_release_bench(loader_bytes: int = 96_000_000, heavy_bytes: int = 192_000
     os.environ.setdefault(FREE_PERIOD_ENV, "20")
     connect_ray(address)
     floor = store_bytes_used()
-    graph = validate_graph(scenario(loader_bytes, heavy_bytes))
+    graph = validate_graph(scenario(loader_bytes, heavy_bytes), modules=[TESTING_NODES])
     levels: dict[str, dict] = {}
     sizes: dict[str, list[int]] = {}
     for level in (0, 1, 2):

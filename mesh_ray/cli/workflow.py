@@ -75,17 +75,23 @@ def run_cmd(graph: str = typer.Argument(..., help="Workflow graph in ComfyUI API
             service: Optional[bool] = typer.Option(None, "--service/--no-service",
                                                    help="Use the `mesh-ray serve` service (default: when it runs)."),
             timeout: float = typer.Option(3600.0, min=1, help="Seconds the run may take."),
+            nodes: Optional[list[str]] = typer.Option(
+                None, "--nodes", metavar="MODULE",
+                help="A module of extra node types to import where the graph runs (repeatable), e.g. "
+                     "mesh_ray.workflow.testing_nodes; allowed: modules under MESH_RAY_NODE_MODULE_PREFIXES "
+                     "(default mesh_ray.)."),
             as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object (last line).")) -> None:
     """Run a workflow graph on the cluster (or embedded) with a progress display."""
-    from mesh_ray.workflow.graph import load_graph
+    from mesh_ray.workflow.graph import read_graph
     from mesh_ray.workflow.service import Workflows
 
     def body() -> Any:
-        g = load_graph(graph)
+        data = read_graph(graph)
         wf = Workflows.connect(address, service=service)
         try:
-            with _Display(len(g.nodes), enabled=not as_json) as display:
-                result = wf.run(g, release_level, timeout_s=timeout, on_event=display, check=False)
+            with _Display(len(data) if isinstance(data, dict) else 0, enabled=not as_json) as display:
+                result = wf.run(data, release_level, timeout_s=timeout, on_event=display, check=False,
+                                node_modules=nodes)
         finally:
             wf.close()
         return result.raise_for_status()

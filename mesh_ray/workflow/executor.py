@@ -98,13 +98,15 @@ class Executor:
 
     def run(self, graph: Graph | dict, release_level: int = 0, *, run_id: str | None = None,
             on_event: Callable[[dict], None] | None = None, cancel: threading.Event | None = None,
-            timeout_s: float = 3600.0, base_dir: str | None = None, outputs: list[str] | None = None) -> RunResult:
-        """Run ``graph`` to the end and return its RunResult (a failed node gives status 'failed',
-        never a half-finished run: nodes still running are cancelled)."""
+            timeout_s: float = 3600.0, base_dir: str | None = None, outputs: list[str] | None = None,
+            node_modules: list[str] | None = None) -> RunResult:
+        """Run ``graph`` (with the types of ``node_modules``, see ``workflow.modules``) to the end and return
+        its RunResult (a failed node gives status 'failed', never a half-finished run: nodes still running
+        are cancelled)."""
         if release_level not in LEVELS:
             raise WorkflowError(f"release_level={release_level!r} is invalid: use 0 (keep all), 1 (drop unreferenced) "
                                 f"or 2 (drop after the last consumer)")
-        g = validate_graph(graph)
+        g = validate_graph(graph, modules=node_modules or ())
         with self._lock:  # one run at a time per executor: the cache is not shared between concurrent runs
             return _Run(self, g, release_level, run_id or uuid.uuid4().hex[:12], on_event, cancel or threading.Event(),
                         timeout_s, base_dir or os.getcwd(), set(outputs or ())).execute()
@@ -148,7 +150,7 @@ class _Run:
     def __init__(self, ex: Executor, graph: Graph, level: int, run_id: str, on_event: Callable | None,
                  cancel: threading.Event, timeout_s: float, base_dir: str, want: set[str]):
         self.ex, self.level, self.run_id = ex, level, run_id
-        self.g = Graph(dict(graph.nodes), dict(graph.types), list(graph.order))
+        self.g = Graph(dict(graph.nodes), dict(graph.types), list(graph.order), graph.modules)
         self.on_event, self.cancel, self.timeout_s, self.base_dir, self.want = on_event, cancel, timeout_s, base_dir, want
         self.status = {nid: "waiting" for nid in self.g.nodes}
         self.refs: dict[str, list] = {}

@@ -1,5 +1,6 @@
 """ComfyUI API-format graphs ``{id: {"class_type": ..., "inputs": {name: value | [node_id, k]}}}``,
-validated before anything runs: every problem is one line naming the node and the fix."""
+validated before anything runs: every problem is one line naming the node and the fix.  A graph
+sees the built-in node types and those of the node modules named with it (``modules``)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import os
 from dataclasses import dataclass, field
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mesh_ray.errors import ConfigError, validation_line
-from mesh_ray.workflow.registry import NodeType, get_node_type, node_types
+from mesh_ray.workflow.modules import import_node_modules, module_hint
+from mesh_ray.workflow.registry import NodeType, types_in
 
 Link = tuple[str, int]
 
@@ -36,11 +39,12 @@ def is_link(value: Any) -> bool:
 
 @dataclass
 class Graph:
-    """A validated graph: node specs, their types, and a topological order."""
+    """A validated graph: node specs, their types, a topological order and the node modules it names."""
 
     nodes: dict[str, NodeSpec]
     types: dict[str, NodeType]
     order: list[str] = field(default_factory=list)
+    modules: tuple[str, ...] = ()
 
     def links(self, nid: str) -> dict[str, Link]:
         """Inputs of ``nid`` that come from another node's output."""
@@ -112,34 +116,40 @@ def _topo_order(nodes: dict[str, NodeSpec], fixed: set[str]) -> list[str]:
                           f"output): remove one of these links") from None
 
 
-def validate_graph(data: Any, existing: Graph | None = None) -> Graph:
-    """Check a graph (or an expansion's new nodes, linking into ``existing``) and return it as a Graph."""
+def validate_graph(data: Any, existing: Graph | None = None, modules: Iterable[str] | str = (),
+                   prefixes: Iterable[str] | None = None) -> Graph:
+    """Check a graph against the built-in node types and those of the node ``modules`` (imported here
+    when the allow-list, ``prefixes`` or this process's setting, lets them) and return it as a Graph.
+    An expansion's new nodes link into ``existing`` and see its modules.  A Graph is returned as it is."""
     if isinstance(data, Graph):
         return data
     if not isinstance(data, dict) or not data:
         raise ConfigError("a workflow graph must be a non-empty JSON object {node_id: {\"class_type\": ..., "
                           "\"inputs\": {...}}} (ComfyUI's API format: 'Save (API)')")
+    named = existing.modules if existing is not None else import_node_modules(modules, prefixes)
+    visible = types_in(named)
     specs = {str(nid): _parse_node(str(nid), raw) for nid, raw in data.items()}
     types: dict[str, NodeType] = {}
     for nid, spec in specs.items():
         if existing is not None and nid in existing.nodes:
             raise ConfigError(f"expansion node {nid!r} reuses an id of the running graph: give it a new id")
-        nt = get_node_type(spec.class_type)
+        nt = visible.get(spec.class_type)
         if nt is None:
-            names = sorted(node_types())
+            names = sorted(visible)
             raise ConfigError(f"node {nid!r} has unknown class_type {spec.class_type!r}: "
-                              f"{_closest(spec.class_type, names)}known types: {', '.join(names)}")
+                              + (module_hint(spec.class_type)
+                                 or f"{_closest(spec.class_type, names)}known types: {', '.join(names)}"))
         types[nid] = nt
     known = {**(existing.nodes if existing else {}), **specs}
     known_types = {**(existing.types if existing else {}), **types}
     for nid, spec in specs.items():
         _check_inputs(nid, spec, types[nid], known, known_types)
     order = _topo_order(specs, set(existing.nodes) if existing else set())
-    return Graph(specs, types, order)
+    return Graph(specs, types, order, named)
 
 
-def load_graph(path: str | os.PathLike) -> Graph:
-    """Read and validate a graph from a JSON file (ComfyUI 'Save (API)' format)."""
+def read_graph(path: str | os.PathLike) -> dict:
+    """A graph file's JSON (ComfyUI 'Save (API)' format, or a ``{"prompt": ...}`` body), not yet validated."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"graph file {p} not found: check the path")
@@ -152,4 +162,9 @@ def load_graph(path: str | os.PathLike) -> Graph:
         raise ConfigError(f"graph file {p} is not valid JSON ({e.msg} at line {e.lineno}): fix its syntax") from None
     if isinstance(data, dict) and "prompt" in data and isinstance(data["prompt"], dict):
         data = data["prompt"]  # ComfyUI's /prompt request body
-    return validate_graph(data)
+    return data
+
+
+def load_graph(path: str | os.PathLike, modules: Iterable[str] | str = (), prefixes: Iterable[str] | None = None) -> Graph:
+    """Read and validate a graph from a JSON file (ComfyUI 'Save (API)' format) with node ``modules``."""
+    return validate_graph(read_graph(path), modules=modules, prefixes=prefixes)

@@ -4,6 +4,9 @@ The function's parameters are the node's inputs (no default = required).  Three 
 reserved and injected by the executor, never taken from the graph: ``progress`` (a callable
 ``progress(step, total)`` that emits a progress event), ``node_id`` (the node's id) and ``base_dir``
 (the submitting client's working directory, against which relative paths are resolved).
+
+Every type remembers the module that defines it: a graph sees the built-ins and the types of the
+node modules it names (``mesh_ray.workflow.modules``), whatever else this process has imported.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any, Callable
 from mesh_ray.errors import ConfigError
 
 INJECTED = ("progress", "node_id", "base_dir")
+BUILTIN_MODULE = "mesh_ray.workflow.nodes"
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ class NodeType:
     cache: bool = True      # may be reused across runs at release level 0
     injected: tuple[str, ...] = ()
     doc: str = ""
+    module: str = ""        # the module that defines it (a graph sees it only when it names that module)
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -69,20 +74,12 @@ def node(name: str, outputs: tuple[str, ...] | list[str] = (), num_gpus: float =
         injected = tuple(p.name for p in params if p.name in INJECTED)
         doc = (inspect.getdoc(fn) or "").split("\n")[0]
         REGISTRY[name] = NodeType(name, fn, tuple(outputs), required, optional, float(num_cpus), float(num_gpus),
-                                  host, output, cache, injected, doc)
+                                  host, output, cache, injected, doc, fn.__module__)
         return fn
     return wrap
 
 
-def get_node_type(name: str) -> NodeType | None:
-    """The registered type ``name`` (built-ins are registered on first use), or None."""
-    from mesh_ray.workflow import nodes  # noqa: F401 - registers the built-ins
-
-    return REGISTRY.get(name)
-
-
-def node_types() -> dict[str, NodeType]:
-    """Every registered node type by name, built-ins included."""
-    from mesh_ray.workflow import nodes  # noqa: F401
-
-    return dict(REGISTRY)
+def types_in(modules: tuple[str, ...] | list[str] = ()) -> dict[str, NodeType]:
+    """The registered types a graph naming ``modules`` (already imported) sees: the built-ins and theirs."""
+    scope = {BUILTIN_MODULE, *modules}
+    return {name: nt for name, nt in REGISTRY.items() if nt.module in scope}

@@ -20,7 +20,7 @@ from mesh_ray import metrics
 from mesh_ray.errors import ConfigError
 from mesh_ray.workflow.events import TERMINAL, event
 from mesh_ray.workflow.executor import LEVELS, Executor, RunResult, WorkflowError
-from mesh_ray.workflow.graph import validate_graph
+from mesh_ray.workflow.graph import Graph, validate_graph
 
 log = logging.getLogger("mesh_ray.workflow")
 
@@ -29,7 +29,7 @@ log = logging.getLogger("mesh_ray.workflow")
 class _Rec:
     run_id: str
     client: str
-    graph: dict
+    graph: Graph
     level: int
     timeout_s: float
     base_dir: str | None
@@ -45,10 +45,13 @@ class _Rec:
 class Scheduler:
     """Queues, round-robin dispatch, events and cancel for workflow runs (thread-safe)."""
 
-    def __init__(self, sink: Any = None, max_parallel: int = 2, measure_store: bool = True) -> None:
+    def __init__(self, sink: Any = None, max_parallel: int = 2, measure_store: bool = True,
+                 node_module_prefixes: list[str] | None = None) -> None:
+        """``node_module_prefixes``: the allow-list for node modules (None: this process's setting)."""
         if max_parallel < 1:
             raise ConfigError(f"max_parallel={max_parallel} is invalid: use at least 1 concurrent run")
         self._sink, self.max_parallel, self._measure = sink, max_parallel, measure_store
+        self.node_module_prefixes = node_module_prefixes
         self._runs: dict[str, _Rec] = {}
         self._queues: dict[str, deque[str]] = {}
         self._clients: list[str] = []  # in order of first submission
@@ -64,13 +67,13 @@ class Scheduler:
 
     # -- client API -------------------------------------------------------------------------------
 
-    def submit(self, graph: dict, client_id: str = "default", release_level: int = 0, timeout_s: float = 3600.0,
-               base_dir: str | None = None, outputs: list[str] | None = None) -> str:
-        """Validate and queue a graph; returns its run id at once."""
+    def submit(self, graph: dict | Graph, client_id: str = "default", release_level: int = 0, timeout_s: float = 3600.0,
+               base_dir: str | None = None, outputs: list[str] | None = None, node_modules: list[str] | None = None) -> str:
+        """Validate (importing ``node_modules`` here) and queue a graph; returns its run id at once."""
         if release_level not in LEVELS:
             raise ConfigError(f"release_level={release_level!r} is invalid: use 0, 1 or 2")
-        g = validate_graph(graph)
-        rec = _Rec(uuid.uuid4().hex[:12], str(client_id), g.to_json(), release_level, timeout_s, base_dir, outputs)
+        g = validate_graph(graph, modules=node_modules or (), prefixes=self.node_module_prefixes)
+        rec = _Rec(uuid.uuid4().hex[:12], str(client_id), g, release_level, timeout_s, base_dir, outputs)
         with self._cv:
             if self._closed:
                 raise WorkflowError("the workflow scheduler is shut down: start it again (`mesh-ray serve`)")

@@ -30,8 +30,9 @@ from mesh_ray.errors import ClusterError, ConfigError
 from mesh_ray.rayutil import ray_get
 from mesh_ray.workflow.events import TERMINAL
 from mesh_ray.workflow.executor import Executor, RunResult, WorkflowError
-from mesh_ray.workflow.graph import Graph, load_graph, validate_graph
+from mesh_ray.workflow.graph import Graph, load_graph, read_graph, validate_graph
 from mesh_ray.workflow.leases import LEASE_CHECK_S, ClientLeases, new_lease
+from mesh_ray.workflow.modules import allowed_prefixes
 from mesh_ray.workflow.scheduler import Scheduler
 
 log = logging.getLogger("mesh_ray.workflow")
@@ -45,8 +46,9 @@ CALL_TIMEOUT_S = 60.0
 class WorkflowService:
     """The shared workflow service: a Scheduler in a detached actor; node tasks send progress to ``emit``."""
 
-    def __init__(self, max_parallel: int = 2) -> None:
-        self._s = Scheduler(sink=ray.get_runtime_context().current_actor, max_parallel=max_parallel)
+    def __init__(self, max_parallel: int = 2, node_module_prefixes: list[str] | None = None) -> None:
+        self._s = Scheduler(sink=ray.get_runtime_context().current_actor, max_parallel=max_parallel,
+                            node_module_prefixes=node_module_prefixes)
         self._started = time.time()
         self._leases = ClientLeases()
         self._dropped: list[str] = []
@@ -70,8 +72,12 @@ class WorkflowService:
         return self._actor_id()
 
     def submit(self, graph: dict, client_id: str, release_level: int, timeout_s: float, base_dir: str | None,
-               outputs: list[str] | None) -> str:
-        return self._s.submit(graph, client_id, release_level, timeout_s, base_dir, outputs)
+               outputs: list[str] | None, node_modules: list[str] | None = None) -> str:
+        """Validate here, importing the named node modules by name (this service's allow-list), and queue."""
+        if not isinstance(graph, dict) or not all(isinstance(m, str) for m in node_modules or ()):
+            raise ConfigError("the workflow service takes a graph as a JSON object and node modules as names: "
+                              "submit through Workflows.submit")
+        return self._s.submit(graph, client_id, release_level, timeout_s, base_dir, outputs, node_modules)
 
     def emit(self, run_id: str, ev: dict) -> None:
         self._s.emit(run_id, ev)
@@ -97,7 +103,8 @@ class WorkflowService:
         return {"kind": "workflow-service", "pid": os.getpid(), "uptime_s": round(time.time() - self._started, 1),
                 "runs": len(runs), "running": sum(r["state"] == "running" for r in runs),
                 "queued": sum(r["state"] == "queued" for r in runs), "clients": self._leases.clients(),
-                "caches": self._s.clients(), "dropped": list(self._dropped), "actor_id": self._actor_id()}
+                "caches": self._s.clients(), "dropped": list(self._dropped), "actor_id": self._actor_id(),
+                "node_module_prefixes": list(self._s.node_module_prefixes or ())}
 
     @staticmethod
     def _actor_id() -> str:
@@ -137,9 +144,10 @@ def find_service() -> Any:
 
 
 def serve(max_parallel: int = 2, timeout_s: float = 60.0) -> dict:
-    """Start the detached workflow service on the connected cluster (or find the running one); returns its info."""
+    """Start the detached workflow service on the connected cluster (or find the running one); returns its info.
+    A new service takes this process's node-module allow-list (``MESH_RAY_NODE_MODULE_PREFIXES``)."""
     handle = WorkflowService.options(name=SERVICE_NAME, namespace=SERVICE_NAMESPACE, lifetime="detached",
-                                     get_if_exists=True).remote(max_parallel)
+                                     get_if_exists=True).remote(max_parallel, list(allowed_prefixes()))
     return _call(handle, "info", timeout=timeout_s)
 
 
@@ -255,16 +263,24 @@ class Workflows:
         self._backend, self._service_id = handle, service_id
 
     def submit(self, graph: Graph | dict | str | os.PathLike, release_level: int = 0, timeout_s: float = 3600.0,
-               outputs: list[str] | None = None) -> RunHandle:
-        """Validate here (one-line errors before anything is sent), queue the run, return its handle."""
-        g = load_graph(graph) if isinstance(graph, (str, os.PathLike)) else validate_graph(graph)
-        run_id = self._do("submit", g.to_json(), self.client_id, release_level, timeout_s, os.getcwd(), outputs)
+               outputs: list[str] | None = None, node_modules: list[str] | None = None) -> RunHandle:
+        """Queue a run and return its handle.  The graph is validated where it runs (the service, or this
+        process when embedded), with the types of ``node_modules`` (imported there by name; a Graph adds
+        its own): a bad graph fails here in one line, before anything runs."""
+        modules = [node_modules] if isinstance(node_modules, str) else list(node_modules or ())
+        if isinstance(graph, Graph):
+            data, modules = graph.to_json(), [*graph.modules, *modules]
+        else:
+            data = read_graph(graph) if isinstance(graph, (str, os.PathLike)) else graph
+        run_id = self._do("submit", data, self.client_id, release_level, timeout_s, os.getcwd(), outputs,
+                          list(dict.fromkeys(modules)))
         return RunHandle(self, run_id)
 
     def run(self, graph: Graph | dict | str | os.PathLike, release_level: int = 0, timeout_s: float = 3600.0,
-            on_event: Callable[[dict], None] | None = None, check: bool = True) -> RunResult:
+            on_event: Callable[[dict], None] | None = None, check: bool = True,
+            node_modules: list[str] | None = None) -> RunResult:
         """Submit and wait, passing every event to ``on_event``; with ``check`` a failed run raises WorkflowError."""
-        handle = self.submit(graph, release_level, timeout_s)
+        handle = self.submit(graph, release_level, timeout_s, node_modules=node_modules)
         for ev in handle.follow(timeout=timeout_s + 60):
             if on_event is not None:
                 on_event(ev)
@@ -283,9 +299,11 @@ class Workflows:
 
 def run_graph(graph: Graph | dict | str | os.PathLike, release_level: int = 0, *, address: str | None = None,
               on_event: Callable[[dict], None] | None = None, timeout_s: float = 3600.0, check: bool = True,
-              measure_store: bool = True) -> RunResult:
-    """Run one graph embedded in this process (no service) and return its RunResult."""
-    g = load_graph(graph) if isinstance(graph, (str, os.PathLike)) else validate_graph(graph)
+              measure_store: bool = True, node_modules: list[str] | None = None) -> RunResult:
+    """Run one graph embedded in this process (no service) and return its RunResult; ``node_modules``:
+    modules of extra node types to import first (``workflow.modules``)."""
+    g = (load_graph(graph, node_modules or ()) if isinstance(graph, (str, os.PathLike))
+         else validate_graph(graph, modules=node_modules or ()))
     connect_ray(address)
     ex = Executor(measure_store=measure_store)
     try:
