@@ -82,16 +82,19 @@ def run_cmd(graph: str = typer.Argument(..., help="Workflow graph in ComfyUI API
                      "(default mesh_ray.)."),
             as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object (last line).")) -> None:
     """Run a workflow graph on the cluster (or embedded) with a progress display."""
-    from mesh_ray.workflow.graph import read_graph
+    from mesh_ray.cluster import ray_address
+    from mesh_ray.workflow.graph import read_graph, validate_graph
     from mesh_ray.workflow.service import Workflows
 
     def body() -> Any:
-        data = read_graph(graph)
+        raw = read_graph(graph)
+        here = ray_address(address) is None or service is False  # it runs in this process: check before Ray starts
+        data = validate_graph(raw, modules=nodes or ()) if here else raw
         wf = Workflows.connect(address, service=service)
         try:
-            with _Display(len(data) if isinstance(data, dict) else 0, enabled=not as_json) as display:
-                result = wf.run(data, release_level, timeout_s=timeout, on_event=display, check=False,
-                                node_modules=nodes)
+            handle = wf.submit(data, release_level, timeout_s=timeout, node_modules=nodes)  # else the service checks
+            with _Display(len(raw), enabled=not as_json) as display:
+                result = handle.wait(timeout, on_event=display, check=False)
         finally:
             wf.close()
         return result.raise_for_status()

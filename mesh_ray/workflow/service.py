@@ -199,6 +199,16 @@ class RunHandle:
                 raise WorkflowError(f"run {self.run_id} did not finish within {timeout:g} s: wait longer "
                                     f"(result(timeout=...)) or cancel it")
 
+    def wait(self, timeout: float = 3600.0, on_event: Callable[[dict], None] | None = None,
+             check: bool = True) -> RunResult:
+        """Follow the run to its end (``timeout`` s of run time), passing every event to ``on_event``; returns
+        its RunResult, and with ``check`` a failed run raises WorkflowError."""
+        for ev in self.follow(timeout=timeout + 60):
+            if on_event is not None:
+                on_event(ev)
+        result = self.result(timeout=60)
+        return result.raise_for_status() if check else result
+
     def follow(self, timeout: float = 3600.0, poll_s: float = 0.1) -> Iterator[dict]:
         """Yield events as they come until the run ends (or ``timeout`` s pass)."""
         end = time.monotonic() + timeout
@@ -280,12 +290,7 @@ class Workflows:
             on_event: Callable[[dict], None] | None = None, check: bool = True,
             node_modules: list[str] | None = None) -> RunResult:
         """Submit and wait, passing every event to ``on_event``; with ``check`` a failed run raises WorkflowError."""
-        handle = self.submit(graph, release_level, timeout_s, node_modules=node_modules)
-        for ev in handle.follow(timeout=timeout_s + 60):
-            if on_event is not None:
-                on_event(ev)
-        result = handle.result(timeout=60)
-        return result.raise_for_status() if check else result
+        return self.submit(graph, release_level, timeout_s, node_modules=node_modules).wait(timeout_s, on_event, check)
 
     def runs(self) -> list[dict]:
         """This client's runs and their states."""
