@@ -11,6 +11,7 @@ import pytest
 
 from mesh_ray.errors import ConfigError
 from mesh_ray.workflow import TESTING_NODES, load_graph, node_types, validate_graph
+from mesh_ray.workflow.modules import allowed_prefixes
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -163,6 +164,10 @@ def test_operator_setting_widens_or_narrows_the_allow_list(monkeypatch, tmp_path
         @node("MeshTestDouble", outputs=("VALUE",))
         def double(value: int) -> int:
             return 2 * value
+
+        @node("Sleep", outputs=("VALUE",))  # the name of a testing node: each module is its own namespace
+        def no_sleep(seconds: float) -> float:
+            return seconds
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     graph = {"1": {"class_type": "MeshTestDouble", "inputs": {"value": 2}}}
@@ -171,6 +176,15 @@ def test_operator_setting_widens_or_narrows_the_allow_list(monkeypatch, tmp_path
     g = validate_graph(graph, modules=["meshtest_nodes_pkg.extra"])
     assert g.types["1"].module == "meshtest_nodes_pkg.extra"
     assert "unknown class_type 'MeshTestDouble'" in _err(graph)  # imported, but this graph does not name it
+    sleep = {"1": {"class_type": "Sleep", "inputs": {"seconds": 1}}}
+    assert validate_graph(sleep, modules=["meshtest_nodes_pkg.extra"]).types["1"].module == "meshtest_nodes_pkg.extra"
+    assert validate_graph(sleep, modules=TESTING).types["1"].module == TESTING_NODES
+    assert _err(sleep, ["meshtest_nodes_pkg.extra", *TESTING]) == (
+        f"node type 'Sleep' is defined in both meshtest_nodes_pkg.extra and {TESTING_NODES}: name only one of these modules")
+    monkeypatch.setenv("MESH_RAY_NODE_MODULE_PREFIXES", '["mesh_ray", "meshtest_nodes_pkg"]')  # a JSON list works too
+    assert allowed_prefixes() == ("mesh_ray", "meshtest_nodes_pkg")
+    monkeypatch.setenv("MESH_RAY_NODE_MODULE_PREFIXES", "")  # empty: no node module at all
+    assert "is not allowed (allowed: none)" in _err(sleep, TESTING)
     monkeypatch.setenv("MESH_RAY_NODE_MODULE_PREFIXES", "meshtest_nodes_pkg")  # narrowed: no testing nodes
     assert "is not allowed (allowed: meshtest_nodes_pkg)" in _err({"1": {"class_type": "Sleep", "inputs": {}}}, TESTING)
 

@@ -45,6 +45,11 @@ def _under(name: str, prefixes: Iterable[str]) -> bool:
     return any(name == p.rstrip(".") or name.startswith(p.rstrip(".") + ".") for p in prefixes if p.rstrip("."))
 
 
+def _is_module_name(name: object) -> bool:
+    """A plain dotted module name (no paths, no ``__main__``-like parts)."""
+    return isinstance(name, str) and all(p.isidentifier() and not p.startswith("__") for p in name.split("."))
+
+
 def import_node_modules(modules: Iterable[str] | str = (), prefixes: Iterable[str] | None = None) -> tuple[str, ...]:
     """Import the built-ins and each named node module after checking it against the allow-list
     (``prefixes``, default ``allowed_prefixes()``); returns the names, without repeats."""
@@ -52,8 +57,7 @@ def import_node_modules(modules: Iterable[str] | str = (), prefixes: Iterable[st
     names = [modules] if isinstance(modules, str) else list(modules or ())
     allow = tuple(prefixes) if prefixes is not None else allowed_prefixes() if names else ()
     for name in names:
-        parts = name.split(".") if isinstance(name, str) else [""]
-        if not all(p.isidentifier() and not p.startswith("__") for p in parts):
+        if not _is_module_name(name):
             raise ConfigError(f"node module {name!r} is not a module name: write a dotted name without '__' parts, "
                               f"such as {TESTING_NODES}")
         if not _under(name, allow):
@@ -66,7 +70,7 @@ def import_node_modules(modules: Iterable[str] | str = (), prefixes: Iterable[st
             why = (str(e).splitlines() or [""])[0]
             raise ConfigError(f"node module {name!r} cannot be imported ({type(e).__name__}: {why}): check the name "
                               f"and that its package is installed where the graph runs") from None
-        if not any(nt.module == name for nt in REGISTRY.values()):
+        if not REGISTRY.get(name):
             raise ConfigError(f"node module {name!r} defines no node types: name a module with @node functions")
     return tuple(dict.fromkeys(names))
 
@@ -79,11 +83,9 @@ def node_types(modules: Iterable[str] | str = (), prefixes: Iterable[str] | None
 def module_hint(class_type: str) -> str:
     """For an unknown ``class_type`` that a node module defines (the testing nodes are looked up too):
     which module to name; else ''."""
-    nt = REGISTRY.get(class_type)
-    if nt is None:
-        importlib.import_module(TESTING_NODES)  # small; its types stay invisible to graphs that do not name it
-        nt = REGISTRY.get(class_type)
-    if nt is None or nt.module == BUILTIN_MODULE:
+    importlib.import_module(TESTING_NODES)  # small; its types stay invisible to graphs that do not name it
+    found = sorted(m for m, types in REGISTRY.items() if class_type in types and m != BUILTIN_MODULE and _is_module_name(m))
+    if not found:
         return ""
-    return (f"it is a node type of module {nt.module}, which this run does not load: pass --nodes {nt.module} "
-            f"(node_modules=[{nt.module!r}] in Python)")
+    return (f"it is a node type of module {found[0]}, which this run does not load: pass --nodes {found[0]} "
+            f"(node_modules=[{found[0]!r}] in Python)")

@@ -58,22 +58,24 @@ class Expansion:
     result: list[Any] = field(default_factory=list)
 
 
-REGISTRY: dict[str, NodeType] = {}
+REGISTRY: dict[str, dict[str, NodeType]] = {}  # module -> type name -> type: each node module is its own namespace
 
 
 def node(name: str, outputs: tuple[str, ...] | list[str] = (), num_gpus: float = 0, num_cpus: float = 1,
          host: bool = False, output: bool = False, cache: bool = True) -> Callable[[Callable], Callable]:
     """Register ``fn`` as node type ``name`` with the given output names and Ray resources."""
     def wrap(fn: Callable) -> Callable:
-        if name in REGISTRY and REGISTRY[name].fn is not fn:
-            raise ConfigError(f"node type {name!r} is registered twice: give the second one another name")
+        types = REGISTRY.setdefault(fn.__module__, {})
+        if name in types and types[name].fn is not fn:
+            raise ConfigError(f"node type {name!r} is registered twice in {fn.__module__}: give the second one "
+                              f"another name")
         sig = inspect.signature(fn)
         params = [p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
         required = tuple(p.name for p in params if p.default is p.empty and p.name not in INJECTED)
         optional = tuple(p.name for p in params if p.default is not p.empty and p.name not in INJECTED)
         injected = tuple(p.name for p in params if p.name in INJECTED)
         doc = (inspect.getdoc(fn) or "").split("\n")[0]
-        REGISTRY[name] = NodeType(name, fn, tuple(outputs), required, optional, float(num_cpus), float(num_gpus),
+        types[name] = NodeType(name, fn, tuple(outputs), required, optional, float(num_cpus), float(num_gpus),
                                   host, output, cache, injected, doc, fn.__module__)
         return fn
     return wrap
@@ -81,5 +83,11 @@ def node(name: str, outputs: tuple[str, ...] | list[str] = (), num_gpus: float =
 
 def types_in(modules: tuple[str, ...] | list[str] = ()) -> dict[str, NodeType]:
     """The registered types a graph naming ``modules`` (already imported) sees: the built-ins and theirs."""
-    scope = {BUILTIN_MODULE, *modules}
-    return {name: nt for name, nt in REGISTRY.items() if nt.module in scope}
+    seen: dict[str, NodeType] = {}
+    for module in (BUILTIN_MODULE, *modules):
+        for name, nt in REGISTRY.get(module, {}).items():
+            if name in seen and seen[name] is not nt:
+                raise ConfigError(f"node type {name!r} is defined in both {seen[name].module} and {module}: "
+                                  f"name only one of these modules")
+            seen[name] = nt
+    return seen
