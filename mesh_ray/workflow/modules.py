@@ -84,7 +84,8 @@ def module_hint(class_type: str) -> str:
     """For an unknown ``class_type`` that a node module defines (the testing nodes are looked up too):
     which module to name; else ''."""
     importlib.import_module(TESTING_NODES)  # small; its types stay invisible to graphs that do not name it
-    found = sorted(m for m, types in REGISTRY.items() if class_type in types and m != BUILTIN_MODULE and _is_module_name(m))
+    found = sorted(m for m, types in REGISTRY.items()
+                   if class_type in types and m != BUILTIN_MODULE and _is_module_name(m))
     if not found:
         return ""
     return (f"it is a node type of module {found[0]}, which this run does not load: pass --nodes {found[0]} "
