@@ -186,11 +186,11 @@ class StageClass:
             cond = state.cond if front else cond
             state, hops = unpack_state(state, self.device, self.dtype)
             state = with_cached_text(state, txt)
+        here = move_cond(cond, self.device, self.dtype)
         with self.offload.forward_pass() if self.offload else contextlib.nullcontext():
-            state = self.model.run_blocks(state, move_cond(cond, self.device, self.dtype), pe, self.range.start,
-                                          self.range.stop)
+            state = self.model.run_blocks(state, here, pe, self.range.start, self.range.stop)
         if front and self.init.final:
-            result = pack_state(BlockState(self.model.finish(state, cond), None, 0), finish_plan(out), None, hops)
+            result = pack_state(BlockState(self.model.finish(state, here), None, 0), finish_plan(out), None, hops)
         else:
             result = pack_state(state, out, gen.grid, hops)
             result.cond = move_cond(cond, torch.device("cpu")) if front else None
