@@ -1,6 +1,7 @@
 """Pipelined sampling on real Ray: generate_many equals per-image generate bit for bit, overlaps images
 across stages, bounds the images in flight, reports progress and order, and cancels."""
 
+import re
 import threading
 
 import pytest
@@ -107,7 +108,7 @@ def test_bench_pipeline_cli_reports_every_figure():
     assert [h["blocks"] for h in slow["hand_plans"]] == ["0-1 | 2-3"] and res["slow_planner_over_even_split"] > 0
     assert "planner / best hand plan" in out.stdout and "one stage 2x slower" in out.stdout
     # Progress on stderr: one numbered line per measurement, the last one numbered as the total.
-    lines = [l for l in out.stderr.splitlines() if l.startswith("[")]
+    lines = [l for l in out.stderr.splitlines() if re.match(r"\[\d+/\d+\] ", l)]
     total = int(lines[-1].split("]")[0].split("/")[1])
     assert len(lines) == total and lines[-1].startswith(f"[{total}/{total}]") and res["wall_s"] > 0
 

@@ -46,7 +46,7 @@ class BenchProgress:
         self._bar.advance(self._task)
         if not self._bar.disable:
             self._bar.console.print(f"[{self.count}/{self.total}] {self._what}: {figure} "
-                                    f"(t={time.perf_counter() - self.t0:.0f}s)", markup=False, highlight=False)
+                                    f"(t={time.perf_counter() - self.t0:.0f}s)", markup=False, highlight=False, soft_wrap=True)
 
 
 __all__ = ["BenchProgress"]
