@@ -21,7 +21,7 @@ import torch
 from ray.exceptions import GetTimeoutError
 
 from mesh_ray.actors.device import DTYPES, dtype_name, narrower, pick_device
-from mesh_ray.actors.front import FrontInput, check_front
+from mesh_ray.actors.front import FrontInput, check_front, front_input
 from mesh_ray.actors.records import GenConsts, Hop, LinkPlan
 from mesh_ray.actors.shards import default_cache_dir, send_shard
 from mesh_ray.actors.stage import GENERATIONS_KEPT, StageActor, StageInit, move_cond
@@ -347,7 +347,7 @@ class SplitModel:
 
         g = self._remember(key, make)
         if self.front_on_stage:
-            return g, FrontInput(*(a.cpu() if a is not None else None for a in (img, *args[4:7])))
+            return g, front_input(img, *args[4:7], first.in_plan)
         state = BlockState(self.model.img_in(img), g.txt[:, :0] if cache_txt else g.txt, txt.shape[1])
         return g, state
 

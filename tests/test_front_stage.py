@@ -26,7 +26,11 @@ def test_front_on_stage_equals_front_in_caller_bit_for_bit(mesh, tiny_ckpts, arc
         assert not any(p.is_meta for p in caller.model.final_layer.parameters())
         args = inputs(staged.config)
         out, stats = staged.finish_step(staged.submit_step(*args))
-        assert torch.equal(out, caller(*args)) and stats.hops == 2  # stage0->stage1, stage1->caller
+        assert torch.equal(out, caller(*args))
+        # caller->stage0 carries the step inputs (latent tokens, timestep, y, guidance), not an activation.
+        assert [h.link for h in stats.transfers] == ["caller->stage0", "stage0->stage1", "stage1->caller"]
+        img, _, _, _, t, y, g = args
+        assert stats.transfers[0].raw_bytes == sum(x.numel() * 4 for x in (img, t, y, g) if x is not None)
         reqs = []
         for i in range(3):
             txt, y = random_conditioning(staged.config, batch=1, txt_len=8, seed=40 + i)

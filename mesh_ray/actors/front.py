@@ -10,12 +10,12 @@ front, so raw fp32 results are bit for bit the same.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from mesh_ray.actors.records import LinkPlan
+from mesh_ray.actors.records import Hop, LinkPlan
 from mesh_ray.codec import CodecSpec
 from mesh_ray.errors import ConfigError
 from mesh_ray.models.flux import BlockCond, BlockState, Flux
@@ -31,6 +31,16 @@ class FrontInput:
     timesteps: torch.Tensor
     y: torch.Tensor | None
     guidance: torch.Tensor | None
+    hops: list[Hop] = field(default_factory=list)  # the caller -> first stage transfer, for StepStats
+
+
+def front_input(img: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None, guidance: torch.Tensor | None,
+                link: LinkPlan | None) -> FrontInput:
+    """The step inputs on the host, with the raw hop they make on ``link`` (the caller's link into stage 0)."""
+    ts = [None if t is None else t.cpu() for t in (img, timesteps, y, guidance)]
+    size = sum(t.numel() * t.element_size() for t in ts if t is not None)
+    hop = Hop(size, size, 0.0, 0.0, link=link.name if link else "", mode="raw", dtype=str(ts[0].dtype).removeprefix("torch."))
+    return FrontInput(*ts, hops=[hop])
 
 
 def front_modules(model: Flux) -> list[nn.Module]:
@@ -72,4 +82,4 @@ def check_front(front: str, local: list[int], patches: bool = False) -> bool:
     return True
 
 
-__all__ = ["FrontInput", "check_front", "embed_input", "finish_plan", "front_keys", "front_modules"]
+__all__ = ["FrontInput", "check_front", "front_input", "embed_input", "finish_plan", "front_keys", "front_modules"]

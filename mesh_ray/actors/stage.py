@@ -180,8 +180,7 @@ class StageClass:
         pe, txt = self._constants(gen)
         front = cond is None
         if isinstance(state, FrontInput):
-            state, cond = embed_input(self.model, state, txt, self.device, self.dtype)
-            hops = []
+            state, cond, hops = *embed_input(self.model, state, txt, self.device, self.dtype), list(state.hops)
         else:
             cond = state.cond if front else cond
             state, hops = unpack_state(state, self.device, self.dtype)
