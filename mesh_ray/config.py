@@ -154,6 +154,9 @@ class SplitOptions(BaseModel):
     max_restarts (int, 2): times Ray starts a dead stage actor again (it reloads its shard);
     max_step_retries (int, 2): times a step whose stage died is sent again after the stage is back
     (see docs/faults.md).
+    front ("caller" | "stage" | "auto", "auto"): where the embedders and the final layer run:
+    in the calling process, or on the first and last stages (the caller then holds no weights;
+    every block range must be on a stage); "auto" = the plan's choice with ``plan=``, else caller.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -170,6 +173,7 @@ class SplitOptions(BaseModel):
     offload: OffloadSpec | None = None
     max_restarts: int = Field(default=2, ge=0)
     max_step_retries: int = Field(default=2, ge=0)
+    front: Literal["caller", "stage", "auto"] = "auto"
 
     @field_validator("codec", mode="before")
     @classmethod

@@ -1,7 +1,9 @@
 """Stage planner: contiguous block ranges over mismatched devices so the slowest pipeline stage is as fast as possible.
 
 Pure arithmetic over measured (or given) costs: ``plan_for`` takes per-block times, the caller's
-front time and each device's free memory and returns a ``Plan``.  Measuring devices lives in
+front time and each device's free memory and returns a ``Plan``.  When the caller is the
+bottleneck the front (embedders, final layer) is tried on the first and last stages instead
+(``Plan.front``, ``SplitOptions.front``) and kept there when that is predicted faster.  Measuring devices lives in
 ``mesh_ray.profiling``; ``mesh_ray.planner.auto_plan`` joins the two.
 """
 
@@ -11,7 +13,7 @@ import itertools
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, Field
 
@@ -33,6 +35,7 @@ class ModelShape:
     depth: int
     num_single: int
     block_bytes: tuple[int, ...]
+    front_bytes: int = 0  # embedders + final layer: what a stage running the front holds besides its blocks
 
     @property
     def num_blocks(self) -> int:
@@ -43,7 +46,9 @@ class ModelShape:
         """Block bytes counted from the architecture (no file needed), at ``dtype_bytes`` per weight."""
         model = build(config, "meta")
         sizes = tuple(sum(p.numel() for p in model.block(b).parameters()) * dtype_bytes for b in range(config.num_blocks))
-        return cls(config.depth, config.depth_single_blocks, sizes)
+        blocks = sum(p.numel() for b in range(config.num_blocks) for p in model.block(b).parameters())
+        front = (sum(p.numel() for p in model.parameters()) - blocks) * dtype_bytes
+        return cls(config.depth, config.depth_single_blocks, sizes, front)
 
     def range(self, start: int, stop: int) -> BlockRange:
         return BlockRange(start, stop, self.depth, self.num_blocks)
@@ -56,7 +61,9 @@ class DeviceProfile(BaseModel):
     free_bytes (int | None: None = no limit); work_bytes (int, 0: activation memory a running stage
     needs beyond its weights); h2d_bytes_per_s (float | None: host-to-device copy speed; None = this
     device cannot stream weights, e.g. a CPU); stage (dict: StageSpec fields that place a stage on
-    this device, such as num_gpus, node, torch_threads).
+    this device, such as num_gpus, node, torch_threads); embed_ms / final_ms (float | None: ms of the
+    embedders / final layer on this device, for a plan with the front on the stages; None = half the
+    caller's front each).
     """
 
     name: str
@@ -66,6 +73,8 @@ class DeviceProfile(BaseModel):
     work_bytes: int = Field(default=0, ge=0)
     h2d_bytes_per_s: float | None = Field(default=None, gt=0)
     stage: dict = Field(default_factory=dict)
+    embed_ms: float | None = Field(default=None, ge=0)
+    final_ms: float | None = Field(default=None, ge=0)
 
 
 class PlanStage(BaseModel):
@@ -81,12 +90,14 @@ class PlanStage(BaseModel):
     free_bytes: int | None
     offload: bool
     stage: dict
+    front_ms: float = 0.0  # of ``ms``: the embedders (first stage) / final layer (last) with front="stage"
 
 
 class Plan(BaseModel):
     """Block ranges per device and what the pipeline is predicted to do with them."""
 
     stages: list[PlanStage]
+    front: Literal["caller", "stage"] = "caller"  # where the embedders and final layer run (SplitOptions.front)
     front_ms: float
     link_ms: float
     bottleneck: str
@@ -115,11 +126,16 @@ class Plan(BaseModel):
         """The plan for people: one line per stage, then the prediction and the bottleneck."""
         from mesh_ray.bench import text_table
 
-        lines = [text_table(["stage", "device", "blocks", "ms/step", "weights GB", "free GB", "offload"],
-                            [[i, s.device, s.blocks, f"{s.ms:.2f}", f"{s.weight_bytes / 1e9:.3f}",
-                              None if s.free_bytes is None else f"{s.free_bytes / 1e9:.2f}", "yes" if s.offload else "no"]
-                             for i, s in enumerate(self.stages)])]
-        lines.append(f"caller front (embedders + final layer): {self.front_ms:.2f} ms/step; link {self.link_ms:.2f} ms/hop")
+        lines = [text_table(["stage", "device", "blocks", "ms/step", "of it front", "weights GB", "free GB", "offload"],
+                            [[i, s.device, s.blocks, f"{s.ms:.2f}", f"{s.front_ms:.2f}" if s.front_ms else "-",
+                              f"{s.weight_bytes / 1e9:.3f}", None if s.free_bytes is None else f"{s.free_bytes / 1e9:.2f}",
+                              "yes" if s.offload else "no"] for i, s in enumerate(self.stages)])]
+        if self.front == "stage":
+            lines.append(f"front (embedders + final layer): on the stages (front='stage', their ms/step include it); "
+                         f"measured in the caller {self.front_ms:.2f} ms/step; link {self.link_ms:.2f} ms/hop")
+        else:
+            lines.append(f"front (embedders + final layer): in the caller (front='caller'), {self.front_ms:.2f} ms/step; "
+                         f"link {self.link_ms:.2f} ms/hop")
         lines.append(f"predicted: {self.predicted_images_per_s:.4g} images/s at {self.steps} steps with "
                      f"{self.in_flight} images in flight; bottleneck: {self.bottleneck} ({self.bottleneck_ms:.2f} ms/step)")
         if self.single_device_images_per_s:
@@ -145,12 +161,16 @@ def plan_for(per_block_ms: Sequence[Any], front_ms: float, mem_per_device: Seque
              shape: ModelShape | FluxConfig, *, names: Sequence[str] | None = None, link_ms: float = 0.0,
              steps: int = 20, in_flight: int | None = None, work_bytes: int | Sequence[int] = 0,
              h2d_bytes_per_s: float | Sequence[float | None] | None = None, offload_window: int = OFFLOAD_WINDOW,
-             allow_offload: bool = True, stage_fields: Sequence[dict] | None = None, dtype_bytes: int = 2) -> Plan:
+             allow_offload: bool = True, stage_fields: Sequence[dict] | None = None, dtype_bytes: int = 2,
+             front: str = "auto", stage_front_ms: Sequence[tuple[float, float] | None] | None = None) -> Plan:
     """Plan from given costs (e.g. GPUs measured elsewhere).
 
     ``per_block_ms[d]``: device d's ms per block (a number, a (double, single) pair or one per block);
     ``front_ms``: the caller's embedders + final layer per step; ``mem_per_device[d]``: free bytes
     (None = unlimited).  ``shape`` is a ``ModelShape`` or a ``FluxConfig`` (weights at ``dtype_bytes``).
+    ``front``: "caller", "stage" or "auto" (the stages when the caller is the bottleneck and that is
+    predicted faster); ``stage_front_ms[d]``: (embedders ms, final layer ms) on device d (default: half
+    of ``front_ms`` each).
     """
     if isinstance(shape, FluxConfig):
         shape = ModelShape.from_config(shape, dtype_bytes)
@@ -162,7 +182,8 @@ def plan_for(per_block_ms: Sequence[Any], front_ms: float, mem_per_device: Seque
     h2d = list(h2d_bytes_per_s) if isinstance(h2d_bytes_per_s, Sequence) else [h2d_bytes_per_s] * k
     fields = list(stage_fields) if stage_fields is not None else [{} for _ in range(k)]
     labels = list(names) if names is not None else [f"device {i}" for i in range(k)]
-    if not len(mems) == len(works) == len(h2d) == len(fields) == len(labels) == k:
+    parts = list(stage_front_ms) if stage_front_ms is not None else [None] * k
+    if not len(mems) == len(works) == len(h2d) == len(fields) == len(labels) == len(parts) == k:
         raise ConfigError(f"{k} devices have per-block times but the memory / names / stage lists differ in length: "
                           f"give one entry per device")
     devices = []
@@ -170,53 +191,67 @@ def plan_for(per_block_ms: Sequence[Any], front_ms: float, mem_per_device: Seque
         times = _per_block(per_block_ms[i], shape, i)
         devices.append((DeviceProfile(name=labels[i], double_ms=times[0] if shape.depth else times[-1],
                                       single_ms=times[-1], free_bytes=mems[i], work_bytes=works[i],
-                                      h2d_bytes_per_s=h2d[i], stage=fields[i]), times))
-    return _plan(devices, front_ms, shape, link_ms, steps, in_flight, offload_window, allow_offload)
+                                      h2d_bytes_per_s=h2d[i], stage=fields[i], embed_ms=parts[i] and parts[i][0],
+                                      final_ms=parts[i] and parts[i][1]), times))
+    return _plan(devices, front_ms, shape, link_ms, steps, in_flight, offload_window, allow_offload, front)
 
 
 def plan_profiles(devices: Sequence[DeviceProfile], front_ms: float, shape: ModelShape, *, link_ms: float = 0.0,
                   steps: int = 20, in_flight: int | None = None, offload_window: int = OFFLOAD_WINDOW,
-                  allow_offload: bool = True) -> Plan:
-    """Plan from measured ``DeviceProfile``s (double/single block times)."""
+                  allow_offload: bool = True, front: str = "auto") -> Plan:
+    """Plan from measured ``DeviceProfile``s (double/single block times); ``front`` as in ``plan_for``."""
     if not devices:
         raise ConfigError("no candidate devices given: give at least one device")
     pairs = [(d, [d.double_ms] * shape.depth + [d.single_ms] * shape.num_single) for d in devices]
-    return _plan(pairs, front_ms, shape, link_ms, steps, in_flight, offload_window, allow_offload)
+    return _plan(pairs, front_ms, shape, link_ms, steps, in_flight, offload_window, allow_offload, front)
+
+
+def _front_parts(dev: DeviceProfile, front_ms: float) -> tuple[float, float]:
+    """(embedders ms, final layer ms) on ``dev``: measured there, else half the caller's front each."""
+    half = front_ms / 2
+    return (half if dev.embed_ms is None else dev.embed_ms, half if dev.final_ms is None else dev.final_ms)
 
 
 def _stage_cost(dev: DeviceProfile, times: list[float], shape: ModelShape, j: int, i: int, link_ms: float,
-                window: int, allow_offload: bool) -> tuple[float, bool, int]:
-    """(ms per step, offloaded, bytes needed) for blocks j..i-1 on ``dev``; ms is inf when it cannot fit."""
+                window: int, allow_offload: bool, front: tuple[float, float] | None = None) -> tuple[float, bool, int, float]:
+    """(ms per step, offloaded, bytes needed, front ms of it) for blocks j..i-1 on ``dev``; ms is inf when it
+    cannot fit.  ``front`` (embed ms, final ms on ``dev``): the front runs on the stages, so the first stage
+    embeds and the last runs the final layer, each holding the front's weights too."""
+    runs_front = front is not None and (j == 0 or i == shape.num_blocks)
+    extra = (front[0] if j == 0 else 0.0) + (front[1] if i == shape.num_blocks else 0.0) if runs_front else 0.0
+    held = shape.front_bytes if runs_front else 0
     weights = sum(shape.block_bytes[j:i])
-    need = weights + dev.work_bytes
-    compute = math.fsum(times[j:i]) + link_ms
+    need = weights + held + dev.work_bytes
+    compute = math.fsum(times[j:i]) + link_ms + extra
     if dev.free_bytes is None or need <= dev.free_bytes:
-        return compute, False, need
+        return compute, False, need, extra
     if allow_offload and dev.h2d_bytes_per_s:
-        need = window * max(shape.block_bytes[j:i]) + dev.work_bytes
+        need = window * max(shape.block_bytes[j:i]) + held + dev.work_bytes
         if need <= dev.free_bytes:
             # Prefetch overlaps the copy of the next block with this block's compute.
             streamed = sum(max(t, b / dev.h2d_bytes_per_s * 1000) for t, b in zip(times[j:i], shape.block_bytes[j:i]))
-            return streamed + link_ms, True, need
-    return _INF, False, need
+            return streamed + link_ms + extra, True, need, extra
+    return _INF, False, need, extra
 
 
 def _best_ranges(order: list[tuple[DeviceProfile, list[float]]], shape: ModelShape, link_ms: float, window: int,
-                 allow_offload: bool) -> tuple[tuple[float, float, int], list[tuple[int, int, int]]]:
-    """DP over (device, first i blocks): minimise (slowest stage, total ms, stages); a device may get no blocks."""
+                 allow_offload: bool, front_ms: float | None = None) -> tuple[tuple[float, float, int], list[tuple[int, int, int]]]:
+    """DP over (device, first i blocks): minimise (slowest stage, total ms, stages); a device may get no blocks.
+    ``front_ms`` (the caller's) set: the front runs on the first and last stages."""
     n, k = shape.num_blocks, len(order)
     best: list[list[tuple]] = [[(_INF, _INF, 0)] * (n + 1) for _ in range(k + 1)]
     back: list[list[int]] = [[-1] * (n + 1) for _ in range(k + 1)]
     best[0][0] = (0.0, 0.0, 0)
     for d in range(1, k + 1):
         dev, times = order[d - 1]
+        parts = None if front_ms is None else _front_parts(dev, front_ms)
         for i in range(n + 1):
             cand, arg = best[d - 1][i], i  # device unused
             for j in range(i):
                 prev = best[d - 1][j]
                 if prev[0] == _INF:
                     continue
-                ms = _stage_cost(dev, times, shape, j, i, link_ms, window, allow_offload)[0]
+                ms = _stage_cost(dev, times, shape, j, i, link_ms, window, allow_offload, parts)[0]
                 if ms == _INF:
                     continue
                 val = (max(prev[0], ms), prev[1] + ms, prev[2] + 1)
@@ -247,8 +282,8 @@ def _orders(devices: list[tuple[DeviceProfile, list[float]]]) -> list[list[tuple
         return [devices]
     seen, out = set(), []
     for perm in itertools.permutations(range(len(devices))):
-        sig = tuple((tuple(devices[p][1]), devices[p][0].free_bytes, devices[p][0].h2d_bytes_per_s, devices[p][0].work_bytes)
-                    for p in perm)
+        sig = tuple((tuple(devices[p][1]), devices[p][0].free_bytes, devices[p][0].h2d_bytes_per_s, devices[p][0].work_bytes,
+                     devices[p][0].embed_ms, devices[p][0].final_ms) for p in perm)
         if sig not in seen:
             seen.add(sig)
             out.append([devices[p] for p in perm])
@@ -265,14 +300,41 @@ def _no_fit(devices: list[tuple[DeviceProfile, list[float]]], shape: ModelShape,
 
 
 def _plan(devices: list[tuple[DeviceProfile, list[float]]], front_ms: float, shape: ModelShape, link_ms: float,
-          steps: int, in_flight: int | None, window: int, allow_offload: bool) -> Plan:
+          steps: int, in_flight: int | None, window: int, allow_offload: bool, front: str = "auto") -> Plan:
+    """The plan with the front in the caller; when the caller is its bottleneck (or ``front="stage"``),
+    also the plan with the front on the stages, kept when it is predicted faster."""
     if steps < 1:
         raise ConfigError(f"steps must be at least 1, got {steps}")
     if front_ms < 0 or link_ms < 0:
         raise ConfigError(f"front_ms and link_ms must not be negative (got {front_ms}, {link_ms}): pass measured times")
+    if front not in ("caller", "stage", "auto"):
+        raise ConfigError(f"front={front!r} is not known: use 'caller', 'stage' or 'auto'")
+    caller = None if front == "stage" else _assemble(devices, front_ms, shape, link_ms, steps, in_flight, window,
+                                                     allow_offload, on_stage=False)
+    if caller is not None and (front == "caller" or not caller.caller_is_bottleneck):
+        return caller
+    staged = _assemble(devices, front_ms, shape, link_ms, steps, in_flight, window, allow_offload, on_stage=True)
+    if caller is None:
+        return staged
+    moved = staged.predicted_images_per_s > caller.predicted_images_per_s
+    vs = (f"predicted {staged.predicted_images_per_s:.4g} images/s with the front on the stages against "
+          f"{caller.predicted_images_per_s:.4g} with it in the caller")
+    if moved:
+        staged.notes.insert(0, f"the caller was the bottleneck (its embedders and final layer take {front_ms:.2f} ms "
+                               f"per step, as long as or longer than any stage): the front runs on the first and last "
+                               f"stages instead (front='stage'): {vs}")
+        return staged
+    caller.notes.append(f"moving the front to the stages is not predicted faster: {vs}")
+    return caller
+
+
+def _assemble(devices: list[tuple[DeviceProfile, list[float]]], front_ms: float, shape: ModelShape, link_ms: float,
+              steps: int, in_flight: int | None, window: int, allow_offload: bool, on_stage: bool) -> Plan:
+    """The best ranges and their prediction, with the front in the caller or on the stages."""
+    stage_front = front_ms if on_stage else None
     found: tuple = ((_INF, _INF, 0), [], devices)
     for order in _orders(devices):
-        score, ranges = _best_ranges(order, shape, link_ms, window, allow_offload)
+        score, ranges = _best_ranges(order, shape, link_ms, window, allow_offload, stage_front)
         if _better(score, found[0]):
             found = (score, ranges, order)
     score, ranges, order = found
@@ -281,15 +343,17 @@ def _plan(devices: list[tuple[DeviceProfile, list[float]]], front_ms: float, sha
     stages = []
     for d, j, i in ranges:
         dev, times = order[d]
-        ms, off, need = _stage_cost(dev, times, shape, j, i, link_ms, window, allow_offload)
+        parts = _front_parts(dev, front_ms) if on_stage else None
+        ms, off, need, fms = _stage_cost(dev, times, shape, j, i, link_ms, window, allow_offload, parts)
         stages.append(PlanStage(device=dev.name, blocks=str(shape.range(j, i)), start=j, stop=i, ms=round(ms, 4),
                                 weight_bytes=sum(shape.block_bytes[j:i]), need_bytes=need, free_bytes=dev.free_bytes,
-                                offload=off, stage=dict(dev.stage)))
+                                offload=off, stage=dict(dev.stage), front_ms=round(fms, 4)))
     used = {order[d][0].name for d, _, _ in ranges}
     slowest = max(range(len(stages)), key=lambda s: stages[s].ms)
-    caller_bound = front_ms >= stages[slowest].ms
-    bottleneck_ms = max(front_ms, stages[slowest].ms)
-    latency = front_ms + sum(s.ms for s in stages) + link_ms  # one image's step: front, every stage, first hop
+    caller_ms = 0.0 if on_stage else front_ms  # with the front on the stages the caller only samples
+    caller_bound = caller_ms >= stages[slowest].ms
+    bottleneck_ms = max(caller_ms, stages[slowest].ms)
+    latency = caller_ms + sum(s.ms for s in stages) + link_ms  # one image's step: front, every stage, first hop
     m = in_flight or len(stages) + 1
     # Per step: M images share the pipeline, but none goes faster than the slowest stage allows.
     per_step_s = max(bottleneck_ms, latency / m) / 1000
@@ -306,8 +370,9 @@ def _plan(devices: list[tuple[DeviceProfile, list[float]]], front_ms: float, sha
     if unused:
         notes.append(f"not worth a stage: {', '.join(unused)} (adding it would not make the slowest stage faster)")
     single = _single_device(devices, shape, front_ms, steps)
-    return Plan(stages=stages, front_ms=round(front_ms, 4), link_ms=round(link_ms, 4), bottleneck=bottleneck,
-                bottleneck_ms=round(bottleneck_ms, 4), step_latency_ms=round(latency, 4), steps=steps, in_flight=m,
+    return Plan(stages=stages, front="stage" if on_stage else "caller", front_ms=round(front_ms, 4),
+                link_ms=round(link_ms, 4), bottleneck=bottleneck, bottleneck_ms=round(bottleneck_ms, 4),
+                step_latency_ms=round(latency, 4), steps=steps, in_flight=m,
                 predicted_images_per_s=1.0 / (per_step_s * steps), single_device_images_per_s=single,
                 unused_devices=unused, notes=notes)
 
@@ -325,9 +390,11 @@ def _single_device(devices: list[tuple[DeviceProfile, list[float]]], shape: Mode
 
 def auto_plan(checkpoint: str, stages: int | None = None, threads: list[int] | None = None, *, width: int = 1024,
               height: int = 1024, txt_tokens: int = 512, steps: int = 20, in_flight: int | None = None,
-              dtype: str = "auto", repeats: int = 3, allow_offload: bool = True, timeout_s: float = 600) -> Plan:
+              dtype: str = "auto", repeats: int = 3, allow_offload: bool = True, timeout_s: float = 600,
+              front: str = "auto") -> Plan:
     """Measure the candidate devices (every GPU of the cluster, or ``stages`` CPU stages with ``threads``
-    torch threads each) and the caller's front at ``width`` x ``height``, then plan."""
+    torch threads each; blocks and the front's parts) and the caller's front at ``width`` x ``height``,
+    then plan (``front`` as in ``plan_for``)."""
     import ray
 
     from mesh_ray.cluster import cluster_gpus
@@ -347,7 +414,7 @@ def auto_plan(checkpoint: str, stages: int | None = None, threads: list[int] | N
     front_ms = measure_front(cfg, img_tokens, txt_tokens, dtype, repeats)
     shape = ModelShape.from_config(cfg, 2 if dtype in ("bfloat16", "float16") else 4)
     return plan_profiles(share_host_memory(profiles), front_ms, shape, link_ms=link_ms, steps=steps,
-                         in_flight=in_flight, allow_offload=allow_offload)
+                         in_flight=in_flight, allow_offload=allow_offload, front=front)
 
 
 def resolve_plan(checkpoint: str, plan: "str | Plan", stages: Any, n_blocks_remote: int | None,
@@ -360,13 +427,18 @@ def resolve_plan(checkpoint: str, plan: "str | Plan", stages: Any, n_blocks_remo
             raise ConfigError(f"plan={plan!r} is not known: use plan='auto' or a Plan from mesh_ray.auto_plan")
         if stages is not None and not isinstance(stages, int):
             raise ConfigError("plan='auto' chooses the block ranges: give stages as a number of candidates, not a list")
-        plan = auto_plan(checkpoint, stages, **(plan_options or {}))
+        popts = dict(plan_options or {})
+        if option_kwargs.get("front", "auto") != "auto":  # the split's own choice is what gets planned
+            popts.setdefault("front", option_kwargs["front"])
+        plan = auto_plan(checkpoint, stages, **popts)
     elif not isinstance(plan, Plan):
         raise ConfigError(f"plan must be 'auto' or a Plan, got {type(plan).__name__}")
     elif stages is not None:
         raise ConfigError("a Plan already fixes the stages: do not pass stages too")
     logging.getLogger("mesh_ray").info("stage plan:\n%s", plan.table())
     kwargs = dict(option_kwargs)
+    if kwargs.get("front", "auto") == "auto":
+        kwargs["front"] = plan.front
     if plan.needs_offload and kwargs.get("offload") is None:
         kwargs["offload"] = OffloadSpec()
     return plan, plan.stage_specs(), kwargs

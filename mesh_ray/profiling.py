@@ -115,16 +115,24 @@ def measure_blocks(cfg: FluxConfig, img_tokens: int, txt_tokens: int, dtype: str
             "activation_bytes": elems * torch.finfo(dt).bits // 8}
 
 
+def _front_setup(cfg: FluxConfig, img_tokens: int, txt_tokens: int, dtype: str,
+                 device: tuple[torch.device, torch.dtype] | None, driver: bool) -> tuple:
+    """A model with only its front materialised, its inputs and a last-block output to finish."""
+    device, dt = device or pick_device(dtype, driver=driver)
+    model = build(cfg, "meta", dt)
+    _materialise(model, device, dt, [])
+    args = _inputs(cfg, img_tokens, txt_tokens, device, dt)
+    out = BlockState(torch.randn(1, img_tokens + txt_tokens, cfg.hidden_size, generator=torch.Generator().manual_seed(2))
+                     .to(device, dt), None, txt_tokens)
+    return model, device, dt, args, out
+
+
 @torch.inference_mode()
 def measure_front(cfg: FluxConfig, img_tokens: int, txt_tokens: int, dtype: str = "auto", repeats: int = 3,
                   device: tuple[torch.device, torch.dtype] | None = None) -> float:
     """ms per step of the caller's part: input checks, conditioning, image embedder and final layer."""
-    device, dt = device or pick_device(dtype, driver=True)
-    model = build(cfg, "meta", dt)
-    _materialise(model, device, dt, [])
-    img, img_ids, txt, txt_ids, t, y, g = _inputs(cfg, img_tokens, txt_tokens, device, dt)
-    out = BlockState(torch.randn(1, img_tokens + txt_tokens, cfg.hidden_size, generator=torch.Generator().manual_seed(2))
-                     .to(device, dt), None, txt_tokens)
+    model, device, dt, (img, img_ids, txt, txt_ids, t, y, g), out = _front_setup(cfg, img_tokens, txt_tokens, dtype,
+                                                                                device, True)
 
     def front() -> None:
         model.check_inputs(img, img_ids, txt, txt_ids, t, y, g)
@@ -135,4 +143,16 @@ def measure_front(cfg: FluxConfig, img_tokens: int, txt_tokens: int, dtype: str 
     return _timed(front, device, repeats)
 
 
-__all__ = ["measure_blocks", "measure_front", "tokens_for"]
+@torch.inference_mode()
+def measure_front_parts(cfg: FluxConfig, img_tokens: int, txt_tokens: int, dtype: str = "auto", repeats: int = 3,
+                        device: tuple[torch.device, torch.dtype] | None = None) -> dict:
+    """On a stage's device: ms of the embedders (conditioning, image embedder) and of the final layer
+    per step, what the first and last stage add with ``SplitOptions.front="stage"``."""
+    model, device, dt, (img, _ii, _txt, _ti, t, y, g), out = _front_setup(cfg, img_tokens, txt_tokens, dtype, device,
+                                                                          False)
+    cond = model.conditioning(t, y, g, dtype=dt)
+    return {"embed_ms": _timed(lambda: (model.conditioning(t, y, g, dtype=dt), model.img_in(img)), device, repeats),
+            "final_ms": _timed(lambda: model.finish(out, cond), device, repeats)}
+
+
+__all__ = ["measure_blocks", "measure_front", "measure_front_parts", "tokens_for"]

@@ -21,6 +21,7 @@ import torch
 from ray.exceptions import GetTimeoutError
 
 from mesh_ray.actors.device import DTYPES, dtype_name, narrower, pick_device
+from mesh_ray.actors.front import FrontInput, check_front, front_input
 from mesh_ray.actors.records import GenConsts, Hop, LinkPlan
 from mesh_ray.actors.shards import default_cache_dir, send_shard
 from mesh_ray.actors.stage import GENERATIONS_KEPT, StageActor, StageInit, move_cond
@@ -137,10 +138,12 @@ class SplitModel:
         self._closed = False
         self._default_gpus = default_num_gpus()
         self.recovery = Recovery(self)  # stage restart + step retry (mesh_ray/recovery.py)
+        # front="stage": the first stage embeds, the last runs the final layer, the caller holds no weights
+        self.front_on_stage = check_front(options.front, [s.index for s in self.segments if s.spec.local])
         # The caller's part: embedders, final layer, and blocks of local segments only (none when
         # the caller has its own model and uses only block_patches(), as inside ComfyUI).
         self.model = build(self.config, "meta", self.dtype)
-        if load_local:
+        if load_local and not self.front_on_stage:
             local = [s.range for s in self.segments if s.spec.local]
             sd = load_blocks(checkpoint, local, non_block=True, dtype=self.dtype, info=info)
             self.model.load_state_dict(sd, strict=False, assign=True)
@@ -206,7 +209,8 @@ class SplitModel:
                              dtype=seg.spec.dtype or self.options.dtype or "auto", cache_dir=cache_dir,
                              torch_threads=seg.spec.torch_threads or self.options.torch_threads
                              or (torch.get_num_threads() if self.device.type == "cpu" else None),
-                             offload=self.options.offload)
+                             offload=self.options.offload, embed=self.front_on_stage and seg is remote[0],
+                             final=self.front_on_stage and seg is remote[-1])
             seg.actor = StageActor.options(**self._stage_options(seg, k)).remote(init)
         for seg in remote:
             need = {"CPU": seg.spec.num_cpus, "GPU": self._num_gpus(seg.spec)}
@@ -249,7 +253,8 @@ class SplitModel:
         if self.options.ship == "never":
             raise StageError(f"stage {seg.index} cannot read {seg.spec.checkpoint_path or self.checkpoint} on its "
                              f"node and ship='never': copy the file there, set checkpoint_path, or allow ship='auto'")
-        sd = load_blocks(self.checkpoint, [seg.range], info=self.info)
+        sd = load_blocks(self.checkpoint, [seg.range], non_block=self.front_on_stage and seg.index in (0, len(self.segments) - 1),
+                         info=self.info)
         return send_shard(seg.actor, sd, lambda ref, doing: self._get(ref, seg, 60, doing))
 
     def _get(self, ref: Any, seg: Segment | None, timeout: float, doing: str) -> Any:
@@ -300,10 +305,10 @@ class SplitModel:
                 args = [a.to(self.device) if a is not None else None for a in args]
                 args[0], args[2] = args[0].to(self.dtype), args[2].to(self.dtype)
                 self.model.check_inputs(*args)
-                cond = self.model.conditioning(args[4], args[5], args[6], dtype=self.dtype)
+                cond = None if self.front_on_stage else self.model.conditioning(args[4], args[5], args[6], dtype=self.dtype)
                 key = f"{gen_id}:{i}/{n}:{bounds[i]}-{bounds[i + 1]}" if gen_id else tensor_key(args[1], args[2], args[3])
                 gen, state = self._generation(key, args)
-                flights.append(_Flight(state=state, cond=cond, gen=gen, cond_host=_cpu_cond(cond)))
+                flights.append(_Flight(state=state, cond=cond, gen=gen, cond_host=None if cond is None else _cpu_cond(cond)))
             for f in flights:
                 self._advance(f)
         return Step(flights, t0)
@@ -312,7 +317,8 @@ class SplitModel:
         """Wait for a submitted step (every wait bounded by step_timeout_s); its output and transfers."""
         with torch.inference_mode():
             self._run(step.flights)
-            out = torch.cat([self.model.finish(f.state, f.cond) for f in step.flights], dim=0)
+            out = torch.cat([f.state.img if self.front_on_stage else self.model.finish(f.state, f.cond)
+                             for f in step.flights], dim=0)
         stats = StepStats([t for f in step.flights for t in f.transfers], (time.perf_counter() - step.t0) * 1000)
         return out, stats
 
@@ -326,19 +332,22 @@ class SplitModel:
         self._gen_refs.move_to_end(key)
         return self._gen_refs[key]
 
-    def _generation(self, key: str, args: list) -> tuple[_Generation, BlockState]:
-        """Embed one micro-batch; put pe (and unchanged text tokens) in the object store once per generation."""
+    def _generation(self, key: str, args: list) -> tuple[_Generation, BlockState | FrontInput]:
+        """Embed one micro-batch; put pe (and unchanged text tokens) in the object store once per generation.
+        With the front on the stages the text goes before its embedder and the first stage embeds."""
         img, img_ids, txt, txt_ids = args[:4]
         first = self.segments[0]
         cache_txt = not first.spec.local and first.range.start == 0
 
         def make() -> _Generation:
             pe = self.model.embed_positions(img_ids, txt_ids)
-            txt_emb = self.model.embed_text(txt)
+            txt_emb = txt if self.front_on_stage else self.model.embed_text(txt)
             consts = GenConsts(key, [ray.put(pe.cpu())], [ray.put(txt_emb.cpu())] if cache_txt else None, _grid(img_ids))
             return _Generation(consts, pe, txt_emb)
 
         g = self._remember(key, make)
+        if self.front_on_stage:
+            return g, front_input(img, *args[4:7], first.in_plan)
         state = BlockState(self.model.img_in(img), g.txt[:, :0] if cache_txt else g.txt, txt.shape[1])
         return g, state
 
@@ -396,6 +405,7 @@ class SplitModel:
     def block_patches(self) -> dict:
         """``patches_replace["dit"]`` entries that run this split's remote ranges in any forward
         that supports ComfyUI-style block replacement (ours included)."""
+        check_front(self.options.front, [], patches=True)
         patches: dict = {}
         depth = self.config.depth
         i = 0

@@ -1,6 +1,7 @@
 """Pipelined sampling on real Ray: generate_many equals per-image generate bit for bit, overlaps images
 across stages, bounds the images in flight, reports progress and order, and cancels."""
 
+import re
 import threading
 
 import pytest
@@ -100,7 +101,16 @@ def test_bench_pipeline_cli_reports_every_figure():
     assert res["planner_predicted_images_per_s"] > 0 and res["planner_measured_images_per_s"] > 0
     assert [h["blocks"] for h in res["hand_plans"]] == ["0-0 | 1-3", "0-1 | 2-3", "0-2 | 3-3"]
     assert res["even_split"] == "0-1 | 2-3" and res["planner_over_even_split"] > 0
-    assert "planner / best hand plan" in out.stdout
+    assert res["plan_front"] in ("caller", "stage") and res["planner_over_best_hand"] > 0
+    # One stage 2x slower (half the threads): the planner against the even split, measured in the same run.
+    slow = res["slow_stage"]
+    assert slow["stage_threads"] == [2, 1] and slow["even_split"] == "0-1 | 2-3"
+    assert [h["blocks"] for h in slow["hand_plans"]] == ["0-1 | 2-3"] and res["slow_planner_over_even_split"] > 0
+    assert "planner / best hand plan" in out.stdout and "one stage 2x slower" in out.stdout
+    # Progress on stderr: one numbered line per measurement, the last one numbered as the total.
+    lines = [l for l in out.stderr.splitlines() if re.match(r"\[\d+/\d+\] ", l)]
+    total = int(lines[-1].split("]")[0].split("/")[1])
+    assert len(lines) == total and lines[-1].startswith(f"[{total}/{total}]") and res["wall_s"] > 0
 
 
 def test_workflow_sample_many_equals_sample_per_image(ray_local, tmp_path):

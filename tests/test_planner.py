@@ -83,7 +83,7 @@ def test_impossible_fit_is_one_line_error():
 
 
 def test_caller_bottleneck_is_reported():
-    plan = plan_for([1.0, 1.0], 50.0, None, UNIFORM)
+    plan = plan_for([1.0, 1.0], 50.0, None, UNIFORM, front="caller")
     assert plan.caller_is_bottleneck and plan.bottleneck == "caller"
     assert any("caller is the bottleneck" in n for n in plan.notes)
     assert "bottleneck: caller" in plan.table()
@@ -91,6 +91,45 @@ def test_caller_bottleneck_is_reported():
     assert not fast.caller_is_bottleneck
     # 15 ms per stage, 31 ms one image's step: three in flight are bound by the slowest stage.
     assert fast.predicted_images_per_s == pytest.approx(1000 / (15.0 * 10))
+
+
+def test_a_slow_caller_gets_its_front_on_the_stages():
+    shape = ModelShape(depth=10, num_single=20, block_bytes=(100,) * 30, front_bytes=50)
+    kept = plan_for([1.0, 1.0], 50.0, None, shape, front="caller")
+    plan = plan_for([1.0, 1.0], 50.0, None, shape)  # front="auto": the caller (50 ms) is the bottleneck
+    assert plan.front == "stage" and not plan.caller_is_bottleneck
+    assert plan.predicted_images_per_s > kept.predicted_images_per_s
+    # The first stage embeds, the last runs the final layer (half the caller's front each, unmeasured),
+    # and the ranges balance the stages with that work on them: 25 + 15 blocks against 15 blocks + 25.
+    assert [s.front_ms for s in plan.stages] == [25.0, 25.0] and [s.ms for s in plan.stages] == [40.0, 40.0]
+    assert all(s.need_bytes == (s.stop - s.start) * 100 + 50 for s in plan.stages)  # the front's weights too
+    assert any("front='stage'" in n for n in plan.notes) and "on the stages" in plan.table()
+    covered(plan, shape)
+    # Where the devices are slow at the front itself, moving it is not faster: it stays, and the plan says why.
+    slow = plan_for([1.0, 1.0], 50.0, None, shape, stage_front_ms=[(200.0, 200.0)] * 2)
+    assert slow.front == "caller" and slow.caller_is_bottleneck
+    assert any("not predicted faster" in n for n in slow.notes)
+    # A caller that is not the bottleneck keeps its front; front="stage" forces it onto the stages.
+    assert plan_for([1.0, 1.0], 1.0, None, shape).front == "caller"
+    assert plan_for([1.0, 1.0], 1.0, None, shape, front="stage").front == "stage"
+    with pytest.raises(ConfigError, match="front='middle' is not known"):
+        plan_for([1.0], 1.0, None, shape, front="middle")
+
+
+def test_mesh_split_runs_a_plan_with_the_front_on_the_stages(mesh, tiny_ckpts):
+    from mesh_ray.sampler import generate, random_conditioning
+
+    path = str(tiny_ckpts["flux1"])
+    cfg = local_model(path).config
+    plan = plan_for([1.0, 1.0], 1e3, None, ModelShape.from_config(cfg, 4))  # a caller far slower than the blocks
+    assert plan.front == "stage"
+    staged = mesh.split(path, plan=plan, codec="raw")
+    caller = mesh.split(path, stages=[s.blocks for s in plan.stages], codec="raw")
+    assert staged.front_on_stage and not caller.front_on_stage
+    assert mesh.split(path, plan=plan, front="caller").front_on_stage is False  # the split's own choice wins
+    txt, y = random_conditioning(cfg, seed=3)
+    gen = dict(width=32, height=32, steps=2, seed=1, progress=False)
+    assert torch.equal(generate(staged, txt, y, **gen), generate(caller, txt, y, **gen))
 
 
 def test_auto_plan_measures_real_stages_and_mesh_split_uses_it(ray_local, tiny_ckpts):
@@ -105,7 +144,8 @@ def test_auto_plan_measures_real_stages_and_mesh_split_uses_it(ray_local, tiny_c
                                                                       "txt_tokens": 16, "steps": 2, "repeats": 1})
         plan = split.plan
         covered(plan, ModelShape.from_config(model.config, 4))
-        assert plan.front_ms > 0 and plan.predicted_images_per_s > 0
+        assert plan.front_ms > 0 and plan.predicted_images_per_s > 0 and plan.front in ("caller", "stage")
+        assert split.front_on_stage == (plan.front == "stage")
         assert all(s.stage["torch_threads"] == 1 for s in plan.stages) and "predicted" in plan.table()
         assert [str(s.range) for s in split.stages] == [s.blocks for s in plan.stages]
         assert torch.allclose(split(*args), ref, atol=1e-5)
@@ -131,6 +171,12 @@ def test_plan_cli_json_and_error(tiny_ckpts, tmp_path):
     plan = last_json(out)
     assert [s["blocks"] for s in plan["stages"]][0].startswith("double:0")
     assert plan["predicted_images_per_s"] > 0 and plan["bottleneck"] and plan["in_flight"] == len(plan["stages"]) + 1
+    assert plan["front"] in ("caller", "stage") and all("front_ms" in s for s in plan["stages"])
+    out = run("plan", str(tiny_ckpts["flux2"]), "--stages", "2", "--width", "64", "--height", "64",
+              "--txt-tokens", "16", "--steps", "2", "--repeats", "1", "--front", "stage", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    staged = last_json(out)
+    assert staged["front"] == "stage" and staged["stages"][0]["front_ms"] > 0 and staged["stages"][-1]["front_ms"] > 0
     out = run("plan", str(tiny_ckpts["flux2"]), "--width", "60")
     lines = [l for l in out.stderr.strip().splitlines() if l.strip() and "INFO" not in l]
     assert out.returncode == 1 and len(lines) == 1 and "multiple of 16" in lines[0]

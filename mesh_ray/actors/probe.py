@@ -12,18 +12,19 @@ from mesh_ray.cluster import node_affinity
 from mesh_ray.errors import ClusterError, ConfigError
 from mesh_ray.models.flux import FluxConfig
 from mesh_ray.planner import DeviceProfile
-from mesh_ray.profiling import measure_blocks
+from mesh_ray.profiling import measure_blocks, measure_front_parts
 
 
 class ProbeClass:
-    """A short-lived actor on one candidate device: times one block of each kind there."""
+    """A short-lived actor on one candidate device: times one block of each kind and the front's parts there."""
 
     def __init__(self, torch_threads: int | None = None):
         if torch_threads:
             torch.set_num_threads(torch_threads)
 
     def measure(self, cfg: FluxConfig, img_tokens: int, txt_tokens: int, dtype: str, repeats: int) -> dict:
-        return {**measure_blocks(cfg, img_tokens, txt_tokens, dtype, repeats), "node_ip": ray.util.get_node_ip_address()}
+        return {**measure_blocks(cfg, img_tokens, txt_tokens, dtype, repeats),
+                **measure_front_parts(cfg, img_tokens, txt_tokens, dtype, repeats), "node_ip": ray.util.get_node_ip_address()}
 
     def echo(self, x: Any) -> Any:
         return x
@@ -69,7 +70,8 @@ def profile_devices(cfg: FluxConfig, fields: list[dict], img_tokens: int, txt_to
             where = f" @ {m['node_ip']}" if f.get("node") else ""
             profiles.append(DeviceProfile(name=f"{i}: {m['device']}{where}", double_ms=m["double_ms"],
                                           single_ms=m["single_ms"], free_bytes=m["free_bytes"], work_bytes=m["work_bytes"],
-                                          h2d_bytes_per_s=m["h2d_bytes_per_s"], stage=dict(f)))
+                                          h2d_bytes_per_s=m["h2d_bytes_per_s"], stage=dict(f), embed_ms=m["embed_ms"],
+                                          final_ms=m["final_ms"]))
             if i == 0:
                 act = torch.zeros(m["activation_bytes"] // 4, dtype=torch.float32)
                 ray.get(a.echo.remote(act), timeout=timeout_s)

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from mesh_ray import metrics
 from mesh_ray.actors.device import dtype_name, pick_device
+from mesh_ray.actors.front import FrontInput, embed_input, finish_plan, front_keys, front_modules
 from mesh_ray.actors.records import GenConsts, LinkPlan
 from mesh_ray.actors.shards import ShardCache
 from mesh_ray.actors.wire import WireState, pack_state, unpack_state, with_cached_text
@@ -25,7 +26,7 @@ from mesh_ray.errors import StageError
 from mesh_ray.memory import AutoOffload, OffloadSpec
 from mesh_ray.models.blocks import BlockRange
 from mesh_ray.models.checkpoint import load_blocks, save_checkpoint
-from mesh_ray.models.flux import BlockCond, FluxConfig, build
+from mesh_ray.models.flux import BlockCond, BlockState, FluxConfig, build
 
 GENERATIONS_KEPT = 16  # per-generation constants cached per stage (LRU): images in flight at once
 
@@ -48,6 +49,8 @@ class StageInit(BaseModel):
     cache_dir: str
     torch_threads: int | None = None
     offload: OffloadSpec | None = None
+    embed: bool = False  # front on the stages (actors/front.py): this first stage runs the embedders
+    final: bool = False  # ... and this last stage runs the final layer
 
 
 def move_cond(cond: BlockCond, device: torch.device, dtype: torch.dtype | None = None) -> BlockCond:
@@ -95,7 +98,8 @@ class StageClass:
 
     def load_from_file(self) -> dict:
         """Slim-load this stage's blocks from the checkpoint path (readable on this node)."""
-        sd = load_blocks(self.init.checkpoint_path, [self.range], dtype=self.dtype, device="cpu")
+        sd = load_blocks(self.init.checkpoint_path, [self.range], non_block=self.has_front, dtype=self.dtype,
+                         device="cpu")
         self._install(sd, "file")
         return self.info()
 
@@ -103,7 +107,8 @@ class StageClass:
         return self._cache.has(digest)
 
     def load_from_cache(self, digest: str) -> dict:
-        sd = self._cache.load(digest, lambda p: load_blocks(p, [self.range], device="cpu"), f"stage {self.init.index}")
+        sd = self._cache.load(digest, lambda p: load_blocks(p, [self.range], non_block=self.has_front,
+                                                                        device="cpu"), f"stage {self.init.index}")
         self._install({k: v.to(self.dtype) for k, v in sd.items()}, "cache", digest)
         return self.info()
 
@@ -115,6 +120,7 @@ class StageClass:
 
     def _install(self, sd: dict[str, torch.Tensor], source: str, digest: str | None = None) -> None:
         expected = {k for k in self.model.state_dict() if k.startswith(tuple(self.range.keys_prefixes()))}
+        expected |= front_keys(self.model) if self.has_front else set()
         missing = sorted(expected - set(sd))
         if missing:
             raise StageError(f"stage {self.init.index} ({self.range}): checkpoint lacks {len(missing)} tensors "
@@ -125,6 +131,8 @@ class StageClass:
             raise StageError(f"stage {self.init.index} ({self.range}): tensor shapes do not match the model "
                              f"({str(e).splitlines()[-1].strip()}): the checkpoint does not match its config") from None
         spec = self.init.offload
+        for mod in front_modules(self.model) if self.has_front else []:
+            mod.to(self.device)
         if self.offload is not None:
             self.offload.detach()
             self.offload = None
@@ -138,6 +146,11 @@ class StageClass:
         self.shard_source = source
         self.shard_digest = digest
 
+    @property
+    def has_front(self) -> bool:
+        """This stage holds the embedders and final layer too (``SplitOptions.front="stage"``)."""
+        return self.init.embed or self.init.final
+
     # -- running --------------------------------------------------------------------------------
 
     def _constants(self, gen: GenConsts) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -146,6 +159,8 @@ class StageClass:
         if key not in self._consts:
             pe = ray.get(gen.pe[0], timeout=600).to(self.device)  # rotary pe stays fp32, as in the local model
             txt = ray.get(gen.txt[0], timeout=600).to(self.device, self.dtype) if gen.txt else None
+            if txt is not None and self.init.embed:  # the caller sent the text before its embedder
+                txt = self.model.embed_text(txt)
             self._consts[key] = {"pe": pe, "txt": txt}
             while len(self._consts) > GENERATIONS_KEPT:
                 self._consts.popitem(last=False)
@@ -154,19 +169,30 @@ class StageClass:
         return c["pe"], c["txt"]
 
     @torch.inference_mode()
-    def forward(self, state: WireState, cond: BlockCond, gen: GenConsts, out: LinkPlan) -> WireState:
+    def forward(self, state: WireState | FrontInput, cond: BlockCond | None, gen: GenConsts, out: LinkPlan) -> WireState:
         """Run this stage's blocks on ``state`` in this stage's dtype; the result goes on as an
-        ObjectRef, cast and coded as the caller planned the outgoing link (``out``)."""
+        ObjectRef, cast and coded as the caller planned the outgoing link (``out``).  With the front on
+        the stages ``cond`` is None: the first stage embeds a ``FrontInput`` and the conditioning
+        travels with the state; the last stage sends back the final layer's output."""
         if not self.loaded:  # e.g. just restarted by Ray: the split reloads the shard and sends the step again
             raise NotLoadedError(f"stage {self.init.index} has no weights loaded: create the split through mesh.split()")
         t0, wall0 = time.perf_counter(), time.time()
         pe, txt = self._constants(gen)
-        state, hops = unpack_state(state, self.device, self.dtype)
-        state = with_cached_text(state, txt)
+        front = cond is None
+        if isinstance(state, FrontInput):
+            state, cond, hops = *embed_input(self.model, state, txt, self.device, self.dtype), list(state.hops)
+        else:
+            cond = state.cond if front else cond
+            state, hops = unpack_state(state, self.device, self.dtype)
+            state = with_cached_text(state, txt)
+        here = move_cond(cond, self.device, self.dtype)
         with self.offload.forward_pass() if self.offload else contextlib.nullcontext():
-            state = self.model.run_blocks(state, move_cond(cond, self.device, self.dtype), pe, self.range.start,
-                                          self.range.stop)
-        result = pack_state(state, out, gen.grid, hops)
+            state = self.model.run_blocks(state, here, pe, self.range.start, self.range.stop)
+        if front and self.init.final:
+            result = pack_state(BlockState(self.model.finish(state, here), None, 0), finish_plan(out), None, hops)
+        else:
+            result = pack_state(state, out, gen.grid, hops)
+            result.cond = move_cond(cond, torch.device("cpu")) if front else None
         self.calls += 1
         self.busy_s += time.perf_counter() - t0
         metrics.stage_step(self.init.index, (time.perf_counter() - t0) * 1000)

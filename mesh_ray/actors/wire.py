@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -27,6 +28,7 @@ class WireState:
     txt: torch.Tensor | bytes | None
     txt_len: int
     hops: list[Hop] = field(default_factory=list)
+    cond: Any = None  # the step's BlockCond (on the host) when the front runs on the stages
 
 
 def _nbytes(t: torch.Tensor | None) -> int:

@@ -3,7 +3,9 @@
 On a CPU machine every stage and the single process get ``threads`` torch threads each (a "device"
 each); the caller also runs with that many.  Reports the throughput ratio per M, the bubble
 fraction (idle share of the stages while images were in flight), the planner's prediction against
-the measured rate, and the planner's plan against every hand plan of K=2.
+the measured rate and its plan against the hand plans of K=2, and with one stage made 2x slower
+(it gets half the threads of the others) the planner's plan against the even split.  Every
+measurement prints a line on stderr as it finishes.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from mesh_ray.bench import text_table
+from mesh_ray.bench import goals, text_table
+from mesh_ray.bench.progress import BenchProgress
 from mesh_ray.bench.split import bench_config
 from mesh_ray.errors import ConfigError
 from mesh_ray.mesh import connect
@@ -23,8 +26,14 @@ from mesh_ray.models.blocks import split_evenly
 from mesh_ray.models.checkpoint import load_blocks, write_random_checkpoint
 from mesh_ray.models.flux import build
 from mesh_ray.pipeline import ImageRequest, generate_many
-from mesh_ray.planner import auto_plan
+from mesh_ray.planner import Plan, auto_plan
 from mesh_ray.sampler import generate, random_conditioning
+
+
+def images_for(m: int) -> int:
+    """Images per measurement at M in flight: enough that filling and draining the pipeline (about one
+    stage call each) stay a small share, few enough for a run of minutes: 2M up to M=4, then M+4."""
+    return max(2, min(2 * m, m + 4))
 
 
 def _requests(cfg, n: int, size: int, steps: int, txt_tokens: int) -> list[ImageRequest]:
@@ -39,9 +48,13 @@ def _busy(split) -> float:
     return sum(i["busy_s"] for i in split.stage_info() if i.get("kind") == "stage")
 
 
+def _warm(split, req: ImageRequest) -> None:
+    """One single-step image through a new split: its stages load caches before anything is timed."""
+    generate_many(split, [req.model_copy(update={"steps": 1})], max_in_flight=1, progress=False)
+
+
 def _measure(split, reqs: list[ImageRequest], in_flight: int) -> dict:
-    """images/s and bubble fraction of one generate_many run (after a one-image warm-up)."""
-    generate_many(split, reqs[:1], max_in_flight=1, progress=False)
+    """images/s and bubble fraction of one generate_many run."""
     busy0 = _busy(split)
     res = generate_many(split, reqs, max_in_flight=in_flight, progress=False)
     busy = _busy(split) - busy0
@@ -58,96 +71,175 @@ def _single(local, reqs: list[ImageRequest]) -> float:
     return len(reqs) / (time.perf_counter() - t0)
 
 
-def run_pipeline_bench(quick: bool = False, stages: int = 2, in_flight: tuple[int, ...] = (1, 2, 4, 8),
-                       steps: int | None = None, size: int | None = None, txt_tokens: int | None = None,
-                       threads: int = 1, images: int | None = None, hand_plans: bool = True,
-                       rounds: int | None = None, stage_threads: tuple[int, ...] | None = None) -> dict:
-    """Side by side: one process vs ``stages`` stages at each M in ``in_flight`` (each row next to its
-    own single-process run); the planner's plan against every hand plan of two stages, interleaved.
-    ``stage_threads`` (one per stage, default ``threads`` each) makes the planner's devices unequal,
-    e.g. (2, 1) for one stage about 2x slower than the other."""
-    cfg = bench_config()
-    size = size or (256 if quick else 1024)
-    steps = steps or (2 if quick else 3)
-    txt_tokens = txt_tokens or (64 if quick else 512)
-    rounds = rounds or (1 if quick else 2)
-    per_stage = list(stage_threads or [threads] * stages)
-    if len(per_stage) != stages:
-        raise ConfigError(f"{len(per_stage)} stage thread counts for {stages} stages: give one per stage")
-    torch.set_num_threads(threads)
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="mesh-ray-bench-") as tmp:
-        ckpt = str(write_random_checkpoint(Path(tmp) / "bench.safetensors", cfg, seed=0))
-        mesh = connect(num_cpus=4 * stages + 4)  # logical CPUs: several splits stay alive side by side
-        local = build(cfg, "meta")
-        local.load_state_dict(load_blocks(ckpt, ["all"], non_block=True), assign=True)
-        single_reqs = _requests(cfg, images or 4, size, steps, txt_tokens)
-        generate(local, single_reqs[0].txt, single_reqs[0].y, width=size, height=size, steps=1, progress=False)
-        singles = []
-        split = mesh.split(ckpt, stages=stages, torch_threads=threads)
-        try:
-            for m in in_flight:
-                single = _single(local, single_reqs)  # measured next to the row, under the same load
-                singles.append(single)
-                got = _measure(split, _requests(cfg, images or max(2 * m, 4), size, steps, txt_tokens), m)
-                rows.append({"stages": stages, "in_flight": m, "images_per_s": round(got["images_per_s"], 4),
-                             "single_images_per_s": round(single, 4),
-                             "throughput_ratio": round(got["images_per_s"] / single, 3),
-                             "bubble_fraction": round(got["bubble_fraction"], 3)})
-        finally:
-            split.close()
-        plan = auto_plan(ckpt, stages, per_stage, width=size, height=size, txt_tokens=txt_tokens,
-                         steps=steps, repeats=2)
-        m = plan.in_flight
-        reqs = _requests(cfg, images or max(2 * m, 4), size, steps, txt_tokens)
-        runs = {"planner": mesh.split(ckpt, plan=plan)}
-        n = cfg.num_blocks
-        even = " | ".join(f"{r.start}-{r.stop - 1}" for r in split_evenly(cfg.depth, cfg.depth_single_blocks, stages))
-        if hand_plans and stages == 2:
-            for cut in range(1, n):
-                specs = [{"blocks": f"0-{cut - 1}", "torch_threads": per_stage[0]},
-                         {"blocks": f"{cut}-{n - 1}", "torch_threads": per_stage[1]}]
-                runs[f"0-{cut - 1} | {cut}-{n - 1}"] = mesh.split(ckpt, stages=specs)
+def _hand_plans(cfg, per_stage: list[int], all_cuts: bool) -> dict[str, list[tuple[int, int, int]]]:
+    """Hand plans by name ("0-1 | 2-3") as (start, stop, threads) per stage: the even split, and with
+    ``all_cuts`` every cut of two stages."""
+    n, k = cfg.num_blocks, len(per_stage)
+    plans = [[(r.start, r.stop) for r in split_evenly(cfg.depth, cfg.depth_single_blocks, k)]]
+    if all_cuts and k == 2:
+        plans = [[(0, c), (c, n)] for c in range(1, n)]
+    return {" | ".join(f"{a}-{b - 1}" for a, b in ranges): [(a, b, t) for (a, b), t in zip(ranges, per_stage)]
+            for ranges in plans}
+
+
+def _plan_key(plan: Plan) -> list[tuple]:
+    return [(s.start, s.stop, s.stage.get("torch_threads")) for s in plan.stages]
+
+
+def _plan_section(mesh, ckpt: str, cfg, per_stage: list[int], reqs_for, size: int, steps: int, txt_tokens: int,
+                  rounds: int, all_cuts: bool, prog: BenchProgress, label: str) -> dict:
+    """The planner's plan (measured by ``auto_plan``) against hand plans, in interleaved rounds; a hand
+    plan identical to the planner's (same ranges, same threads, front in the caller) is measured once."""
+    k = len(per_stage)
+    prog.start(f"{label}: planner measures {k} candidates (threads {per_stage})")
+    plan = auto_plan(ckpt, k, per_stage, width=size, height=size, txt_tokens=txt_tokens, steps=steps, repeats=2)
+    prog.done(f"plan {[s.blocks for s in plan.stages]}, front {plan.front}, predicted "
+              f"{plan.predicted_images_per_s:.4f} images/s, bottleneck {plan.bottleneck}")
+    m = plan.in_flight
+    reqs = reqs_for(m)
+    hands = _hand_plans(cfg, per_stage, all_cuts)
+    same = next((name for name, key in hands.items() if plan.front == "caller" and key == _plan_key(plan)), None)
+    prog.grow(rounds * (len(hands) + (same is None)))
+    runs = {} if same else {"planner": mesh.split(ckpt, plan=plan)}
+    try:
+        for name, key in hands.items():
+            runs[name] = mesh.split(ckpt, stages=[{"blocks": f"{a}-{b - 1}", "torch_threads": t} for a, b, t in key])
+        for s in runs.values():
+            _warm(s, reqs[0])
         rates: dict[str, list[float]] = {k: [] for k in runs}
-        try:
-            for _ in range(rounds):  # interleaved, so that every plan sees the same machine load
-                for name, s in runs.items():
-                    rates[name].append(_measure(s, reqs, m)["images_per_s"])
-        finally:
-            for s in runs.values():
-                s.close()
-        mesh.close()
-    measured = statistics.median(rates.pop("planner"))
-    hands = [{"blocks": k, "images_per_s": round(statistics.median(v), 4)} for k, v in rates.items()]
-    best_hand = max((h["images_per_s"] for h in hands), default=None)
-    even_rate = next((h["images_per_s"] for h in hands if h["blocks"] == even), None)
-    return {"model": {"hidden": cfg.hidden_size, "blocks": cfg.num_blocks}, "size": size,
-            "image_tokens": (size // 16) ** 2, "txt_tokens": txt_tokens, "steps": steps, "threads_per_device": threads,
-            "single_images_per_s": round(statistics.median(singles), 4), "rows": rows,
-            "throughput_ratio": {str(r["in_flight"]): r["throughput_ratio"] for r in rows},
-            "bubble_fraction": {str(r["in_flight"]): r["bubble_fraction"] for r in rows},
-            "plan": [s.blocks for s in plan.stages], "plan_in_flight": m, "plan_bottleneck": plan.bottleneck,
+        for r in range(rounds):  # interleaved, so that every plan sees the same machine load
+            for name, s in runs.items():
+                shown = f"{name} (= planner)" if name == same else name
+                prog.start(f"{label}: {shown}, M={m}, {len(reqs)} images" + (f", round {r + 1}" if rounds > 1 else ""))
+                rates[name].append(_measure(s, reqs, m)["images_per_s"])
+                prog.done(f"{rates[name][-1]:.4f} images/s")
+    finally:
+        for s in runs.values():
+            s.close()
+    measured = statistics.median(rates["planner" if same is None else same])
+    hand = [{"blocks": k, "images_per_s": round(statistics.median(v), 4)} for k, v in rates.items() if k != "planner"]
+    best_hand = max(h["images_per_s"] for h in hand)
+    even = next(iter(_hand_plans(cfg, per_stage, False)))
+    even_rate = next(h["images_per_s"] for h in hand if h["blocks"] == even)
+    return {"plan": [s.blocks for s in plan.stages], "plan_front": plan.front, "plan_in_flight": m,
+            "plan_bottleneck": plan.bottleneck, "plan_same_as_hand_plan": same,
             "planner_predicted_images_per_s": round(plan.predicted_images_per_s, 4),
             "planner_measured_images_per_s": round(measured, 4),
             "planner_predicted_over_measured": round(plan.predicted_images_per_s / measured, 3),
-            "hand_plans": hands, "rounds": rounds, "stage_threads": per_stage, "even_split": even,
-            "planner_over_best_hand": round(measured / best_hand, 3) if best_hand else None,
-            "planner_over_even_split": round(measured / even_rate, 3) if even_rate else None}
+            "hand_plans": hand, "stage_threads": per_stage, "even_split": even,
+            "planner_over_best_hand": round(measured / best_hand, 3),
+            "planner_over_even_split": round(measured / even_rate, 3)}
+
+
+def run_pipeline_bench(quick: bool = False, stages: int = 2, in_flight: tuple[int, ...] = (1, 2, 4, 8),
+                       steps: int | None = None, size: int | None = None, txt_tokens: int | None = None,
+                       threads: int = 1, images: int | None = None, hand_plans: bool = True,
+                       rounds: int | None = None, stage_threads: tuple[int, ...] | None = None,
+                       slow_stage: bool = True, progress: bool = True) -> dict:
+    """Side by side: one process vs ``stages`` stages at each M in ``in_flight`` (each row next to its
+    own single-process run); the planner's plan against the hand plans of two stages (``hand_plans``:
+    every cut, else the even split), interleaved ``rounds`` times, with ``stage_threads`` per stage
+    (default ``threads`` each); with ``slow_stage`` also the planner against the even split when the
+    last stage has ``threads`` and the others twice that (one stage 2x slower).
+    Default: 768 px, 256 text tokens, 2 steps, 1 round (a few minutes on two cores)."""
+    cfg = bench_config()
+    size = size or (256 if quick else 768)
+    steps = steps or 2
+    txt_tokens = txt_tokens or (64 if quick else 256)
+    rounds = rounds or 1
+    equal = list(stage_threads or [threads] * stages)
+    slow = [2 * threads] * (stages - 1) + [threads]
+    if len(equal) != stages:
+        raise ConfigError(f"{len(equal)} stage thread counts for {stages} stages: give one per stage")
+    torch.set_num_threads(threads)
+    t_start = time.perf_counter()
+
+    def reqs_for(m: int) -> list[ImageRequest]:
+        return _requests(cfg, images or images_for(m), size, steps, txt_tokens)
+
+    rows, singles = [], []
+    with BenchProgress(2 * len(in_flight), progress, "bench pipeline") as prog, \
+            tempfile.TemporaryDirectory(prefix="mesh-ray-bench-") as tmp:
+        ckpt = str(write_random_checkpoint(Path(tmp) / "bench.safetensors", cfg, seed=0))
+        mesh = connect(num_cpus=4 * stages + 4)  # logical CPUs: several splits stay alive side by side
+        try:
+            local = build(cfg, "meta")
+            local.load_state_dict(load_blocks(ckpt, ["all"], non_block=True), assign=True)
+            single_reqs = _requests(cfg, images or 2, size, steps, txt_tokens)
+            generate(local, single_reqs[0].txt, single_reqs[0].y, width=size, height=size, steps=1, progress=False)
+            split = mesh.split(ckpt, stages=stages, torch_threads=threads)
+            try:
+                _warm(split, single_reqs[0])
+                for m in in_flight:
+                    prog.start(f"one process, {len(single_reqs)} images (next to M={m})")
+                    single = _single(local, single_reqs)  # measured next to the row, under the same load
+                    singles.append(single)
+                    prog.done(f"{single:.4f} images/s")
+                    reqs = reqs_for(m)
+                    prog.start(f"K={stages} M={m}, {len(reqs)} images")
+                    got = _measure(split, reqs, m)
+                    rows.append({"stages": stages, "in_flight": m, "images": len(reqs),
+                                 "images_per_s": round(got["images_per_s"], 4), "single_images_per_s": round(single, 4),
+                                 "throughput_ratio": round(got["images_per_s"] / single, 3),
+                                 "bubble_fraction": round(got["bubble_fraction"], 3)})
+                    prog.done(f"{got['images_per_s']:.4f} images/s, ratio {rows[-1]['throughput_ratio']:.3f}, "
+                              f"bubble {rows[-1]['bubble_fraction']:.3f}")
+            finally:
+                split.close()
+            prog.grow(1)
+            planner = _plan_section(mesh, ckpt, cfg, equal, reqs_for, size, steps, txt_tokens, rounds, hand_plans,
+                                    prog, "planner")
+            slowed = None
+            if slow_stage and stages >= 2:
+                prog.grow(1)
+                slowed = _plan_section(mesh, ckpt, cfg, slow, reqs_for, size, steps, txt_tokens, rounds, False,
+                                       prog, "one stage 2x slower")
+        finally:
+            mesh.close()
+    by_m = {str(r["in_flight"]): r for r in rows}
+    return {"model": {"hidden": cfg.hidden_size, "blocks": cfg.num_blocks}, "size": size,
+            "image_tokens": (size // 16) ** 2, "txt_tokens": txt_tokens, "steps": steps, "threads_per_device": threads,
+            "single_images_per_s": round(statistics.median(singles), 4), "rows": rows,
+            "throughput_ratio": {k: r["throughput_ratio"] for k, r in by_m.items()},
+            "bubble_fraction": {k: r["bubble_fraction"] for k, r in by_m.items()},
+            **planner, "rounds": rounds, "slow_stage": slowed,
+            "slow_planner_over_even_split": slowed["planner_over_even_split"] if slowed else None,
+            "goals": goals.PIPELINE, "wall_s": round(time.perf_counter() - t_start, 1)}
+
+
+def _plan_lines(sec: dict, rounds: int, title: str) -> list[str]:
+    lines = [f"{title} (stage threads {sec['stage_threads']}): plan {sec['plan']}, front {sec['plan_front']}, "
+             f"M={sec['plan_in_flight']}: predicted {sec['planner_predicted_images_per_s']:.4f}, measured "
+             f"{sec['planner_measured_images_per_s']:.4f} images/s (bottleneck {sec['plan_bottleneck']})"]
+    for h in sec["hand_plans"]:
+        same = " (the planner's plan)" if h["blocks"] == sec["plan_same_as_hand_plan"] else ""
+        lines.append(f"  hand plan {h['blocks']}: {h['images_per_s']:.4f} images/s{same} (median of {rounds} rounds)")
+    lines.append(f"  planner / best hand plan: {sec['planner_over_best_hand']:.3f}; planner / even split "
+                 f"({sec['even_split']}): {sec['planner_over_even_split']:.3f}")
+    return lines
 
 
 def format_table(result: dict) -> str:
-    """The side-by-side table for people."""
+    """The side-by-side table for people, and each goal met or not."""
+    g = result["goals"]
     lines = [f"one process ({result['threads_per_device']} thread): {result['single_images_per_s']:.4f} images/s "
              f"({result['size']}px, {result['steps']} steps, {result['model']['blocks']} blocks of {result['model']['hidden']})",
-             text_table(["stages", "in flight", "images/s", "single", "ratio", "bubble"],
-                        [[r["stages"], r["in_flight"], f"{r['images_per_s']:.4f}", f"{r['single_images_per_s']:.4f}",
-                          f"{r['throughput_ratio']:.3f}", f"{r['bubble_fraction']:.3f}"] for r in result["rows"]])]
-    lines.append(f"planner: {result['plan']} at M={result['plan_in_flight']}: predicted "
-                 f"{result['planner_predicted_images_per_s']:.4f}, measured {result['planner_measured_images_per_s']:.4f} "
-                 f"images/s (bottleneck {result['plan_bottleneck']})")
-    for h in result["hand_plans"]:
-        lines.append(f"hand plan {h['blocks']}: {h['images_per_s']:.4f} images/s (median of {result['rounds']} rounds)")
-    if result["planner_over_best_hand"] is not None:
-        lines.append(f"planner / best hand plan: {result['planner_over_best_hand']:.3f}; planner / even split "
-                     f"({result['even_split']}): {result['planner_over_even_split']:.3f} (stage threads {result['stage_threads']})")
+             text_table(["stages", "in flight", "images", "images/s", "single", "ratio", "bubble"],
+                        [[r["stages"], r["in_flight"], r["images"], f"{r['images_per_s']:.4f}",
+                          f"{r['single_images_per_s']:.4f}", f"{r['throughput_ratio']:.3f}",
+                          f"{r['bubble_fraction']:.3f}"] for r in result["rows"]])]
+    lines += _plan_lines(result, result["rounds"], "planner")
+    if result["slow_stage"]:
+        lines += _plan_lines(result["slow_stage"], result["rounds"], "one stage 2x slower")
+    big = [r["throughput_ratio"] for r in result["rows"] if r["stages"] == 2 and r["in_flight"] >= 4]
+
+    def verdict(ok: bool | None) -> str:
+        return "not measured" if ok is None else ("met" if ok else "NOT met")
+
+    lines.append(f"goals: K=2, M>=4 ratio >= {g['throughput_ratio_k2_m4']}: "
+                 f"{verdict(min(big) >= g['throughput_ratio_k2_m4'] if big else None)}; planner / best hand plan >= "
+                 f"{g['planner_over_best_hand']}: {verdict(result['planner_over_best_hand'] >= g['planner_over_best_hand'])}; "
+                 f"one stage 2x slower, planner / even split >= {g['slow_planner_over_even_split']}: "
+                 f"{verdict(None if result['slow_planner_over_even_split'] is None else result['slow_planner_over_even_split'] >= g['slow_planner_over_even_split'])}")
+    lines.append(f"run took {result['wall_s']:.0f} s")
     return "\n".join(lines)

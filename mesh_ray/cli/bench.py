@@ -26,22 +26,29 @@ def bench_split(arch: Arch = typer.Option(Arch.flux1), hidden: int = typer.Optio
 
 
 @bench_app.command("pipeline")
-def bench_pipeline(quick: bool = typer.Option(False, "--quick", help="256px, 2 steps, 64 text tokens: a smoke run."),
+def bench_pipeline(quick: bool = typer.Option(False, "--quick", help="256px, 64 text tokens: a smoke run."),
                    stages: int = typer.Option(2, min=1), in_flight: str = typer.Option("1,2,4,8", help="M values."),
-                   steps: Optional[int] = typer.Option(None, min=1), size: Optional[int] = typer.Option(None, min=16),
+                   steps: Optional[int] = typer.Option(None, min=1, help="Sampler steps per image (default 2)."),
+                   size: Optional[int] = typer.Option(None, min=16, help="Image size in px (default 768)."),
+                   txt_tokens: Optional[int] = typer.Option(None, min=1, help="Text tokens (default 256)."),
                    threads: int = typer.Option(1, min=1, help="torch threads per stage and for the single process."),
-                   images: Optional[int] = typer.Option(None, min=1, help="Images per measurement (default 2*M, at least 4)."),
-                   hand_plans: bool = typer.Option(True, help="Also measure every hand plan of two stages."),
-                   rounds: Optional[int] = typer.Option(None, min=1, help="Interleaved rounds of planner vs hand plans."),
+                   images: Optional[int] = typer.Option(None, min=1, help="Images per measurement (default 2M up to "
+                                                                          "M=4, then M+4; 2 for the single process)."),
+                   hand_plans: bool = typer.Option(True, help="Measure every hand plan of two stages (else the even split only)."),
+                   rounds: Optional[int] = typer.Option(None, min=1, help="Interleaved rounds of planner vs hand plans (default 1)."),
                    stage_threads: Optional[str] = typer.Option(None, help="Threads per stage for the planner section, e.g. 2,1."),
+                   slow_stage: bool = typer.Option(True, help="Also: one stage 2x slower (half the threads), planner vs even split."),
+                   progress: bool = typer.Option(True, help="A progress bar and one line per measurement on stderr."),
                    as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")) -> None:
-    """One process vs K stages with M images in flight: throughput ratio, bubble fraction, planner predicted vs measured."""
+    """One process vs K stages with M images in flight: throughput ratio, bubble fraction, planner predicted vs measured,
+    planner vs hand plans, and with one stage 2x slower planner vs even split (a few minutes by default)."""
     from mesh_ray.bench.pipeline import format_table, run_pipeline_bench
 
     def body() -> dict:
         ms = int_list(in_flight, "--in-flight", "1,2,4,8")
         per = int_list(stage_threads or None, "--stage-threads", "2,1")
-        return run_pipeline_bench(quick, stages, ms, steps, size, None, threads, images, hand_plans, rounds, per)
+        return run_pipeline_bench(quick, stages, ms, steps, size, txt_tokens, threads, images, hand_plans, rounds, per,
+                                  slow_stage, progress)
 
     result = guard(body)
     emit_report(result, as_json, format_table)

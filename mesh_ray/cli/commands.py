@@ -64,6 +64,8 @@ def plan_cmd(checkpoint: str = typer.Argument(..., help="A .safetensors FLUX che
              txt_tokens: int = typer.Option(512, min=1), steps: int = typer.Option(20, min=1),
              in_flight: Optional[int] = typer.Option(None, min=1, help="Images in flight (default: stages + 1)."),
              dtype: str = typer.Option("auto"), repeats: int = typer.Option(3, min=1),
+             front: str = typer.Option("auto", help="Where the embedders and final layer run: caller, stage, or auto "
+                                                    "(the stages when the caller is the bottleneck and that is faster)."),
              address: Optional[str] = typer.Option(None, help="Ray address (default: embedded local Ray)."),
              as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")) -> None:
     """Measure the candidate devices and the caller, then print block ranges per stage, predicted images/s and the bottleneck."""
@@ -76,7 +78,7 @@ def plan_cmd(checkpoint: str = typer.Argument(..., help="A .safetensors FLUX che
         per = list(int_list(threads or None, "--threads", "2,1") or []) or None
         connect(address, num_cpus=max(len(per or []) + 1, (stages or 2) + 1, 2) if address is None else None)
         return auto_plan(checkpoint, stages, per, width=width, height=height, txt_tokens=txt_tokens, steps=steps,
-                         in_flight=in_flight, dtype=dtype, repeats=repeats)
+                         in_flight=in_flight, dtype=dtype, repeats=repeats, front=front)
 
     plan = guard(body)
     if as_json:
