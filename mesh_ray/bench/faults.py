@@ -356,7 +356,8 @@ def format_table(r: dict) -> str:
     lines.append(f"survived {r['survived']}/{r['injected']}, outputs lost {r['outputs_lost']}")
     s, p, ld = r["leaks"].get("split", {}), r["leaks"].get("promise", {}), r["load"]
     lines.append("leaks: growth from after the warm-up to the end (in brackets: over the soak's second half); "
-                 "malloc = bytes the driver's malloc hands out (RSS less what the allocator keeps free)")
+                 "malloc = change in the bytes the driver's malloc has handed out (what it holds; RSS growth "
+                 "beyond it is the allocator's free pool, thread stacks or mappings)")
     for name, soak_, unit, worker in (("generations", s, "generations", "stage_rss"),
                                       ("promise decodes", p, "decodes", "decoder_rss")):
         if not soak_:

@@ -3,8 +3,8 @@
 
 What is sampled, per point: the caller's figures (RSS of processes, the object store's used bytes)
 and, for this process, the bytes glibc's malloc has handed out and not got back (``malloc_in_use``):
-RSS minus what the allocator keeps free for reuse, so growth there is memory the program holds
-(Python objects, Ray's C++ core worker, torch's CPU tensors), growth in RSS alone is the allocator.
+growth there is memory the program holds (Python objects, Ray's C++ core worker, torch's CPU
+tensors); RSS growth beyond it is the allocator's free pool, thread stacks or mappings.
 """
 
 from __future__ import annotations
