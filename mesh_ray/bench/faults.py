@@ -2,9 +2,10 @@
 plus the leak soak and the many-client load.
 
 Per fault: injected, survived, outputs lost (goal 0) and the extra seconds the recovery cost
-(faulted run minus the same run without the fault).  Leaks: driver RSS, each stage's (and
-decoder's) RSS and the object store's used bytes after warm-up and at the end of many
-generations (and promise decodes); goal < 1 % growth.  Load: N clients through the shared service,
+(faulted run minus the same run without the fault).  Leaks (``mesh_ray/bench/soak.py``): driver
+RSS, each stage's (and decoder's) RSS and the object store's used bytes sampled through many
+generations (and promise decodes) after a warm-up: growth to the end and over the second half,
+and the driver's malloc in-use bytes; goal < 1 % growth.  Load: N clients through the shared service,
 outputs compared with each graph run alone, fairness as max/min of the clients' mean completion
 times (1.0 = perfectly even).
 """
