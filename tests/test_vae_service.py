@@ -79,6 +79,50 @@ def test_promise_save_returns_before_the_file_exists(ray_local, service, tmp_pat
         f"mesh_ray_{p.id}_00.png" for p in promises)
 
 
+@ray.remote(num_cpus=0)
+def _images_when(flag: str, timeout_s: float = 60.0):
+    """Images [1, 8, 8, 3] once ``flag`` exists (a decode that finishes when the test says so)."""
+    import os
+
+    import numpy as np
+
+    end = time.monotonic() + timeout_s
+    while not os.path.exists(flag) and time.monotonic() < end:
+        time.sleep(0.05)
+    return np.full((1, 8, 8, 3), 0.5, dtype=np.float32)
+
+
+def test_saves_reuse_writer_threads_and_never_wait_behind_a_pending_one(ray_local, tmp_path):
+    """Deferred saves run on reused writer threads (not one new thread per save: that spread the
+    decoded images over many malloc arenas), and a ready save is not held up by a pending one."""
+    import threading
+
+    flag = tmp_path / "go"
+    slow = Promise(_images_when.remote(str(flag)), timeout_s=60).save(tmp_path / "slow")
+    ready = [Promise(ray.put(torch.full((1, 8, 8, 3), 0.25).numpy()), timeout_s=60) for _ in range(8)]
+    names = []
+    for k, p in enumerate(ready):  # one after the other: each finds a writer idle
+        handle = p.save(tmp_path / f"ready{k}")
+        handle.add_done_callback(lambda _h: names.append(threading.current_thread().name))  # the writer's
+        handle.result(60)
+    assert not slow.done()  # still waiting for its images while the others were written
+    writers = {n for n in names if n.startswith("mesh-ray-save-")}
+    assert len(writers) < len(ready), names  # reused (idle writers left by earlier tests may share the work)
+    flag.touch()
+    assert [p.name for p in slow.result(60)] and list((tmp_path / "slow").glob("*.png"))
+    # a writer keeps nothing of a finished save: the promise (and its images) can go
+    import gc
+    import weakref
+
+    gone = weakref.ref(ready[0])
+    del ready, p
+    end = time.monotonic() + 10
+    while gone() is not None and time.monotonic() < end:  # the writer may still be leaving the job
+        gc.collect()
+        time.sleep(0.05)
+    assert gone() is None
+
+
 def test_forget_writes_pngs_with_metadata(ray_local, service):
     before = service.stats()
     rid = service.decode(_latent(4, 6), mode="forget", save="runs/cat", metadata={"prompt": "a cat", "seed": 7})

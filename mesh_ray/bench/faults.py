@@ -2,9 +2,10 @@
 plus the leak soak and the many-client load.
 
 Per fault: injected, survived, outputs lost (goal 0) and the extra seconds the recovery cost
-(faulted run minus the same run without the fault).  Leaks: driver RSS, each stage's (and
-decoder's) RSS and the object store's used bytes after warm-up and at the end of many
-generations (and promise decodes); goal < 1 % growth.  Load: N clients through the shared service,
+(faulted run minus the same run without the fault).  Leaks (``mesh_ray/bench/soak.py``): driver
+RSS, each stage's (and decoder's) RSS and the object store's used bytes sampled through many
+generations (and promise decodes) after a warm-up: growth to the end and over the second half,
+and the driver's malloc in-use bytes; goal < 1 % growth.  Load: N clients through the shared service,
 outputs compared with each graph run alone, fairness as max/min of the clients' mean completion
 times (1.0 = perfectly even).
 """
@@ -23,11 +24,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import psutil
 import ray
 import torch
 
 from mesh_ray.bench import text_table
+from mesh_ray.bench.soak import change, rss, soak, trend
 from mesh_ray.workflow.graph import Graph, validate_graph
 from mesh_ray.workflow.memory import store_bytes_used
 from mesh_ray.workflow.modules import TESTING_NODES
@@ -45,16 +46,6 @@ def _fault(name: str, survived: bool, lost: int, clean_s: float | None, fault_s:
     extra = None if clean_s is None or fault_s is None else round(fault_s - clean_s, 2)
     return {"fault": name, "injected": 1, "survived": bool(survived), "outputs_lost": int(lost), "extra_s": extra,
             "note": note}
-
-
-def _growth(before: float | None, after: float | None) -> float | None:
-    if not before or after is None:
-        return None
-    return round((after - before) / before * 100, 2)
-
-
-def _rss(pid: int | None = None) -> int:
-    return psutil.Process(pid or os.getpid()).memory_info().rss
 
 
 # -- faults -----------------------------------------------------------------------------------------
@@ -220,24 +211,31 @@ def _service_restart() -> dict:
 # -- leaks and load ---------------------------------------------------------------------------------
 
 
+def _leak_figures(rows: list[dict], count_key: str, count: int, warm: int, worker_key: str) -> dict:
+    """The soak's figures: the driver's and the worker's RSS trends, the driver's malloc in-use change
+    and the object store's change, all from after the warm-up to the end."""
+    driver, worker = trend(rows, "driver_rss"), trend(rows, worker_key)
+    return {count_key: count, "warmup": warm, "samples_done": [r["done"] for r in rows],
+            "driver_rss_growth_pct": driver["growth_pct"], "driver_rss_second_half_pct": driver["second_half_pct"],
+            "driver_rss_change_bytes": change(rows, "driver_rss"),
+            "driver_malloc_in_use_change_bytes": change(rows, "malloc_in_use"),
+            f"{worker_key}_growth_pct": worker["growth_pct"],
+            f"{worker_key}_second_half_pct": worker["second_half_pct"],
+            "store_growth_bytes": change(rows, "store_used"),
+            "series": {"driver_rss": driver["series"], worker_key: worker["series"],
+                       "malloc_in_use": [r["malloc_in_use"] for r in rows], "store_used": [r["store_used"] for r in rows]}}
+
+
 def _split_leaks(split, txt, y, gen: dict, generations: int) -> dict:
     from mesh_ray.sampler import generate
 
     def sample() -> dict:
-        return {"driver_rss": _rss(), "stage_rss": [i["rss_bytes"] for i in split.stage_info()],
+        return {"driver_rss": rss(), "stage_rss": [i["rss_bytes"] for i in split.stage_info()],
                 "store_used": store_bytes_used()}
 
-    warm = max(2, generations // 10)
-    for _ in range(warm):
-        generate(split, txt, y, **gen)
-    before = sample()
-    for _ in range(generations):
-        generate(split, txt, y, **gen)
-    after = sample()
-    return {"generations": generations, "after_warmup": before, "end": after,
-            "driver_rss_growth_pct": _growth(before["driver_rss"], after["driver_rss"]),
-            "stage_rss_growth_pct": [_growth(a, b) for a, b in zip(before["stage_rss"], after["stage_rss"])],
-            "store_growth_bytes": None if before["store_used"] is None else after["store_used"] - before["store_used"]}
+    warm = _warmup(generations)
+    rows = soak(lambda _k: generate(split, txt, y, **gen), generations, sample, warm)
+    return _leak_figures(rows, "generations", generations, warm, "stage_rss")
 
 
 def _promise_leaks(vae_path: str, out_dir: Path, decodes: int) -> dict:
@@ -245,22 +243,22 @@ def _promise_leaks(vae_path: str, out_dir: Path, decodes: int) -> dict:
 
     lat = torch.randn(1, 16, 32, 32, generator=torch.Generator().manual_seed(5))
     with VaeService(vae_path, replicas=1, num_cpus=0.5, torch_threads=1, output_dir=out_dir) as svc:
-        def run(n: int) -> None:
-            for k in range(n):
-                svc.decode(lat, mode="promise", save=out_dir / f"leak{k % 4}.png").saved.result(120)
+        def decode(k: int) -> None:
+            svc.decode(lat, mode="promise", save=out_dir / f"leak{k % 4}.png").saved.result(120)
 
         def sample() -> dict:
-            return {"driver_rss": _rss(), "decoder_rss": _rss(svc.replica_info()[0]["pid"]),
+            return {"driver_rss": rss(), "decoder_rss": rss(svc.replica_info()[0]["pid"]),
                     "store_used": store_bytes_used()}
 
-        run(max(2, decodes // 10))
-        before = sample()
-        run(decodes)
-        after = sample()
-    return {"decodes": decodes, "after_warmup": before, "end": after,
-            "driver_rss_growth_pct": _growth(before["driver_rss"], after["driver_rss"]),
-            "decoder_rss_growth_pct": _growth(before["decoder_rss"], after["decoder_rss"]),
-            "store_growth_bytes": None if before["store_used"] is None else after["store_used"] - before["store_used"]}
+        warm = _warmup(decodes)
+        rows = soak(decode, decodes, sample, warm)
+    return _leak_figures(rows, "decodes", decodes, warm, "decoder_rss")
+
+
+def _warmup(n: int) -> int:
+    """Runs before the soak's baseline: a quarter of the soak (the allocators' pools settle within
+    about 50 generations or decodes here), at least 2."""
+    return max(2, n // 4)
 
 
 def _load(clients: int, runs_per_client: int) -> dict:
@@ -351,16 +349,28 @@ def run_faults_bench(generations: int = 20, decodes: int = 20, clients: int = 8,
     return result
 
 
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:+.2f} MB"
+
+
 def format_table(r: dict) -> str:
     """The figures for people (the JSON has everything)."""
     lines = [text_table(["fault", "survived", "lost", "extra s", "note"],
                         [[x["fault"], x["survived"], x["outputs_lost"], x["extra_s"], x["note"]] for x in r["faults"]])]
     lines.append(f"survived {r['survived']}/{r['injected']}, outputs lost {r['outputs_lost']}")
     s, p, ld = r["leaks"].get("split", {}), r["leaks"].get("promise", {}), r["load"]
-    lines.append(f"leaks over {s.get('generations')} generations: driver RSS {s.get('driver_rss_growth_pct')} %, "
-                 f"stages {s.get('stage_rss_growth_pct')} %, store {s.get('store_growth_bytes')} B")
-    lines.append(f"leaks over {p.get('decodes')} promise decodes: driver RSS {p.get('driver_rss_growth_pct')} %, "
-                 f"decoder {p.get('decoder_rss_growth_pct')} %, store {p.get('store_growth_bytes')} B")
+    lines.append("leaks: growth from after the warm-up to the end (in brackets: over the soak's second half); "
+                 "malloc = change in the bytes the driver's malloc has handed out (what it holds; RSS growth "
+                 "beyond it is the allocator's free pool, thread stacks or mappings)")
+    for name, soak_, unit, worker in (("generations", s, "generations", "stage_rss"),
+                                      ("promise decodes", p, "decodes", "decoder_rss")):
+        if not soak_:
+            continue
+        lines.append(f"  {soak_.get(unit)} {name} after {soak_.get('warmup')} warm-up: driver RSS "
+                     f"{soak_.get('driver_rss_growth_pct')} % ({soak_.get('driver_rss_second_half_pct')} %), malloc "
+                     f"{_mb(soak_.get('driver_malloc_in_use_change_bytes'))}; {worker.split('_')[0]}s "
+                     f"{soak_.get(worker + '_growth_pct')} % ({soak_.get(worker + '_second_half_pct')} %); "
+                     f"store {soak_.get('store_growth_bytes')} B")
     lines.append(f"load: {ld.get('clients')} clients x {ld.get('runs_per_client')} runs, {ld.get('finished')} finished, "
                  f"outputs equal alone: {ld.get('outputs_equal_alone')}, fairness max/min {ld.get('fairness_max_over_min')}")
     return "\n".join(lines)
