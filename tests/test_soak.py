@@ -9,15 +9,21 @@ from mesh_ray.bench.soak import change, malloc_in_use, soak, trend
 
 
 def test_malloc_in_use_sees_memory_the_process_holds_and_gives_back():
-    base = malloc_in_use()
-    if base is None:
+    """Other threads (Ray's, when a session fixture runs in this process) allocate meanwhile, so the
+    pattern must show in one of a few tries; it never shows if the figure ignores mmapped blocks."""
+    if malloc_in_use() is None:
         pytest.skip("not glibc >= 2.33 (no mallinfo2)")
-    held = bytearray(64_000_000)  # one malloc'd block (mmapped: counted in hblkhd)
-    grown = malloc_in_use()
-    del held
-    back = malloc_in_use()
-    assert grown - base >= 64_000_000
-    assert back - base < 8_000_000
+    seen = []
+    for _ in range(5):
+        base = malloc_in_use()
+        held = bytearray(64_000_000)  # one malloc'd block (mmapped: counted in hblkhd)
+        grown = malloc_in_use()
+        del held
+        back = malloc_in_use()
+        seen.append((grown - base, back - base))
+        if grown - base >= 60_000_000 and abs(back - base) < 8_000_000:
+            return
+    pytest.fail(f"malloc in-use deltas (held, given back) per try: {seen}")
 
 
 def test_a_samplers_first_call_is_not_counted_as_growth():
