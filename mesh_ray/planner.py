@@ -109,6 +109,7 @@ class Plan(BaseModel):
     single_device_images_per_s: float | None
     unused_devices: list[str]
     notes: list[str]
+    devices: list[DeviceProfile] = Field(default_factory=list)  # the candidates as measured (or given) and planned from
 
     @property
     def caller_is_bottleneck(self) -> bool:
@@ -374,7 +375,7 @@ def _assemble(devices: list[tuple[DeviceProfile, list[float]]], front_ms: float,
                 link_ms=round(link_ms, 4), bottleneck=bottleneck, bottleneck_ms=round(bottleneck_ms, 4),
                 step_latency_ms=round(latency, 4), steps=steps, in_flight=m,
                 predicted_images_per_s=1.0 / (per_step_s * steps), single_device_images_per_s=single,
-                unused_devices=unused, notes=notes)
+                unused_devices=unused, notes=notes, devices=[d for d, _ in devices])
 
 
 def _single_device(devices: list[tuple[DeviceProfile, list[float]]], shape: ModelShape, front_ms: float,

@@ -103,9 +103,17 @@ def test_bench_pipeline_cli_reports_every_figure():
     assert res["even_split"] == "0-1 | 2-3" and res["planner_over_even_split"] > 0
     assert res["plan_front"] in ("caller", "stage") and res["planner_over_best_hand"] > 0
     # One stage 2x slower (half the threads): the planner against the even split, measured in the same run.
+    # On a deeper model of the same width (12 blocks), with the ceiling of the best cut and both speed ratios.
     slow = res["slow_stage"]
-    assert slow["stage_threads"] == [2, 1] and slow["even_split"] == "0-1 | 2-3"
-    assert [h["blocks"] for h in slow["hand_plans"]] == ["0-1 | 2-3"] and res["slow_planner_over_even_split"] > 0
+    assert slow["model"] == {"hidden": 512, "depth": 1, "single": 11, "blocks": 12} and slow["size"] == 32
+    assert slow["stage_threads"] == [2, 1] and slow["even_split"] == "0-5 | 6-11"
+    assert [h["blocks"] for h in slow["hand_plans"]] == ["0-5 | 6-11"] and res["slow_planner_over_even_split"] > 0
+    assert slow["cut_ceiling_equal_blocks"] == 1.5  # 8 | 4 blocks against 6 | 6 on 2:1 devices
+    assert slow["cut_ceiling_2to1"] >= 1 and slow["cut_ceiling_probed"] >= 1  # the even split is one of the cuts
+    assert set(slow["probe_block_ms"]) == {"2", "1"}
+    assert slow["probe_speed_ratio"] > 0 and slow["pipelined_speed_ratio"] > 0
+    assert len(slow["even_stage_ms_per_call"]) == len(slow["even_stage_ms_alone"]) == 2
+    assert "best cut / even split at most" in out.stdout and "while pipelined" in out.stdout
     assert "planner / best hand plan" in out.stdout and "one stage 2x slower" in out.stdout
     # Progress on stderr: one numbered line per measurement, the last one numbered as the total.
     lines = [l for l in out.stderr.splitlines() if re.match(r"\[\d+/\d+\] ", l)]

@@ -43,6 +43,7 @@ def test_slower_device_gets_fewer_blocks_and_the_bottleneck_is_minimal():
     plan = plan_for([1.0, 2.0], 0.0, None, UNIFORM)
     assert [s.stop - s.start for s in plan.stages] == [20, 10]
     assert plan.bottleneck_ms == 20.0
+    assert [(d.name, d.single_ms) for d in plan.devices] == [("device 0", 1.0), ("device 1", 2.0)]  # planned from
     # Brute force over every split of 12 blocks with mixed costs onto 3 devices in every order.
     shape = ModelShape(depth=4, num_single=8, block_bytes=(1,) * 12)
     speeds = [(3.0, 1.0), (5.0, 2.5), (1.5, 0.7)]
@@ -147,6 +148,8 @@ def test_auto_plan_measures_real_stages_and_mesh_split_uses_it(ray_local, tiny_c
         assert plan.front_ms > 0 and plan.predicted_images_per_s > 0 and plan.front in ("caller", "stage")
         assert split.front_on_stage == (plan.front == "stage")
         assert all(s.stage["torch_threads"] == 1 for s in plan.stages) and "predicted" in plan.table()
+        assert [d.stage["torch_threads"] for d in plan.devices] == [1, 1]  # the probed candidates, kept with the plan
+        assert all(d.double_ms > 0 and d.single_ms > 0 for d in plan.devices)
         assert [str(s.range) for s in split.stages] == [s.blocks for s in plan.stages]
         assert torch.allclose(split(*args), ref, atol=1e-5)
         # A given plan whose stage cannot hold its share turns on weight streaming for the split.
@@ -172,6 +175,7 @@ def test_plan_cli_json_and_error(tiny_ckpts, tmp_path):
     assert [s["blocks"] for s in plan["stages"]][0].startswith("double:0")
     assert plan["predicted_images_per_s"] > 0 and plan["bottleneck"] and plan["in_flight"] == len(plan["stages"]) + 1
     assert plan["front"] in ("caller", "stage") and all("front_ms" in s for s in plan["stages"])
+    assert len(plan["devices"]) == 2 and all(d["double_ms"] > 0 and d["single_ms"] > 0 for d in plan["devices"])
     out = run("plan", str(tiny_ckpts["flux2"]), "--stages", "2", "--width", "64", "--height", "64",
               "--txt-tokens", "16", "--steps", "2", "--repeats", "1", "--front", "stage", "--json")
     assert out.returncode == 0, out.stderr[-2000:]

@@ -4,12 +4,15 @@ On a CPU machine every stage and the single process get ``threads`` torch thread
 each); the caller also runs with that many.  Reports the throughput ratio per M, the bubble
 fraction (idle share of the stages while images were in flight), the planner's prediction against
 the measured rate and its plan against the hand plans of K=2, and with one stage made 2x slower
-(it gets half the threads of the others) the planner's plan against the even split.  Every
-measurement prints a line on stderr as it finishes.
+(it gets half the threads of the others) the planner's plan against the even split, on a deeper
+model of the same width (``SLOW_MODEL``) so that block granularity does not cap the gain, with the
+ceiling of that gain and the slow/fast speed ratio alone (probe) and while pipelined (busy time).
+Every measurement prints a line on stderr as it finishes.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import tempfile
 import time
@@ -26,8 +29,15 @@ from mesh_ray.models.blocks import split_evenly
 from mesh_ray.models.checkpoint import load_blocks, write_random_checkpoint
 from mesh_ray.models.flux import build
 from mesh_ray.pipeline import ImageRequest, generate_many
-from mesh_ray.planner import Plan, auto_plan
+from mesh_ray.planner import Plan, auto_plan, plan_for
 from mesh_ray.sampler import generate, random_conditioning
+
+
+# The slow-stage section's blocks: fine enough for a 2:1 cut.  With exactly 2:1 devices the best cut beats
+# the even split by at most 1.5x on equal blocks; 4 blocks cap it at 1.33x, these 12 at about 1.4x (a double
+# block costs about 1.7 single ones: the even split already puts it on the fast stage).
+SLOW_MODEL = {"depth": 1, "single": 11}
+SLOW_MAX_SIZE = 512  # px: 12 blocks at 512 px cost about what 4 blocks do at 768 px, so the run stays minutes
 
 
 def images_for(m: int) -> int:
@@ -44,8 +54,9 @@ def _requests(cfg, n: int, size: int, steps: int, txt_tokens: int) -> list[Image
     return out
 
 
-def _busy(split) -> float:
-    return sum(i["busy_s"] for i in split.stage_info() if i.get("kind") == "stage")
+def _stage_use(split) -> list[tuple[float, int]]:
+    """(busy seconds, calls) of each remote stage so far, in stage order."""
+    return [(i["busy_s"], i["calls"]) for i in split.stage_info() if i.get("kind") == "stage"]
 
 
 def _warm(split, req: ImageRequest) -> None:
@@ -55,12 +66,12 @@ def _warm(split, req: ImageRequest) -> None:
 
 def _measure(split, reqs: list[ImageRequest], in_flight: int) -> dict:
     """images/s and bubble fraction of one generate_many run."""
-    busy0 = _busy(split)
+    use0 = _stage_use(split)
     res = generate_many(split, reqs, max_in_flight=in_flight, progress=False)
-    busy = _busy(split) - busy0
-    stages = sum(1 for s in split.stages if not s.spec.local)
+    use = [(b - b0, c - c0) for (b, c), (b0, c0) in zip(_stage_use(split), use0)]
+    busy = sum(b for b, _ in use)
     return {"images_per_s": res.images_per_s, "wall_s": res.wall_s,
-            "bubble_fraction": max(0.0, 1.0 - busy / (stages * res.wall_s)), "order": res.order}
+            "bubble_fraction": max(0.0, 1.0 - busy / (len(use) * res.wall_s)), "order": res.order, "stage_use": use}
 
 
 def _single(local, reqs: list[ImageRequest]) -> float:
@@ -86,10 +97,49 @@ def _plan_key(plan: Plan) -> list[tuple]:
     return [(s.start, s.stop, s.stage.get("torch_threads")) for s in plan.stages]
 
 
+def _block_ms(dev, cfg) -> list[float]:
+    """A probed device's ms per block of ``cfg``, from its double and single block times."""
+    return [dev.double_ms] * cfg.depth + [dev.single_ms] * cfg.depth_single_blocks
+
+
+def _cut_ceiling(cfg, times: list[list[float]], even: list[tuple[int, int, int]]) -> float:
+    """Slowest stage of the even split over that of the best contiguous cut (any device order), both from
+    the per-block times of each stage's device (``times[s]`` for stage s); hops and the front left out."""
+    best = plan_for(times, 0.0, None, cfg, steps=1, front="caller").bottleneck_ms
+    return max(math.fsum(times[s][a:b]) for s, (a, b, _) in enumerate(even)) / best
+
+
+def _speed_figures(plan: Plan, cfg, even: list[tuple[int, int, int]], even_use: list[tuple[float, int]]) -> dict:
+    """How much faster the planner's best cut could be than the even split (from block counts, and from
+    the probe's per-block times with exactly 2:1 devices and with the probed ones), and the speed ratio of the slow to the fast
+    device alone (probe) against while both ran the even split (busy ms per call over the fast device's
+    probed ms of the stage's blocks, slow stage over the mean of the others)."""
+    by_threads = {d.stage.get("torch_threads"): _block_ms(d, cfg) for d in plan.devices}
+    threads = [t for _, _, t in even]
+    fast_t, slow_t = max(threads), min(threads)
+    fast = by_threads[fast_t]
+    exact = _cut_ceiling(cfg, [fast if t == fast_t else [2 * x for x in fast] for t in threads], even)
+    probed = _cut_ceiling(cfg, [by_threads[t] for t in threads], even)
+    counts = _cut_ceiling(cfg, [[1.0 if t == fast_t else 2.0] * cfg.num_blocks for t in threads], even)
+    per_unit = [busy * 1000 / max(calls, 1) / math.fsum(fast[a:b]) for (busy, calls), (a, b, _) in zip(even_use, even)]
+    slow_units = [u for u, t in zip(per_unit, threads) if t == slow_t]
+    fast_units = [u for u, t in zip(per_unit, threads) if t != slow_t]
+    alone = [math.fsum(by_threads[t][a:b]) for a, b, t in even]
+    return {"cut_ceiling_equal_blocks": round(counts, 3), "cut_ceiling_2to1": round(exact, 3),
+            "cut_ceiling_probed": round(probed, 3),
+            "probe_block_ms": {str(d.stage.get("torch_threads")): [round(d.double_ms, 2), round(d.single_ms, 2)]
+                               for d in plan.devices},
+            "probe_speed_ratio": round(math.fsum(by_threads[slow_t]) / math.fsum(fast), 3),
+            "pipelined_speed_ratio": round(statistics.mean(slow_units) / statistics.mean(fast_units), 3),
+            "even_stage_ms_per_call": [round(b * 1000 / max(c, 1), 2) for b, c in even_use],
+            "even_stage_ms_alone": [round(a, 2) for a in alone]}
+
+
 def _plan_section(mesh, ckpt: str, cfg, per_stage: list[int], reqs_for, size: int, steps: int, txt_tokens: int,
-                  rounds: int, all_cuts: bool, prog: BenchProgress, label: str) -> dict:
+                  rounds: int, all_cuts: bool, prog: BenchProgress, label: str, speeds: bool = False) -> dict:
     """The planner's plan (measured by ``auto_plan``) against hand plans, in interleaved rounds; a hand
-    plan identical to the planner's (same ranges, same threads, front in the caller) is measured once."""
+    plan identical to the planner's (same ranges, same threads, front in the caller) is measured once.
+    ``speeds``: also ``_speed_figures`` (the section with one slow stage)."""
     k = len(per_stage)
     prog.start(f"{label}: planner measures {k} candidates (threads {per_stage})")
     plan = auto_plan(ckpt, k, per_stage, width=size, height=size, txt_tokens=txt_tokens, steps=steps, repeats=2)
@@ -107,11 +157,14 @@ def _plan_section(mesh, ckpt: str, cfg, per_stage: list[int], reqs_for, size: in
         for s in runs.values():
             _warm(s, reqs[0])
         rates: dict[str, list[float]] = {k: [] for k in runs}
+        uses: dict[str, list[tuple[float, int]]] = {}
         for r in range(rounds):  # interleaved, so that every plan sees the same machine load
             for name, s in runs.items():
                 shown = f"{name} (= planner)" if name == same else name
                 prog.start(f"{label}: {shown}, M={m}, {len(reqs)} images" + (f", round {r + 1}" if rounds > 1 else ""))
-                rates[name].append(_measure(s, reqs, m)["images_per_s"])
+                got = _measure(s, reqs, m)
+                rates[name].append(got["images_per_s"])
+                uses[name] = [(b + b0, c + c0) for (b, c), (b0, c0) in zip(got["stage_use"], uses.get(name, [(0.0, 0)] * len(got["stage_use"])))]
                 prog.done(f"{rates[name][-1]:.4f} images/s")
     finally:
         for s in runs.values():
@@ -128,7 +181,8 @@ def _plan_section(mesh, ckpt: str, cfg, per_stage: list[int], reqs_for, size: in
             "planner_predicted_over_measured": round(plan.predicted_images_per_s / measured, 3),
             "hand_plans": hand, "stage_threads": per_stage, "even_split": even,
             "planner_over_best_hand": round(measured / best_hand, 3),
-            "planner_over_even_split": round(measured / even_rate, 3)}
+            "planner_over_even_split": round(measured / even_rate, 3),
+            **(_speed_figures(plan, cfg, hands[even], uses[even]) if speeds else {})}
 
 
 def run_pipeline_bench(quick: bool = False, stages: int = 2, in_flight: tuple[int, ...] = (1, 2, 4, 8),
@@ -140,7 +194,8 @@ def run_pipeline_bench(quick: bool = False, stages: int = 2, in_flight: tuple[in
     own single-process run); the planner's plan against the hand plans of two stages (``hand_plans``:
     every cut, else the even split), interleaved ``rounds`` times, with ``stage_threads`` per stage
     (default ``threads`` each); with ``slow_stage`` also the planner against the even split when the
-    last stage has ``threads`` and the others twice that (one stage 2x slower).
+    last stage has ``threads`` and the others twice that (one stage 2x slower), on ``SLOW_MODEL`` at up to
+    ``SLOW_MAX_SIZE`` px.
     Default: 768 px, 256 text tokens, 2 steps, 1 round (a few minutes on two cores)."""
     cfg = bench_config()
     size = size or (256 if quick else 768)
@@ -192,8 +247,14 @@ def run_pipeline_bench(quick: bool = False, stages: int = 2, in_flight: tuple[in
             slowed = None
             if slow_stage and stages >= 2:
                 prog.grow(1)
-                slowed = _plan_section(mesh, ckpt, cfg, slow, reqs_for, size, steps, txt_tokens, rounds, False,
-                                       prog, "one stage 2x slower")
+                deep, slow_size = bench_config(**SLOW_MODEL), min(size, SLOW_MAX_SIZE)
+                deep_ckpt = str(write_random_checkpoint(Path(tmp) / "bench-deep.safetensors", deep, seed=0))
+                slowed = _plan_section(mesh, deep_ckpt, deep, slow,
+                                       lambda m: _requests(deep, images or images_for(m), slow_size, steps, txt_tokens),
+                                       slow_size, steps, txt_tokens, rounds, False, prog, "one stage 2x slower", speeds=True)
+                slowed.update({"model": {"hidden": deep.hidden_size, "depth": deep.depth,
+                                         "single": deep.depth_single_blocks, "blocks": deep.num_blocks},
+                               "size": slow_size, "image_tokens": (slow_size // 16) ** 2})
         finally:
             mesh.close()
     by_m = {str(r["in_flight"]): r for r in rows}
@@ -230,7 +291,16 @@ def format_table(result: dict) -> str:
                           f"{r['bubble_fraction']:.3f}"] for r in result["rows"]])]
     lines += _plan_lines(result, result["rounds"], "planner")
     if result["slow_stage"]:
-        lines += _plan_lines(result["slow_stage"], result["rounds"], "one stage 2x slower")
+        sl = result["slow_stage"]
+        lines += _plan_lines(sl, result["rounds"], f"one stage 2x slower ({sl['model']['depth']} double + "
+                             f"{sl['model']['single']} single blocks, {sl['size']}px)")
+        lines.append(f"  best cut / even split at most (hops and front left out): {sl['cut_ceiling_equal_blocks']:.3f} "
+                     f"for equal blocks on exactly 2:1 devices, {sl['cut_ceiling_2to1']:.3f} with the probe's block "
+                     f"times on exactly 2:1 devices, {sl['cut_ceiling_probed']:.3f} with the probed devices "
+                     f"(ms per double, single block by threads: {sl['probe_block_ms']})")
+        lines.append(f"  slow / fast device time per block: {sl['probe_speed_ratio']:.3f} alone (probe), "
+                     f"{sl['pipelined_speed_ratio']:.3f} while pipelined (even split, busy ms per call "
+                     f"{sl['even_stage_ms_per_call']} vs alone {sl['even_stage_ms_alone']})")
     big = [r["throughput_ratio"] for r in result["rows"] if r["stages"] == 2 and r["in_flight"] >= 4]
 
     def verdict(ok: bool | None) -> str:

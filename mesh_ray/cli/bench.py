@@ -37,7 +37,8 @@ def bench_pipeline(quick: bool = typer.Option(False, "--quick", help="256px, 64 
                    hand_plans: bool = typer.Option(True, help="Measure every hand plan of two stages (else the even split only)."),
                    rounds: Optional[int] = typer.Option(None, min=1, help="Interleaved rounds of planner vs hand plans (default 1)."),
                    stage_threads: Optional[str] = typer.Option(None, help="Threads per stage for the planner section, e.g. 2,1."),
-                   slow_stage: bool = typer.Option(True, help="Also: one stage 2x slower (half the threads), planner vs even split."),
+                   slow_stage: bool = typer.Option(True, help="Also: one stage 2x slower (half the threads), planner vs even split, "
+                                                      "on a 12-block model at up to 512px."),
                    progress: bool = typer.Option(True, help="A progress bar and one line per measurement on stderr."),
                    as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")) -> None:
     """One process vs K stages with M images in flight: throughput ratio, bubble fraction, planner predicted vs measured,
