@@ -32,6 +32,7 @@ from mesh_ray.errors import ClusterError, ConfigError, MeshError, StageError
 from mesh_ray.models.blocks import BlockRange, check_cover, locate
 from mesh_ray.models.checkpoint import CheckpointInfo, inspect, load_blocks
 from mesh_ray.models.flux import BlockCond, BlockState, Flux, build
+from mesh_ray.patch_args import across_boundary, patch_cond
 from mesh_ray.digest import tensor_digest
 from mesh_ray.rayutil import ray_error
 from mesh_ray.recovery import ChainCall, Recovery
@@ -408,10 +409,12 @@ class SplitModel:
                 j += 1
             chain = self.segments[i : j + 1]
             first, stop = chain[0].range.start, chain[-1].range.stop
+            at = {first: self._chain_patch(chain, first)}
+            if first < depth < stop:  # FLUX.2 tuple form: runs at the first single block (patch_args.py)
+                at[first], at[depth] = across_boundary(at[first], self.config.arch)
             for b in range(first, stop):
                 kind, k = locate(b, depth)
-                key = (f"{kind}_block", k)
-                patches[key] = self._chain_patch(chain, first) if b == first else _passthrough
+                patches[(f"{kind}_block", k)] = at.get(b, _passthrough)
             i = j + 1
         return patches
 
@@ -425,7 +428,7 @@ class SplitModel:
                 raise ConfigError("an attention mask reached a remote block range: remote stages run unmasked "
                                   "attention; drop the masking node or keep these blocks local")
             img, pe = args["img"], args["pe"]
-            cond = _cpu_cond(_patch_cond(args, self.dtype))
+            cond = _cpu_cond(patch_cond(args, self.dtype, self.config.arch))  # either form (patch_args.py)
             b = img.shape[0]
             n = min(self.options.micro_batches, b)  # e.g. CFG's two halves pipelined over the stages
             bounds = [round(i * b / n) for i in range(n + 1)]
@@ -515,17 +518,6 @@ class SplitModel:
         self.close()
 
 
-def _patch_cond(args: dict, dtype: torch.dtype) -> BlockCond:
-    """The blocks' conditioning from patch args: ours pass ``cond``; ComfyUI's FLUX.1 passes ``vec``."""
-    if args.get("cond") is not None:
-        return args["cond"]
-    vec = args["vec"]
-    if not isinstance(vec, torch.Tensor):
-        raise ConfigError("this forward passes the block modulation as a tuple (a FLUX.2-style model): remote "
-                          "block patches support FLUX.1 models in ComfyUI; use mesh.split() for FLUX.2")
-    return BlockCond(vec=vec.to(dtype))
-
-
 def _slice_cond(cond: BlockCond, sl: slice) -> BlockCond:
     """One micro-batch of the conditioning (every tensor in it is batch-first)."""
     def cut(x: Any) -> Any:
@@ -533,7 +525,8 @@ def _slice_cond(cond: BlockCond, sl: slice) -> BlockCond:
             return None
         if isinstance(x, torch.Tensor):
             return x[sl] if x.shape[0] > 1 else x
-        return tuple(cut(t) for t in x)
+        cuts = [cut(t) for t in x]
+        return type(x)(*cuts) if hasattr(x, "_fields") else tuple(cuts)  # a Mod record stays one
 
     return BlockCond(vec=cut(cond.vec), double_img=cut(cond.double_img), double_txt=cut(cond.double_txt),
                      single=cut(cond.single))
