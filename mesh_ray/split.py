@@ -33,7 +33,7 @@ from mesh_ray.models.blocks import BlockRange, check_cover, locate
 from mesh_ray.models.checkpoint import CheckpointInfo, inspect, load_blocks
 from mesh_ray.models.flux import BlockCond, BlockState, Flux, build
 from mesh_ray.patch_args import across_boundary, patch_cond
-from mesh_ray.digest import tensor_digest
+from mesh_ray.digest import DigestMemo, tensor_digest
 from mesh_ray.rayutil import ray_error
 from mesh_ray.recovery import ChainCall, Recovery
 
@@ -421,6 +421,8 @@ class SplitModel:
     def _chain_patch(self, chain: list[Segment], first: int):
         """One patch that runs a chain of remote stages.  ``args`` as ComfyUI's FLUX.1 forward passes
         them (img, txt, vec, pe, attn_mask, transformer_options) or as ours does (plus ``cond``)."""
+        pe_key = DigestMemo(tensor_key)  # ComfyUI recomputes pe each step: compare, do not re-hash
+
         def run(args: dict, _extra: dict) -> dict:
             if self._closed:
                 raise MeshError("this split was closed: create a new one with mesh.split(...)")
@@ -436,7 +438,7 @@ class SplitModel:
             for i in range(n):
                 sl = slice(bounds[i], bounds[i + 1])
                 pe_i = pe if pe.shape[0] == 1 else pe[sl]
-                key = "patch:" + tensor_key(pe_i)
+                key = "patch:" + pe_key(pe_i)
                 gen = self._remember(key, lambda: _Generation(GenConsts(key, [ray.put(pe_i.cpu())]), pe_i)).consts
                 if first < self.config.depth:
                     txt = args["txt"][sl]
@@ -451,9 +453,12 @@ class SplitModel:
                 outs.append(out.unjoin() if first < self.config.depth else out.join())
                 hops.extend(h)
             self.last = StepStats(hops)
-            res = {"img": torch.cat([o.img for o in outs])}
+            def cat(ts: list) -> torch.Tensor:  # one micro-batch: no copy
+                return ts[0] if len(ts) == 1 else torch.cat(ts)
+
+            res = {"img": cat([o.img for o in outs])}
             if first < self.config.depth:
-                res["txt"] = torch.cat([o.txt for o in outs])
+                res["txt"] = cat([o.txt for o in outs])
             return res
         return run
 

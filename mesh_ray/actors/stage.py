@@ -161,7 +161,7 @@ class StageClass:
             raise NotLoadedError(f"stage {self.init.index} has no weights loaded: create the split through mesh.split()")
         t0, wall0 = time.perf_counter(), time.time()
         pe, txt = self._constants(gen)
-        state, hops = unpack_state(state, self.device, self.dtype)
+        state, hops = unpack_state(state, self.device, self.dtype, borrow=True)  # blocks never write their input
         state = with_cached_text(state, txt)
         with self.offload.forward_pass() if self.offload else contextlib.nullcontext():
             state = self.model.run_blocks(state, move_cond(cond, self.device, self.dtype), pe, self.range.start,
