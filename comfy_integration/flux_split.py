@@ -32,6 +32,7 @@ from mesh_ray.models.checkpoint import save_checkpoint, shard_digest
 from mesh_ray.models.flux import FluxConfig
 from mesh_ray.split import SplitModel
 
+from .connection import live_mesh
 from .registry import record_split
 
 MARK = "mesh_ray_split"  # transformer_options key marking a MODEL that is already split
@@ -149,9 +150,21 @@ class RemoteBlocks:
     def ensure(self) -> SplitModel:
         """The live split, created now if there is none (first use, closed, or after a death)."""
         with self._lock:
+            self._follow_cluster()
             if self.split is None or self.split._closed:
                 self._build()
             return self.split
+
+    def _follow_cluster(self) -> None:
+        """Move to the process's new connection when the cluster went away and came back; while it is
+        down, a one-line ClusterError (and a red light) instead of a call that Ray would hang or abort."""
+        try:
+            mesh = live_mesh(self.mesh)
+        except MeshError as e:
+            record_split(self.key, None, self.address, self.plan, str(e))
+            raise
+        if mesh is not self.mesh:  # the old stages went with the old cluster: nothing to close there
+            self.mesh, self.split, self._patches = mesh, None, {}
 
     def _build(self) -> None:
         try:

@@ -9,7 +9,7 @@ from mesh_ray.config import SplitOptions
 from mesh_ray.errors import MeshError
 from mesh_ray.lora import digest
 
-from .connection import mesh_for
+from .connection import live_mesh, mesh_for
 from .flux_split import RemoteBlocks, compute_dtype, flux_config, flux_module, shard_file, split_clone
 from .lora_patches import remote_lora_set
 from .plan import describe, plan_stages, remote_ranges
@@ -97,6 +97,7 @@ class MeshSplitFlux:
     def split(self, model, mesh, n_blocks_remote: int = 28, stages: str = "", codec_mode: str = "auto",
               codec_qp: int = 18, codec_lossless: bool = False, codec_tile_dim: int = 0, forward_loras: bool = True,
               micro_batches: int = 1, unique_id: str | None = None) -> tuple:
+        mesh = live_mesh(mesh)  # ComfyUI's cache may hand back a connection from before the cluster restarted
         dm = flux_module(model)
         config = flux_config(dm)
         specs = plan_stages(config.depth, config.depth_single_blocks, n_blocks_remote, stages)

@@ -68,6 +68,10 @@ def _probe(split: Any, timeout_s: float) -> tuple[str, str | None, list[dict]]:
         return "grey", None, []
     if not ray.is_initialized():
         return "red", "Ray is not connected in this ComfyUI process: queue the workflow again to reconnect", []
+    from .connection import node_alive
+
+    if not node_alive():  # pinging through a dead node could end this process (Ray's rule): do not
+        return "red", "the Ray cluster went away (this ComfyUI's Ray node is gone): queue again once it is back", []
     try:
         refs = [s.actor.ready.remote() for s in segs]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)

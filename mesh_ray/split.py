@@ -33,7 +33,8 @@ from mesh_ray.errors import ClusterError, ConfigError, MeshError, StageError
 from mesh_ray.models.blocks import BlockRange, check_cover, locate
 from mesh_ray.models.checkpoint import CheckpointInfo, inspect, load_blocks
 from mesh_ray.models.flux import BlockCond, BlockState, Flux, build
-from mesh_ray.digest import tensor_digest
+from mesh_ray.patch_args import across_boundary, patch_cond
+from mesh_ray.digest import DigestMemo, tensor_digest
 from mesh_ray.rayutil import ray_error
 from mesh_ray.recovery import ChainCall, Recovery
 
@@ -418,16 +419,20 @@ class SplitModel:
                 j += 1
             chain = self.segments[i : j + 1]
             first, stop = chain[0].range.start, chain[-1].range.stop
+            at = {first: self._chain_patch(chain, first)}
+            if first < depth < stop:  # FLUX.2 tuple form: runs at the first single block (patch_args.py)
+                at[first], at[depth] = across_boundary(at[first], self.config.arch)
             for b in range(first, stop):
                 kind, k = locate(b, depth)
-                key = (f"{kind}_block", k)
-                patches[key] = self._chain_patch(chain, first) if b == first else _passthrough
+                patches[(f"{kind}_block", k)] = at.get(b, _passthrough)
             i = j + 1
         return patches
 
     def _chain_patch(self, chain: list[Segment], first: int):
         """One patch that runs a chain of remote stages.  ``args`` as ComfyUI's FLUX.1 forward passes
         them (img, txt, vec, pe, attn_mask, transformer_options) or as ours does (plus ``cond``)."""
+        pe_key = DigestMemo(tensor_key)  # ComfyUI recomputes pe each step: compare, do not re-hash
+
         def run(args: dict, _extra: dict) -> dict:
             if self._closed:
                 raise MeshError("this split was closed: create a new one with mesh.split(...)")
@@ -435,7 +440,7 @@ class SplitModel:
                 raise ConfigError("an attention mask reached a remote block range: remote stages run unmasked "
                                   "attention; drop the masking node or keep these blocks local")
             img, pe = args["img"], args["pe"]
-            cond = _cpu_cond(_patch_cond(args, self.dtype))
+            cond = _cpu_cond(patch_cond(args, self.dtype, self.config.arch))  # either form (patch_args.py)
             b = img.shape[0]
             n = min(self.options.micro_batches, b)  # e.g. CFG's two halves pipelined over the stages
             bounds = [round(i * b / n) for i in range(n + 1)]
@@ -443,7 +448,7 @@ class SplitModel:
             for i in range(n):
                 sl = slice(bounds[i], bounds[i + 1])
                 pe_i = pe if pe.shape[0] == 1 else pe[sl]
-                key = "patch:" + tensor_key(pe_i)
+                key = "patch:" + pe_key(pe_i)
                 gen = self._remember(key, lambda: _Generation(GenConsts(key, [ray.put(pe_i.cpu())]), pe_i)).consts
                 if first < self.config.depth:
                     txt = args["txt"][sl]
@@ -458,9 +463,12 @@ class SplitModel:
                 outs.append(out.unjoin() if first < self.config.depth else out.join())
                 hops.extend(h)
             self.last = StepStats(hops)
-            res = {"img": torch.cat([o.img for o in outs])}
+            def cat(ts: list) -> torch.Tensor:  # one micro-batch: no copy
+                return ts[0] if len(ts) == 1 else torch.cat(ts)
+
+            res = {"img": cat([o.img for o in outs])}
             if first < self.config.depth:
-                res["txt"] = torch.cat([o.txt for o in outs])
+                res["txt"] = cat([o.txt for o in outs])
             return res
         return run
 
@@ -525,17 +533,6 @@ class SplitModel:
         self.close()
 
 
-def _patch_cond(args: dict, dtype: torch.dtype) -> BlockCond:
-    """The blocks' conditioning from patch args: ours pass ``cond``; ComfyUI's FLUX.1 passes ``vec``."""
-    if args.get("cond") is not None:
-        return args["cond"]
-    vec = args["vec"]
-    if not isinstance(vec, torch.Tensor):
-        raise ConfigError("this forward passes the block modulation as a tuple (a FLUX.2-style model): remote "
-                          "block patches support FLUX.1 models in ComfyUI; use mesh.split() for FLUX.2")
-    return BlockCond(vec=vec.to(dtype))
-
-
 def _slice_cond(cond: BlockCond, sl: slice) -> BlockCond:
     """One micro-batch of the conditioning (every tensor in it is batch-first)."""
     def cut(x: Any) -> Any:
@@ -543,7 +540,8 @@ def _slice_cond(cond: BlockCond, sl: slice) -> BlockCond:
             return None
         if isinstance(x, torch.Tensor):
             return x[sl] if x.shape[0] > 1 else x
-        return tuple(cut(t) for t in x)
+        cuts = [cut(t) for t in x]
+        return type(x)(*cuts) if hasattr(x, "_fields") else tuple(cuts)  # a Mod record stays one
 
     return BlockCond(vec=cut(cond.vec), double_img=cut(cond.double_img), double_txt=cut(cond.double_txt),
                      single=cut(cond.single))

@@ -31,7 +31,7 @@ def test_comfyui_style_args_run_the_remote_chain_and_bad_args_are_one_line(ray_l
         base = {"img": state.img, "txt": state.txt, "vec": cond.vec, "pe": pe, "transformer_options": {}}
         with pytest.raises(ConfigError, match="attention mask"):
             patch({**base, "attn_mask": torch.ones(1)}, {})
-        with pytest.raises(ConfigError, match="modulation as a tuple"):
+        with pytest.raises(ConfigError, match="FLUX.2 style"):  # precomputed modulation into a FLUX.1 split
             patch({**base, "vec": (cond.vec, cond.vec)}, {})
     finally:
         mesh.close()

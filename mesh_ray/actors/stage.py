@@ -183,7 +183,7 @@ class StageClass:
             state, cond, hops = *embed_input(self.model, state, txt, self.device, self.dtype), list(state.hops)
         else:
             cond = state.cond if front else cond
-            state, hops = unpack_state(state, self.device, self.dtype)
+            state, hops = unpack_state(state, self.device, self.dtype, borrow=True)  # blocks never write their input
             state = with_cached_text(state, txt)
         here = move_cond(cond, self.device, self.dtype)
         with self.offload.forward_pass() if self.offload else contextlib.nullcontext():

@@ -8,9 +8,11 @@ has made so far in its chain, so the caller sees the cost of each transfer.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from mesh_ray import metrics
@@ -21,11 +23,35 @@ from mesh_ray.models.flux import BlockState
 
 
 @dataclass
-class WireState:
-    """A BlockState for one link: ``img`` (and ``txt`` unless joined) as tensors or codec payloads."""
+class RawTensor:
+    """A tensor on a raw link, held as a numpy array: Ray moves numpy buffers out of band (one copy
+    into the object store, none out of it), where a pickled torch tensor is copied on each side."""
 
-    img: torch.Tensor | bytes
-    txt: torch.Tensor | bytes | None
+    array: np.ndarray
+    dtype: str  # the torch dtype's name; bfloat16 travels as its int16 bits (numpy has no bfloat16)
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> "RawTensor":
+        t = t.detach().cpu().contiguous()
+        bits = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+        return cls(bits.numpy(), str(t.dtype).removeprefix("torch."))
+
+    def tensor(self, borrow: bool = False) -> torch.Tensor:
+        """The tensor; a buffer Ray handed out read-only is copied unless ``borrow`` (the receiver
+        never writes into its input, as a stage does not)."""
+        arr = self.array if borrow or self.array.flags.writeable else self.array.copy()
+        with warnings.catch_warnings():  # a borrowed read-only buffer: torch warns, nothing writes to it
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(arr)
+        return t.view(torch.bfloat16) if self.dtype == "bfloat16" else t
+
+
+@dataclass
+class WireState:
+    """A BlockState for one link: ``img`` (and ``txt`` unless joined) as raw tensors or codec payloads."""
+
+    img: RawTensor | bytes
+    txt: RawTensor | torch.Tensor | bytes | None
     txt_len: int
     hops: list[Hop] = field(default_factory=list)
     cond: Any = None  # the step's BlockCond (on the host) when the front runs on the stages
@@ -49,10 +75,10 @@ def pack_state(state: BlockState, plan: LinkPlan, grid: tuple[int, int] | None,
     spec, dtype = plan.spec, DTYPES[plan.dtype]
     state = BlockState(state.img.to(dtype), state.txt.to(dtype) if state.txt is not None else None, state.txt_len)
     if spec.mode == "raw":
-        img, txt = state.img.cpu(), state.txt.cpu() if state.txt is not None else None
-        size = _nbytes(img) + _nbytes(txt)
+        size = _nbytes(state.img) + _nbytes(state.txt)
         hop = Hop(size, size, 0.0, 0.0, link=plan.name, mode="raw", dtype=plan.dtype)
-        return WireState(img, txt, state.txt_len, [*(hops or []), hop])
+        txt = RawTensor.of(state.txt) if state.txt is not None else None
+        return WireState(RawTensor.of(state.img), txt, state.txt_len, [*(hops or []), hop])
     t0 = time.perf_counter()
     if state.joined:
         img, m_img = encode_with_metrics(state.img, spec, grid, state.txt_len)
@@ -71,14 +97,15 @@ def pack_state(state: BlockState, plan: LinkPlan, grid: tuple[int, int] | None,
     return WireState(img, txt, state.txt_len, [*(hops or []), hop])
 
 
-def unpack_state(obj: WireState, device: torch.device, dtype: torch.dtype) -> tuple[BlockState, list[Hop]]:
+def unpack_state(obj: WireState, device: torch.device, dtype: torch.dtype,
+                 borrow: bool = False) -> tuple[BlockState, list[Hop]]:
     """Decode a WireState onto ``device`` in the receiver's compute ``dtype``, recording the decode
-    time on its last hop."""
-    if isinstance(obj.img, torch.Tensor):
-        txt = obj.txt.to(device, dtype) if obj.txt is not None else None
+    time on its last hop.  ``borrow``: raw tensors may stay in Ray's read-only buffers (see RawTensor)."""
+    if isinstance(obj.img, RawTensor):
+        txt = obj.txt.tensor(borrow).to(device, dtype) if obj.txt is not None else None
         if obj.hops:
             metrics.wire_hop(obj.hops[-1])  # each hop is counted once, where it is received
-        return BlockState(obj.img.to(device, dtype), txt, obj.txt_len), obj.hops
+        return BlockState(obj.img.tensor(borrow).to(device, dtype), txt, obj.txt_len), obj.hops
     t0 = time.perf_counter()
     img = decode(obj.img, device).to(dtype)
     txt = obj.txt if obj.txt is None or isinstance(obj.txt, torch.Tensor) else decode(obj.txt, device)
