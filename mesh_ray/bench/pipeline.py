@@ -196,10 +196,11 @@ def run_pipeline_bench(quick: bool = False, stages: int = 2, in_flight: tuple[in
     (default ``threads`` each); with ``slow_stage`` also the planner against the even split when the
     last stage has ``threads`` and the others twice that (one stage 2x slower), on ``SLOW_MODEL`` at up to
     ``SLOW_MAX_SIZE`` px.
-    Default: 768 px, 256 text tokens, 2 steps, 1 round (a few minutes on two cores)."""
+    Default: 768 px, 256 text tokens, 4 steps (FLUX.1-schnell's count; fewer leave the pipeline's fill
+    and drain a large share), 1 round (a few minutes on two cores)."""
     cfg = bench_config()
     size = size or (256 if quick else 768)
-    steps = steps or 2
+    steps = steps or (2 if quick else 4)
     txt_tokens = txt_tokens or (64 if quick else 256)
     rounds = rounds or 1
     equal = list(stage_threads or [threads] * stages)

@@ -28,7 +28,7 @@ def bench_split(arch: Arch = typer.Option(Arch.flux1), hidden: int = typer.Optio
 @bench_app.command("pipeline")
 def bench_pipeline(quick: bool = typer.Option(False, "--quick", help="256px, 64 text tokens: a smoke run."),
                    stages: int = typer.Option(2, min=1), in_flight: str = typer.Option("1,2,4,8", help="M values."),
-                   steps: Optional[int] = typer.Option(None, min=1, help="Sampler steps per image (default 2)."),
+                   steps: Optional[int] = typer.Option(None, min=1, help="Sampler steps per image (default 4; 2 with --quick)."),
                    size: Optional[int] = typer.Option(None, min=16, help="Image size in px (default 768)."),
                    txt_tokens: Optional[int] = typer.Option(None, min=1, help="Text tokens (default 256)."),
                    threads: int = typer.Option(1, min=1, help="torch threads per stage and for the single process."),
