@@ -12,87 +12,73 @@ from mesh_ray.lora import digest
 from .connection import live_mesh, mesh_for
 from .flux_split import RemoteBlocks, compute_dtype, flux_config, flux_module, shard_file, split_clone
 from .lora_patches import remote_lora_set
+from .node_spec import mesh_node
 from .plan import describe, plan_stages, remote_ranges
 
-CATEGORY = "mesh"
 _live: dict[str, RemoteBlocks] = {}  # MeshSplitFlux node id -> its stages (closed when the node re-runs)
 _live_lock = threading.Lock()
 
 
+@mesh_node("connect", "Connect this ComfyUI process to Ray (embedded, or a cluster). Reused across queues.",
+           [("MESH", "mesh", "The mesh-ray connection (a mesh_ray.Mesh) for MeshSplitFlux and MeshVAEDecode.")])
 class MeshConnect:
     """A connection to Ray: embedded in this ComfyUI process, or a cluster; one per process, reused."""
 
-    @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {
-            "required": {
-                "address": ("STRING", {"default": "", "tooltip": "Empty: an embedded Ray in this ComfyUI process. "
-                                       "'auto': the Ray started with `ray start` on this machine. 'host:port': "
-                                       "a cluster's head (e.g. 10.0.0.5:6379)."}),
-            },
-            "optional": {
-                "namespace": ("STRING", {"default": "mesh-ray", "tooltip": "Ray namespace for this ComfyUI's "
-                                         "actors; give each ComfyUI sharing a cluster its own."}),
-                "timeout_s": ("FLOAT", {"default": 30.0, "min": 1.0, "max": 600.0, "step": 1.0,
-                                        "tooltip": "How long to wait for the cluster before the node fails."}),
-            },
-        }
-
-    RETURN_TYPES = ("MESH",)
-    RETURN_NAMES = ("mesh",)
-    OUTPUT_TOOLTIPS = ("The mesh-ray connection (a mesh_ray.Mesh) for MeshSplitFlux and MeshVAEDecode.",)
-    FUNCTION = "connect"
-    CATEGORY = CATEGORY
-    DESCRIPTION = "Connect this ComfyUI process to Ray (embedded, or a cluster). Reused across queues."
+    INPUTS = {
+        "required": {
+            "address": ("STRING", {"default": "", "tooltip": "Empty: an embedded Ray in this ComfyUI process. "
+                                   "'auto': the Ray started with `ray start` on this machine. 'host:port': "
+                                   "a cluster's head (e.g. 10.0.0.5:6379)."}),
+        },
+        "optional": {
+            "namespace": ("STRING", {"default": "mesh-ray", "tooltip": "Ray namespace for this ComfyUI's "
+                                     "actors; give each ComfyUI sharing a cluster its own."}),
+            "timeout_s": ("FLOAT", {"default": 30.0, "min": 1.0, "max": 600.0, "step": 1.0,
+                                    "tooltip": "How long to wait for the cluster before the node fails."}),
+        },
+    }
 
     def connect(self, address: str, namespace: str = "mesh-ray", timeout_s: float = 30.0) -> tuple:
         return (mesh_for(address, namespace, timeout_s),)
 
 
+@mesh_node("split", "Split a FLUX.1 model: the back blocks run on Ray stage actors (any GPUs, any machines).",
+           [("MODEL", "model", "The same model with its back blocks running on mesh-ray stages.")])
 class MeshSplitFlux:
     """Run the back blocks of a FLUX.1 MODEL on stage actors; the front stays in ComfyUI."""
 
-    @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "A FLUX.1 (dev/schnell) model. It stays unsplit for other nodes; "
-                                    "LoRAs loaded before this node reach the remote blocks."}),
-                "mesh": ("MESH", {"tooltip": "The connection from MeshConnect."}),
-                "n_blocks_remote": ("INT", {"default": 28, "min": 0, "max": 1000, "tooltip":
-                                            "Run the last N blocks (of 57 in FLUX.1) on one remote stage. "
-                                            "Ignored when a stages plan is given; 0 = use the plan."}),
-                "stages": ("STRING", {"default": "", "multiline": True, "tooltip":
-                                      "Several stages: block ranges in order, one per stage, e.g. "
-                                      "'double:10-18; single:0-18; single:19-37'. Add 'local' to run a range "
-                                      "here, '@IP' to pin it to a node. Blocks before the first range run here."}),
-                "codec_mode": (["auto", "raw", "quant8", "hevc"], {"default": "auto", "tooltip":
-                               "How activations travel between processes: auto = raw on one machine, "
-                               "compressed across machines; raw = exact."}),
-                "codec_qp": ("INT", {"default": 18, "min": 0, "max": 51, "tooltip":
-                                     "HEVC quantisation (lower = closer to exact, more bytes)."}),
-                "codec_lossless": ("BOOLEAN", {"default": False, "tooltip":
-                                               "quant8 only: code the exact bits (byte-exact, less compression)."}),
-                "codec_tile_dim": ("INT", {"default": 0, "min": 0, "max": 256, "tooltip":
-                                           "HEVC channel tiles per frame side; 0 picks one."}),
-                "forward_loras": ("BOOLEAN", {"default": True, "tooltip":
-                                              "Apply the LoRAs loaded before this node on the remote blocks too "
-                                              "(shipped once per LoRA set)."}),
-            },
-            "optional": {
-                "micro_batches": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip":
-                                          "Cut each batch (e.g. CFG's two halves) into this many pieces that "
-                                          "overlap across several stages."}),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
-
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The same model with its back blocks running on mesh-ray stages.",)
-    FUNCTION = "split"
-    CATEGORY = CATEGORY
-    DESCRIPTION = "Split a FLUX.1 model: the back blocks run on Ray stage actors (any GPUs, any machines)."
+    INPUTS = {
+        "required": {
+            "model": ("MODEL", {"tooltip": "A FLUX.1 (dev/schnell) model. It stays unsplit for other nodes; "
+                                "LoRAs loaded before this node reach the remote blocks."}),
+            "mesh": ("MESH", {"tooltip": "The connection from MeshConnect."}),
+            "n_blocks_remote": ("INT", {"default": 28, "min": 0, "max": 1000, "tooltip":
+                                        "Run the last N blocks (of 57 in FLUX.1) on one remote stage. "
+                                        "Ignored when a stages plan is given; 0 = use the plan."}),
+            "stages": ("STRING", {"default": "", "multiline": True, "tooltip":
+                                  "Several stages: block ranges in order, one per stage, e.g. "
+                                  "'double:10-18; single:0-18; single:19-37'. Add 'local' to run a range "
+                                  "here, '@IP' to pin it to a node. Blocks before the first range run here."}),
+            "codec_mode": (["auto", "raw", "quant8", "hevc"], {"default": "auto", "tooltip":
+                           "How activations travel between processes: auto = raw on one machine, "
+                           "compressed across machines; raw = exact."}),
+            "codec_qp": ("INT", {"default": 18, "min": 0, "max": 51, "tooltip":
+                                 "HEVC quantisation (lower = closer to exact, more bytes)."}),
+            "codec_lossless": ("BOOLEAN", {"default": False, "tooltip":
+                                           "quant8 only: code the exact bits (byte-exact, less compression)."}),
+            "codec_tile_dim": ("INT", {"default": 0, "min": 0, "max": 256, "tooltip":
+                                       "HEVC channel tiles per frame side; 0 picks one."}),
+            "forward_loras": ("BOOLEAN", {"default": True, "tooltip":
+                                          "Apply the LoRAs loaded before this node on the remote blocks too "
+                                          "(shipped once per LoRA set)."}),
+        },
+        "optional": {
+            "micro_batches": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip":
+                                      "Cut each batch (e.g. CFG's two halves) into this many pieces that "
+                                      "overlap across several stages."}),
+        },
+        "hidden": {"unique_id": "UNIQUE_ID"},
+    }
 
     def split(self, model, mesh, n_blocks_remote: int = 28, stages: str = "", codec_mode: str = "auto",
               codec_qp: int = 18, codec_lossless: bool = False, codec_tile_dim: int = 0, forward_loras: bool = True,

@@ -20,9 +20,10 @@ from typing import Any
 
 from mesh_ray.memory import AutoOffload, OffloadSpec
 
+from .node_spec import mesh_node
+
 log = logging.getLogger("mesh_ray.comfy")
 
-CATEGORY = "mesh"
 WRAPPER_KEY = "mesh_ray.auto_offload"
 GIB = 1024 ** 3
 
@@ -84,34 +85,28 @@ def offload_runs(model: Any) -> list[OffloadRun]:
     return list(model.get_wrappers(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY))
 
 
+@mesh_node("apply", "Traced, windowed CPU offload: only window_size blocks of the diffusion model are on the GPU "
+           "at a time, prefetched in the order they run.",
+           [("MODEL", "model", "A clone of the model whose blocks are streamed during sampling.")])
 class MeshAutoCPUOffload:
     """Stream the diffusion model's blocks from host memory to the GPU a window at a time."""
 
-    @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "The diffusion model to stream; the input MODEL itself is not changed."}),
-                "enable": ("BOOLEAN", {"default": True, "tooltip": "Off: the model passes through unchanged."}),
-                "window_size": ("INT", {"default": 2, "min": 1, "max": 256, "tooltip":
-                                "Blocks kept on the GPU at once: the next ones are copied in ahead of use while "
-                                "the ones already used are released."}),
-                "pin_memory": ("BOOLEAN", {"default": True, "tooltip":
-                               "Keep host copies in pinned memory for faster, asynchronous copies (CUDA only)."}),
-            },
-            "optional": {
-                "max_device_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5, "tooltip":
-                                  "Optional weight budget on the GPU in GiB: the largest window that fits is "
-                                  "used instead of window_size. 0: no budget."}),
-            },
-        }
-
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = ("A clone of the model whose blocks are streamed during sampling.",)
-    FUNCTION = "apply"
-    CATEGORY = CATEGORY
-    DESCRIPTION = ("Traced, windowed CPU offload: only window_size blocks of the diffusion model are on the GPU "
-                   "at a time, prefetched in the order they run.")
+    INPUTS = {
+        "required": {
+            "model": ("MODEL", {"tooltip": "The diffusion model to stream; the input MODEL itself is not changed."}),
+            "enable": ("BOOLEAN", {"default": True, "tooltip": "Off: the model passes through unchanged."}),
+            "window_size": ("INT", {"default": 2, "min": 1, "max": 256, "tooltip":
+                            "Blocks kept on the GPU at once: the next ones are copied in ahead of use while "
+                            "the ones already used are released."}),
+            "pin_memory": ("BOOLEAN", {"default": True, "tooltip":
+                           "Keep host copies in pinned memory for faster, asynchronous copies (CUDA only)."}),
+        },
+        "optional": {
+            "max_device_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5, "tooltip":
+                              "Optional weight budget on the GPU in GiB: the largest window that fits is "
+                              "used instead of window_size. 0: no budget."}),
+        },
+    }
 
     def apply(self, model: Any, enable: bool, window_size: int, pin_memory: bool, max_device_gb: float = 0.0) -> tuple:
         import comfy.patcher_extension

@@ -26,6 +26,7 @@ import ray
 import torch
 
 from .registry import prompt_server
+from .node_spec import mesh_node
 from mesh_ray.errors import ConfigError, MeshError
 from mesh_ray.images import latent_to_rgb
 from mesh_ray.promise import Promise, SaveHandle
@@ -33,7 +34,6 @@ from mesh_ray.vae_service import MODES, VaeService
 
 log = logging.getLogger("mesh_ray.comfy")
 
-CATEGORY = "mesh"
 MODE_CHOICES = ["promise", "wait", "forget"]
 assert set(MODE_CHOICES) == set(MODES)
 
@@ -111,6 +111,9 @@ def _where(svc: VaeService, folder: str) -> str:
     return f"{folder} on the decoder's node {', '.join(others)} (not this machine)"
 
 
+@mesh_node("decode", "VAE decode on mesh-ray decoder actors (another GPU or machine) with wait, forget or promise.",
+           [("IMAGE", "image", "wait: the decoded images; promise/forget: a preview of the latent at image size."),
+            ("PROMISE", "promise", "The pending decode, for Mesh Save Promised Image (none in forget mode).")])
 class MeshVAEDecode:
     """Decode a FLUX latent on mesh-ray decoder actors: wait, forget or promise."""
 
@@ -140,14 +143,6 @@ class MeshVAEDecode:
             },
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }
-
-    RETURN_TYPES = ("IMAGE", "PROMISE")
-    RETURN_NAMES = ("image", "promise")
-    OUTPUT_TOOLTIPS = ("wait: the decoded images; promise/forget: a preview of the latent at image size.",
-                       "The pending decode, for Mesh Save Promised Image (none in forget mode).")
-    FUNCTION = "decode"
-    CATEGORY = CATEGORY
-    DESCRIPTION = "VAE decode on mesh-ray decoder actors (another GPU or machine) with wait, forget or promise."
 
     @classmethod
     def VALIDATE_INPUTS(cls, vae_name: str) -> bool | str:
@@ -211,27 +206,20 @@ def _send_executed(node: str | None, prompt_id: str | None, client_id: str | Non
                        client_id)
 
 
+@mesh_node("save", "Writes the PNG (with the workflow metadata) when the decode finishes, without holding up the "
+           "queue; the image appears on this node once written.", output_node=True)
 class MeshSavePromisedImage:
     """Save a promised decode as PNG when it is ready; returns at once."""
 
-    @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {
-            "required": {
-                "promise": ("PROMISE", {"tooltip": "The pending decode from Mesh VAE Decode (promise or wait mode)."}),
-                "filename_prefix": ("STRING", {"default": "mesh_ray", "tooltip":
-                                    "File name prefix inside ComfyUI's output folder (sub-folders and %date% "
-                                    "style variables as in Save Image)."}),
-            },
-            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO", "unique_id": "UNIQUE_ID"},
-        }
-
-    RETURN_TYPES = ()
-    FUNCTION = "save"
-    OUTPUT_NODE = True
-    CATEGORY = CATEGORY
-    DESCRIPTION = ("Writes the PNG (with the workflow metadata) when the decode finishes, without holding up the "
-                   "queue; the image appears on this node once written.")
+    INPUTS = {
+        "required": {
+            "promise": ("PROMISE", {"tooltip": "The pending decode from Mesh VAE Decode (promise or wait mode)."}),
+            "filename_prefix": ("STRING", {"default": "mesh_ray", "tooltip":
+                                "File name prefix inside ComfyUI's output folder (sub-folders and %date% "
+                                "style variables as in Save Image)."}),
+        },
+        "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO", "unique_id": "UNIQUE_ID"},
+    }
 
     def save(self, promise: PromisedImages | None, filename_prefix: str = "mesh_ray", prompt: Any = None,
              extra_pnginfo: Any = None, unique_id: str | None = None) -> dict:
