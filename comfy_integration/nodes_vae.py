@@ -25,6 +25,7 @@ import numpy as np
 import ray
 import torch
 
+from .connection import live_mesh
 from .registry import prompt_server
 from .node_spec import mesh_node
 from mesh_ray.errors import ConfigError, MeshError
@@ -159,6 +160,7 @@ class MeshVAEDecode:
         path = vae_path(vae_name)
         latent = samples["samples"]
         output_dir = folder_paths.get_output_directory()
+        mesh = live_mesh(mesh)  # a cached connection from before the cluster restarted: its replacement
         svc = _service(mesh, path, int(replicas), float(idle_timeout_s), output_dir)
         b, _, h, w = latent.shape
         scale = svc.config.pixel_scale(latent.shape[1])

@@ -1,6 +1,7 @@
 """The whole Ray cluster goes away and comes back while ComfyUI runs: the queue in between is a
 one-line node error, the status light goes red, and the next queue after the cluster is back
-reconnects (a new connection and new stages) without restarting ComfyUI and gives the same latent.
+reconnects (a new connection and new stages) without restarting ComfyUI and gives the same latent;
+``Mesh VAE Decode`` fed the same cached connection decodes again on new decoders.
 
 ComfyUI runs in a child process (``comfy_proc.ComfyProcess``) that joins a ``ray start --head``
 cluster on a free port of this machine; the test ends that cluster by its process group (as a
@@ -99,6 +100,22 @@ def _light() -> dict | None:
     return next((s for s in registry.status()["splits"] if s["key"] == KEY), None)
 
 
+def _decode(mesh):
+    """``Mesh VAE Decode`` (wait mode) of a fixed latent with a tiny VAE in ComfyUI's vae folder."""
+    import folder_paths
+    import torch
+
+    from mesh_ray.models.vae import write_random_vae
+
+    name = "cluster-back-vae.safetensors"
+    path = f"{folder_paths.get_folder_paths('vae')[0]}/{name}"
+    if not os.path.exists(path):
+        write_random_vae(path, "tiny-flux1", seed=3)
+    latent = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(4))
+    return h.run_node("MeshVAEDecode", samples={"samples": latent}, mesh=mesh, vae_name=name, mode="wait",
+                      replicas=1, idle_timeout_s=0.0)["result"][0]
+
+
 def _first_queue(address: str) -> dict:
     import __main__
 
@@ -108,7 +125,7 @@ def _first_queue(address: str) -> dict:
     split, = h.run_node("MeshSplitFlux", model=model, mesh=mesh, n_blocks_remote=3, stages="", codec_mode="raw",
                         unique_id=KEY)
     first = h.ksample(split, seed=6, steps=2)
-    __main__.KEPT.update(split=split, mesh=mesh, first=first)
+    __main__.KEPT.update(split=split, mesh=mesh, first=first, image=_decode(mesh))
     return {"diff": float((first - ref).abs().max()), "scale": float(ref.abs().max()), "light": _light()}
 
 
@@ -129,6 +146,11 @@ def _queue_while_down(address: str) -> dict:
         out["connect"] = None
     except MeshError as e:
         out["connect"] = f"{type(e).__name__}: {e}"
+    try:
+        _decode(__main__.KEPT["mesh"])
+        out["decode"] = None
+    except MeshError as e:
+        out["decode"] = f"{type(e).__name__}: {e}"
     out["light"] = _light()
     return out
 
@@ -141,8 +163,10 @@ def _queue_after(address: str) -> dict:
     second = h.ksample(kept["split"], seed=6, steps=2)  # the cached MODEL: its stages reconnect
     after = _light()
     remote = h.remote_of(kept["split"])
+    image = _decode(kept["mesh"])  # the cached connection: decoders made again on the cluster that came back
     mesh, = h.run_node("MeshConnect", address=address, timeout_s=30.0)
-    out = {"diff": float((second - kept["first"]).abs().max()), "scale": float(kept["first"].abs().max()),
+    out = {"image_same": bool((image == kept["image"]).all()),
+           "diff": float((second - kept["first"]).abs().max()), "scale": float(kept["first"].abs().max()),
            "before": before, "after": after, "builds": remote.builds, "new_mesh": remote.mesh is not kept["mesh"],
            "connect_same": mesh is remote.mesh}
     remote.close()
@@ -159,7 +183,7 @@ def test_cluster_goes_away_and_comes_back_without_restarting_comfyui(cluster_and
     head.kill()
     down_at = time.monotonic()
     down = proc.call(_queue_while_down, address, timeout=120)
-    for what in ("queue", "connect"):
+    for what in ("queue", "connect", "decode"):
         msg = down[what]
         assert msg and msg.startswith("ClusterError: ") and "\n" not in msg, down
         assert address in msg, down
@@ -176,3 +200,4 @@ def test_cluster_goes_away_and_comes_back_without_restarting_comfyui(cluster_and
     assert back["after"]["state"] == "green", back
     assert back["new_mesh"] and back["connect_same"] and back["builds"] == 2, back
     assert back["diff"] <= RTOL * back["scale"], back
+    assert back["image_same"], back
