@@ -52,3 +52,22 @@ def run(*args, timeout=300, cwd=None):
 
 def last_json(out):
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def kill_actor(actor, timeout: float = 30.0) -> None:
+    """``ray.kill`` (restart allowed), then wait until the GCS has seen it: the kill is asynchronous,
+    and a call made at once could still run on the old process."""
+    import time
+
+    from ray._private import state
+
+    actor_id = actor._actor_id.hex()
+    before = state.actors(actor_id=actor_id).get("NumRestarts", 0)
+    ray.kill(actor, no_restart=False)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        info = state.actors(actor_id=actor_id)
+        if info.get("State") != "ALIVE" or info.get("NumRestarts", 0) > before:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"actor {actor_id} still alive {timeout:g} s after ray.kill")
