@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import time
 
 import pytest
@@ -65,8 +67,8 @@ def test_stage_that_cannot_come_back_fails_in_one_line_within_the_timeouts(mesh,
     with mesh.split(path, stages=2, max_restarts=3, max_step_retries=0, **opts) as split:
         args = inputs(split.config)
         split(*args)
-        step = split.submit_step(*args)
-        ray.kill(split.segments[0].actor, no_restart=False)
+        kill_actor(split.segments[0].actor)  # the step meets a stage Ray starts again, without weights
+        step = split.submit_step(*args)      # (killed mid-step instead, a fast step may finish first)
         with pytest.raises(StageError, match="max_step_retries=0 is spent") as e:
             split.finish_step(step)
         assert "\n" not in str(e.value)
@@ -126,15 +128,9 @@ def test_block_patch_path_recovers_the_same_way(mesh, tiny_ckpts):
         assert torch.equal(again, clean) and split.recovery.restarts == 1
 
 
-def _kept_outside_serializers(snapshot) -> int:
-    """Bytes traced, less what Ray's and torch's serializers allocate themselves (pickler memos and
-    caches that creep by about 1 KB per generation inside a long test session, whatever we keep)."""
-    import tracemalloc
-
-    skip = ("*/ray/_private/serialization.py", "*/ray/cloudpickle/*", "*/torch/serialization.py",
-            "*/torch/storage.py", "*/ray/actor.py", "*/ray/_private/worker.py", "*/tracemalloc.py")
-    kept = snapshot.filter_traces([tracemalloc.Filter(False, pattern) for pattern in skip])
-    return sum(stat.size for stat in kept.statistics("filename"))
+def _ours_alive() -> int:
+    """Live objects of mesh-ray's own types (records, stats, caches) in this process."""
+    return sum(1 for o in gc.get_objects() if str(getattr(type(o), "__module__", "")).startswith("mesh_ray"))
 
 
 def test_generations_leave_no_growth_in_the_store_or_the_split(mesh, tiny_ckpts):
@@ -152,23 +148,20 @@ def test_generations_leave_no_growth_in_the_store_or_the_split(mesh, tiny_ckpts)
         full = split.generations_kept + 2
         txt, y = random_conditioning(split.config, seed=4)
         used, refs, traced = [], [], []
-        tracemalloc.start()  # from the first generation: what the caches hold is traced by the time they are full
-        try:
-            for k in range(full + 12):
-                generate(split, txt, y, seed=k, **gen)
-                assert not split.recovery.calls
-                used.append(store_bytes_used())
-                refs.append(len(core.get_all_reference_counts()))
-                if k >= full:
-                    gc.collect()  # cyclic garbage is freed at the collector's whim: count only what is kept
-                    traced.append(_kept_outside_serializers(tracemalloc.take_snapshot()))
-        finally:
-            tracemalloc.stop()
+        for k in range(full + 12):
+            generate(split, txt, y, seed=k, **gen)
+            assert not split.recovery.calls
+            used.append(store_bytes_used())
+            refs.append(len(core.get_all_reference_counts()))
+            if k >= full:
+                gc.collect()  # cyclic garbage is freed at the collector's whim: count only what is kept
+                traced.append(_ours_alive())
         assert split.generations_cached <= split.generations_kept
     assert None not in used
     early, late = max(used[full - 4 : full]), max(used[full + 4 :])
     assert late <= early + 1_000_000, used  # no trend beyond noise once the caches are full
     assert max(refs[full:]) <= max(refs[full - 4 : full]), refs  # refs held: bounded by the caches
-    # Python memory the driver keeps, once the caches are full: keeping one StepStats (split.last) per
-    # generation adds about 3.3 KB between these windows outside the serializers; none: 0.1-0.6 KB
-    assert min(traced[-4:]) - min(traced[1:5]) < 2_000, traced  # the first sample: before one-time setup
+    # Objects of ours the driver keeps, once the caches are full, do not grow (keeping one StepStats,
+    # split.last, per generation would). Bytes are not compared: Ray's and torch's serializer caches
+    # creep by 0.1-3 KB over these generations in a long session, whatever we keep.
+    assert max(traced[-4:]) <= max(traced[:4]), traced
