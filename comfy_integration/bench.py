@@ -73,10 +73,9 @@ def run_comfy_bench(comfy_path: str | None = None, hidden: int = 512, depth: int
             loaded_after = split.loaded_size()
             bytes_after = split.model_size()
         finally:
-            from comfy_integration.nodes_mesh import _live
+            from comfy_integration.nodes_mesh import close_all_splits
 
-            for remote in _live.values():
-                remote.close()
+            close_all_splits()
             mm.unload_all_models()
     step_local, step_split = statistics.median(local_ms), statistics.median(split_ms)
     return {"hidden": hidden, "blocks": depth + single, "n_blocks_remote": n_blocks_remote,

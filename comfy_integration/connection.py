@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import ray
 
 from mesh_ray import Mesh, connect
-from mesh_ray.cluster_access import probe_tcp, resolve_address
+from mesh_ray.cluster.access import probe_tcp, resolve_address
 from mesh_ray.errors import ClusterError
 
 _lock = threading.RLock()

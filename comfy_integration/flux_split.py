@@ -25,12 +25,13 @@ import torch
 from mesh_ray.actors.shards import default_cache_dir
 from mesh_ray.config import SplitOptions, StageSpec
 from mesh_ray.errors import ConfigError, MeshError, StageError
-from mesh_ray.lora import LoraSet, send
+from mesh_ray.models.lora import LoraSet
+from mesh_ray.split.lora import send
 from mesh_ray.mesh import Mesh
 from mesh_ray.models.blocks import BlockRange
 from mesh_ray.models.checkpoint import save_checkpoint, shard_digest
 from mesh_ray.models.flux import FluxConfig
-from mesh_ray.split import SplitModel
+from mesh_ray.split.model import SplitModel
 
 from .connection import live_mesh
 from .registry import record_split
@@ -151,7 +152,7 @@ class RemoteBlocks:
         """The live split, created now if there is none (first use, closed, or after a death)."""
         with self._lock:
             self._follow_cluster()
-            if self.split is None or self.split._closed:
+            if self.split is None or self.split.closed:
                 self._build()
             return self.split
 
@@ -180,7 +181,7 @@ class RemoteBlocks:
     def alive(self, timeout_s: float = PING_TIMEOUT_S) -> bool:
         """Whether every stage actor answers."""
         split = self.split
-        if split is None or split._closed:
+        if split is None or split.closed:
             return False
         refs = [s.actor.ready.remote() for s in split.segments if s.actor is not None]
         try:

@@ -2,7 +2,7 @@
 
 LoraLoader / LoraLoaderModelOnly add weight patches to the ModelPatcher; for the blocks that run on
 stages they are converted here (ComfyUI's ``lora`` with alpha/mid, ``loha``, ``lokr`` and plain
-``diff`` patches, offsets included) and applied there by ``mesh_ray.lora`` with ComfyUI's math.
+``diff`` patches, offsets included) and applied there by ``mesh_ray.models.lora`` with ComfyUI's math.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from mesh_ray.errors import ConfigError
-from mesh_ray.lora import LoraSet, Patch
+from mesh_ray.models.lora import LoraSet, Patch
 from mesh_ray.models.blocks import BlockRange
 
 PREFIX = "diffusion_model."

@@ -7,7 +7,7 @@ import threading
 from mesh_ray.codec import CodecSpec
 from mesh_ray.config import SplitOptions
 from mesh_ray.errors import MeshError
-from mesh_ray.lora import digest
+from mesh_ray.models.lora import digest
 
 from .connection import live_mesh, mesh_for
 from .flux_split import RemoteBlocks, compute_dtype, flux_config, flux_module, shard_file, split_clone
@@ -17,6 +17,16 @@ from .plan import describe, plan_stages, remote_ranges
 
 _live: dict[str, RemoteBlocks] = {}  # MeshSplitFlux node id -> its stages (closed when the node re-runs)
 _live_lock = threading.Lock()
+
+
+def close_all_splits() -> int:
+    """Close the stages of every split node of this process (benchmarks, shutdown); how many there were."""
+    with _live_lock:
+        remotes = list(_live.values())
+        _live.clear()
+    for remote in remotes:
+        remote.close()
+    return len(remotes)
 
 
 @mesh_node("connect", "Connect this ComfyUI process to Ray (embedded, or a cluster). Reused across queues.",

@@ -29,9 +29,9 @@ from .connection import live_mesh
 from .registry import prompt_server
 from .node_spec import mesh_node
 from mesh_ray.errors import ConfigError, MeshError
-from mesh_ray.images import latent_to_rgb
-from mesh_ray.promise import Promise, SaveHandle
-from mesh_ray.vae_service import MODES, VaeService
+from mesh_ray.models.images import latent_to_rgb
+from mesh_ray.vae.promise import Promise, SaveHandle
+from mesh_ray.vae.service import MODES, VaeService
 
 log = logging.getLogger("mesh_ray.comfy")
 

@@ -21,12 +21,12 @@ _EXPORTS = {
     "OffloadSpec": "mesh_ray.memory",
     "inspect": "mesh_ray.models.checkpoint", "load_blocks": "mesh_ray.models.checkpoint",
     "write_random_checkpoint": "mesh_ray.models.checkpoint",
-    "Promise": "mesh_ray.promise", "save_promised": "mesh_ray.promise",
-    "ImageRequest": "mesh_ray.pipeline", "ManyResult": "mesh_ray.pipeline", "generate_many": "mesh_ray.pipeline",
-    "Plan": "mesh_ray.planner", "auto_plan": "mesh_ray.planner", "plan_for": "mesh_ray.planner",
-    "generate": "mesh_ray.sampler", "random_conditioning": "mesh_ray.sampler", "schedule": "mesh_ray.sampler",
-    "SplitModel": "mesh_ray.split",
-    "VaeService": "mesh_ray.vae_service",
+    "Promise": "mesh_ray.vae.promise", "save_promised": "mesh_ray.vae.promise",
+    "ImageRequest": "mesh_ray.split.pipeline", "ManyResult": "mesh_ray.split.pipeline", "generate_many": "mesh_ray.split.pipeline",
+    "Plan": "mesh_ray.split.plan", "auto_plan": "mesh_ray.split.planner", "plan_for": "mesh_ray.split.planner",
+    "generate": "mesh_ray.split.sampler", "random_conditioning": "mesh_ray.split.sampler", "schedule": "mesh_ray.split.sampler",
+    "SplitModel": "mesh_ray.split.model",
+    "VaeService": "mesh_ray.vae.service",
 }
 
 

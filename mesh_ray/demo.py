@@ -15,8 +15,8 @@ from mesh_ray.mesh import connect
 from mesh_ray.models.checkpoint import inspect, load_blocks, write_random_checkpoint
 from mesh_ray.models.flux import build
 from mesh_ray.models.vae import write_random_vae
-from mesh_ray.images import latent_to_rgb, save_images, write_png
-from mesh_ray.sampler import generate, random_conditioning
+from mesh_ray.models.images import latent_to_rgb, save_images, write_png
+from mesh_ray.split.sampler import generate, random_conditioning
 
 
 def _timed_generate(model: Any, txt: torch.Tensor, y: torch.Tensor | None, *, size: int, steps: int, seed: int,

@@ -6,14 +6,15 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from mesh_ray.cluster import describe_resources, ensure_ray
+from mesh_ray.cluster.resources import describe_resources
+from mesh_ray.cluster.connect import ensure_ray
 from mesh_ray.config import ConnectOptions, SplitOptions, StageSpec, load_settings
 from mesh_ray.errors import ClusterError
-from mesh_ray.split import SplitModel, make_split
+from mesh_ray.split.model import SplitModel, make_split
 
 if TYPE_CHECKING:
-    from mesh_ray.planner import Plan
-    from mesh_ray.vae_service import VaeService
+    from mesh_ray.split.plan import Plan
+    from mesh_ray.vae.service import VaeService
 
 
 class Mesh:
@@ -43,7 +44,7 @@ class Mesh:
         """
         chosen = None
         if plan is not None:
-            from mesh_ray.planner import resolve_plan
+            from mesh_ray.split.planner import resolve_plan
 
             chosen, stages, option_kwargs = resolve_plan(checkpoint, plan, stages, n_blocks_remote, plan_options,
                                                          option_kwargs)
@@ -59,7 +60,7 @@ class Mesh:
         ``VaeOptions`` fields (num_gpus, num_cpus, idle_timeout_s, output_dir, torch_threads, dtype,
         timeout_s), validated into one model: a bad one is a one-line ConfigError.
         """
-        from mesh_ray.vae_service import VaeService
+        from mesh_ray.vae.service import VaeService
 
         service = VaeService(checkpoint, replicas=replicas, **kwargs)
         self._services.append(service)

@@ -3,7 +3,7 @@
 Run on a bare GPU machine: ``python scripts/gpu_block_times.py OUT.json``.  It loads mesh_ray's
 models and profiling modules without the package's ``__init__`` (which imports Ray), times one
 double and one single block, the caller's front, free memory and the host link, and writes JSON
-that ``mesh_ray.planner.plan_for`` turns into plans for N such GPUs (``docs/gpu-results.md``).
+that ``mesh_ray.split.planner.plan_for`` turns into plans for N such GPUs (``docs/gpu-results.md``).
 """
 
 import json
@@ -20,7 +20,7 @@ sys.modules["mesh_ray"] = pkg
 import torch  # noqa: E402
 
 from mesh_ray.models.flux import preset  # noqa: E402
-from mesh_ray.profiling import measure_blocks, measure_front  # noqa: E402
+from mesh_ray.actors.profiling import measure_blocks, measure_front  # noqa: E402
 
 
 def host_round_trip_ms(nbytes: int, repeats: int = 10) -> float:

@@ -8,7 +8,7 @@ import json
 import sys
 
 from mesh_ray.models.flux import preset
-from mesh_ray.planner import plan_for
+from mesh_ray.split.planner import plan_for
 
 
 def main() -> None:

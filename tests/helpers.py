@@ -55,19 +55,25 @@ def last_json(out):
 
 
 def kill_actor(actor, timeout: float = 30.0) -> None:
-    """``ray.kill`` (restart allowed), then wait until the GCS has seen it: the kill is asynchronous,
-    and a call made at once could still run on the old process."""
+    """``ray.kill`` (restart allowed) on an actor whose ``info()`` reports its ``pid`` (a stage), then
+    wait until the old process is gone: the kill is asynchronous, and a call made at once could
+    still run on the old process.  Ray's public actor-state API (``ray.util.state``) needs the
+    dashboard, which the test cluster does not run, so the actor itself is asked: a call that fails
+    (dead, or restarting) or a new pid means the kill has landed."""
     import time
 
-    from ray._private import state
+    from ray.exceptions import GetTimeoutError, RayActorError
 
-    actor_id = actor._actor_id.hex()
-    before = state.actors(actor_id=actor_id).get("NumRestarts", 0)
+    before = ray.get(actor.info.remote(), timeout=timeout)["pid"]
     ray.kill(actor, no_restart=False)
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        info = state.actors(actor_id=actor_id)
-        if info.get("State") != "ALIVE" or info.get("NumRestarts", 0) > before:
+        try:
+            if ray.get(actor.info.remote(), timeout=1.0)["pid"] != before:
+                return
+        except RayActorError:  # ActorDiedError / ActorUnavailableError: the old process is gone
             return
+        except GetTimeoutError:  # queued behind a restart (or a long call): ask again
+            pass
         time.sleep(0.01)
-    raise AssertionError(f"actor {actor_id} still alive {timeout:g} s after ray.kill")
+    raise AssertionError(f"actor (pid {before}) still answering {timeout:g} s after ray.kill")

@@ -27,11 +27,11 @@ def connect_cmd(address: str) -> dict:
 
 def split_cmd(address: str, checkpoint: str) -> dict:
     """A 2-stage strict_spread split vs the local model: one generated image each, plus `mesh-ray status` meanwhile."""
-    from mesh_ray.images import latent_to_rgb
+    from mesh_ray.models.images import latent_to_rgb
     from mesh_ray.mesh import connect
     from mesh_ray.models.checkpoint import inspect, load_blocks
     from mesh_ray.models.flux import build
-    from mesh_ray.sampler import generate, random_conditioning
+    from mesh_ray.split.sampler import generate, random_conditioning
 
     info = inspect(checkpoint)
     local = build(info.config, "meta")
@@ -66,7 +66,7 @@ def metadata_cmd(address: str, new: str | None = None) -> dict:
     from ray._private import ray_constants
     from ray._raylet import GcsClient
 
-    from mesh_ray.cluster_access import present_token_if_available
+    from mesh_ray.cluster.access import present_token_if_available
 
     present_token_if_available()
     client = GcsClient(address=address)

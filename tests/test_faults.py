@@ -15,7 +15,7 @@ from ray.cluster_utils import Cluster
 from mesh_ray.bench.faults import remove_node
 from mesh_ray.errors import StageError
 from mesh_ray.mesh import connect
-from mesh_ray.sampler import generate, random_conditioning
+from mesh_ray.split.sampler import generate, random_conditioning
 
 from helpers import inputs, kill_actor, local_model
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import ray
 import torch
 
-from mesh_ray import metrics
-from mesh_ray.metrics import METRICS, read_metrics, total
+from mesh_ray.cluster import metrics
+from mesh_ray.cluster.metrics import METRICS, read_metrics, total
 from mesh_ray.models.vae import write_random_vae
-from mesh_ray.vae_service import VaeService
+from mesh_ray.vae.service import VaeService
 from mesh_ray.workflow import TESTING_NODES
 from mesh_ray.workflow.scheduler import Scheduler
 

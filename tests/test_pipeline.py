@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mesh_ray.errors import ConfigError
-from mesh_ray.pipeline import ImageRequest, generate_many
-from mesh_ray.sampler import generate, random_conditioning
+from mesh_ray.split.pipeline import ImageRequest, generate_many
+from mesh_ray.split.sampler import generate, random_conditioning
 
 
 def requests(cfg, n, steps=3, size=32):

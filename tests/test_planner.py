@@ -10,7 +10,8 @@ from mesh_ray.errors import ConfigError
 from mesh_ray.mesh import connect
 from mesh_ray.models.blocks import check_cover, parse_range
 from mesh_ray.models.flux import preset
-from mesh_ray.planner import ModelShape, Plan, plan_for
+from mesh_ray.split.plan import ModelShape, Plan
+from mesh_ray.split.planner import plan_for
 
 from helpers import inputs, local_model
 
@@ -118,7 +119,7 @@ def test_a_slow_caller_gets_its_front_on_the_stages():
 
 
 def test_mesh_split_runs_a_plan_with_the_front_on_the_stages(mesh, tiny_ckpts):
-    from mesh_ray.sampler import generate, random_conditioning
+    from mesh_ray.split.sampler import generate, random_conditioning
 
     path = str(tiny_ckpts["flux1"])
     cfg = local_model(path).config

@@ -5,7 +5,7 @@ import torch
 
 from mesh_ray.errors import ConfigError
 from mesh_ray.models.flux import PRESETS
-from mesh_ray.sampler import generate, initial_noise, random_conditioning, schedule
+from mesh_ray.split.sampler import generate, initial_noise, random_conditioning, schedule
 
 from helpers import local_model
 

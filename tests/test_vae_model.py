@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mesh_ray.images import save_images
+from mesh_ray.models.images import save_images
 from mesh_ray.errors import CheckpointError, ConfigError, MeshError
 from mesh_ray.models.flux import pack_latent
 from mesh_ray.models.vae import (TILED_TOLERANCE, VAE_PRESETS, VaeConfig, build_vae, inspect_vae, load_vae,

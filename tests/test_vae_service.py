@@ -12,8 +12,8 @@ from ray.exceptions import RayActorError
 
 from mesh_ray.errors import ClusterError, ConfigError
 from mesh_ray.models.vae import load_vae, write_random_vae
-from mesh_ray.promise import Promise, save_promised
-from mesh_ray.vae_service import VaeService
+from mesh_ray.vae.promise import Promise, save_promised
+from mesh_ray.vae.service import VaeService
 
 ACTOR_OPTS = dict(num_cpus=0.5, torch_threads=1)
 

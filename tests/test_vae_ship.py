@@ -7,7 +7,7 @@ import torch
 
 from mesh_ray.errors import ConfigError
 from mesh_ray.models.vae import load_vae, write_random_vae
-from mesh_ray.vae_service import VaeService
+from mesh_ray.vae.service import VaeService
 
 ACTOR_OPTS = dict(num_cpus=0.5, torch_threads=1)
 

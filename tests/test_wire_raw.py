@@ -12,7 +12,7 @@ from mesh_ray.actors.wire import RawTensor, pack_state, unpack_state
 from mesh_ray.codec import CodecSpec
 from mesh_ray.digest import DigestMemo
 from mesh_ray.models.flux import BlockState
-from mesh_ray.split import tensor_key
+from mesh_ray.split.model import tensor_key
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])

@@ -161,7 +161,7 @@ def _until(cond, timeout: float, what: str):
 
 def test_client_that_disconnects_has_its_runs_cancelled_and_cache_freed(ray_local, tmp_path):
     from mesh_ray.workflow.memory import store_bytes_used
-    from mesh_ray.workflow.service import _call
+    from mesh_ray.workflow.service import service_call
 
     address = ray_local.get_runtime_context().gcs_address
     script = tmp_path / "leaver.py"
@@ -177,17 +177,17 @@ def test_client_that_disconnects_has_its_runs_cancelled_and_cache_freed(ray_loca
         assert line, proc.stderr.read()[-2000:]
         running, queued = json.loads(line)
         _until(lambda: stay._do("status", running) == "running", 60, "the leaver's run to start")
-        info = _call(handle, "info")
+        info = service_call(handle, "info")
         assert "leaver" in info["clients"] and "leaver" in info["caches"]
         held = store_bytes_used()
         other = stay.submit(_sleep_graph(1.0, "other"))
         proc.kill()
         proc.wait(timeout=30)
-        _until(lambda: "leaver" in _call(handle, "info")["dropped"], 60, "the service to notice the client left")
+        _until(lambda: "leaver" in service_call(handle, "info")["dropped"], 60, "the service to notice the client left")
         for rid in (running, queued):
             r = stay._do("result", rid, 30.0, timeout=90)
             assert r["status"] == "cancelled" and "leaver disconnected" in r["error"], r
-        info = _until(lambda: (i := _call(handle, "info")) and "leaver" not in i["caches"] and i, 60, "its cache to go")
+        info = _until(lambda: (i := service_call(handle, "info")) and "leaver" not in i["caches"] and i, 60, "its cache to go")
         assert "leaver" not in info["clients"] and "stayer" in info["clients"]
         assert held is not None and _until(lambda: held - store_bytes_used() >= 30_000_000, 60, "the 40 MB to be freed")
         assert other.result(timeout=120).status == "finished"  # the other client was not touched

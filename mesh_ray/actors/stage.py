@@ -1,7 +1,7 @@
 """Stage actor: holds one block range of a FLUX transformer on one device and runs it.
 
 A plain class; ``StageActor = ray.remote(StageClass)``.  Placement and resources are options at
-creation (see ``mesh_ray.split``), not code in here.
+creation (see ``mesh_ray.split.model``), not code in here.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import ray
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from mesh_ray import metrics
+from mesh_ray.cluster import metrics
 from mesh_ray.actors.device import dtype_name, pick_device
 from mesh_ray.actors.front import FrontInput, embed_input, finish_plan, front_keys, front_modules
 from mesh_ray.actors.records import GenConsts, LinkPlan
@@ -200,9 +200,9 @@ class StageClass:
         return result
 
     def set_lora(self, digest: str | None, box: list | None) -> dict:
-        """Patch this stage's blocks with a LoRA set (``mesh_ray.lora``; ``box`` = [ObjectRef]),
+        """Patch this stage's blocks with a LoRA set (``mesh_ray.models.lora``; ``box`` = [ObjectRef]),
         replacing the previous set; None removes it.  The unpatched weights are kept to restore."""
-        from mesh_ray.lora import apply
+        from mesh_ray.models.lora import apply
 
         lset = ray.get(box[0], timeout=600) if box else {}
         backups = self.__dict__.setdefault("_lora_backups", {})

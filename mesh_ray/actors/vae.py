@@ -21,7 +21,7 @@ exits on its own after that long without work, which frees its GPU; ``reserve()`
 service before it sends work to a replica that has been idle a while) resets the idle clock or
 answers False when the actor is already leaving, so no request is sent to an exiting actor.
 
-PNGs are written with ``mesh_ray.images`` (atomic: temporary name, then rename).
+PNGs are written with ``mesh_ray.models.images`` (atomic: temporary name, then rename).
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ import torch
 from mesh_ray.actors.device import pick_device
 from mesh_ray.actors.shards import ShardCache
 from mesh_ray.errors import ClusterError, ConfigError
-from mesh_ray import metrics
-from mesh_ray.images import remove_stale_tmp, save_images, to_uint8
+from mesh_ray.cluster import metrics
+from mesh_ray.models.images import remove_stale_tmp, save_images, to_uint8
 
 log = logging.getLogger("mesh_ray.vae")
 

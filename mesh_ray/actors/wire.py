@@ -15,11 +15,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from mesh_ray import metrics
+from mesh_ray.cluster import metrics
 from mesh_ray.actors.device import DTYPES
 from mesh_ray.actors.records import Hop, LinkPlan
 from mesh_ray.codec import decode, encode_with_metrics
 from mesh_ray.models.flux import BlockState
+
+# A borrowed read-only buffer (RawTensor.tensor(borrow=True)): torch warns that it is not writable; the
+# receiver never writes into its input.  Filtered once here: catch_warnings per call is process-global
+# and not thread-safe.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 
 @dataclass
@@ -40,9 +45,7 @@ class RawTensor:
         """The tensor; a buffer Ray handed out read-only is copied unless ``borrow`` (the receiver
         never writes into its input, as a stage does not)."""
         arr = self.array if borrow or self.array.flags.writeable else self.array.copy()
-        with warnings.catch_warnings():  # a borrowed read-only buffer: torch warns, nothing writes to it
-            warnings.simplefilter("ignore", UserWarning)
-            t = torch.from_numpy(arr)
+        t = torch.from_numpy(arr)
         return t.view(torch.bfloat16) if self.dtype == "bfloat16" else t
 
 

@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mesh_ray.bench import text_table
+from mesh_ray.tables import text_table
 from mesh_ray.codec import decode, encode, error_stats
 from mesh_ray.codec.quant import truncate_minmax
 

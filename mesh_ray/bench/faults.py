@@ -27,7 +27,7 @@ from typing import Any, Callable
 import ray
 import torch
 
-from mesh_ray.bench import text_table
+from mesh_ray.tables import text_table
 from mesh_ray.bench.soak import change, rss, soak, trend
 from mesh_ray.workflow.graph import Graph, validate_graph
 from mesh_ray.workflow.memory import store_bytes_used
@@ -66,7 +66,7 @@ def remove_node(cluster: Any, node_id: str, timeout_s: float = 90.0) -> None:
 
 
 def _stage_kill(split, txt, y, gen: dict) -> dict:
-    from mesh_ray.sampler import generate
+    from mesh_ray.split.sampler import generate
 
     clean, clean_s = _timed(lambda: generate(split, txt, y, **gen))
 
@@ -81,7 +81,7 @@ def _stage_kill(split, txt, y, gen: dict) -> dict:
 
 
 def _node_loss(cluster, mesh, ckpt: str, txt, y, gen: dict, cache_dir: str) -> dict:
-    from mesh_ray.sampler import generate
+    from mesh_ray.split.sampler import generate
 
     with mesh.split(ckpt, ship="always", cache_dir=cache_dir, **STAGE_OPTS) as split:
         clean, clean_s = _timed(lambda: generate(split, txt, y, **gen))
@@ -102,7 +102,7 @@ def _node_loss(cluster, mesh, ckpt: str, txt, y, gen: dict, cache_dir: str) -> d
 
 
 def _vae_kill(vae_path: str, out_dir: Path, n: int) -> dict:
-    from mesh_ray.vae_service import VaeService
+    from mesh_ray.vae.service import VaeService
 
     lats = [torch.randn(1, 16, 48, 48, generator=torch.Generator().manual_seed(s)) for s in range(n)]
     with VaeService(vae_path, replicas=2, num_cpus=0.5, torch_threads=1, output_dir=out_dir) as svc:
@@ -159,7 +159,7 @@ def _graph(tag: str, seconds: float = 0.2) -> Graph:
 
 
 def _client_disconnect(address: str, tmp: Path) -> dict:
-    from mesh_ray.workflow.service import Workflows, _call, find_service
+    from mesh_ray.workflow.service import Workflows, find_service, service_call
 
     script = tmp / "leaver.py"
     script.write_text(LEAVER)
@@ -177,7 +177,7 @@ def _client_disconnect(address: str, tmp: Path) -> dict:
         proc.kill()
         t0 = time.perf_counter()
         handle = find_service()
-        while "leaver" not in _call(handle, "info")["dropped"] and time.perf_counter() - t0 < 120:
+        while "leaver" not in service_call(handle, "info")["dropped"] and time.perf_counter() - t0 < 120:
             time.sleep(0.1)
         states = [stay._do("result", rid, 30.0, timeout=90)["status"] for rid in (running, queued)]
         noticed = time.perf_counter() - t0
@@ -227,7 +227,7 @@ def _leak_figures(rows: list[dict], count_key: str, count: int, warm: int, worke
 
 
 def _split_leaks(split, txt, y, gen: dict, generations: int) -> dict:
-    from mesh_ray.sampler import generate
+    from mesh_ray.split.sampler import generate
 
     def sample() -> dict:
         return {"driver_rss": rss(), "stage_rss": [i["rss_bytes"] for i in split.stage_info()],
@@ -239,7 +239,7 @@ def _split_leaks(split, txt, y, gen: dict, generations: int) -> dict:
 
 
 def _promise_leaks(vae_path: str, out_dir: Path, decodes: int) -> dict:
-    from mesh_ray.vae_service import VaeService
+    from mesh_ray.vae.service import VaeService
 
     lat = torch.randn(1, 16, 32, 32, generator=torch.Generator().manual_seed(5))
     with VaeService(vae_path, replicas=1, num_cpus=0.5, torch_threads=1, output_dir=out_dir) as svc:
@@ -307,7 +307,7 @@ def run_faults_bench(generations: int = 20, decodes: int = 20, clients: int = 8,
     from mesh_ray.mesh import connect
     from mesh_ray.models import write_random_checkpoint
     from mesh_ray.models.vae import write_random_vae
-    from mesh_ray.sampler import random_conditioning
+    from mesh_ray.split.sampler import random_conditioning
     from mesh_ray.workflow.service import serve, stop_service
 
     os.environ.setdefault("RAY_free_objects_period_milliseconds", "20")

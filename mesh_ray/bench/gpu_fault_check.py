@@ -34,7 +34,7 @@ def run(out_dir: Path, double: int, single: int, steps: int, size: int) -> dict:
     from mesh_ray.mesh import connect
     from mesh_ray.models.checkpoint import save_checkpoint
     from mesh_ray.models.flux import PRESETS, random_state_dict
-    from mesh_ray.sampler import generate, random_conditioning
+    from mesh_ray.split.sampler import generate, random_conditioning
 
     gpu = torch.cuda.is_available()
     base = PRESETS["flux1-dev" if gpu else "tiny-flux1"]

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from mesh_ray.actors.device import resolve_dtype
-from mesh_ray.bench import text_table
+from mesh_ray.tables import text_table
 from mesh_ray.errors import ConfigError
 from mesh_ray.memory.offload import AutoOffload, resolve_device
 from mesh_ray.models.flux import Flux, FluxConfig, build, default_axes_dim, position_ids, random_state_dict

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from mesh_ray.bench import goals, text_table
+from mesh_ray.bench import goals
+from mesh_ray.tables import text_table
 from mesh_ray.bench.progress import BenchProgress
 from mesh_ray.bench.split import bench_config
 from mesh_ray.errors import ConfigError
@@ -28,9 +29,10 @@ from mesh_ray.mesh import connect
 from mesh_ray.models.blocks import split_evenly
 from mesh_ray.models.checkpoint import load_blocks, write_random_checkpoint
 from mesh_ray.models.flux import build
-from mesh_ray.pipeline import ImageRequest, generate_many
-from mesh_ray.planner import Plan, auto_plan, plan_for
-from mesh_ray.sampler import generate, random_conditioning
+from mesh_ray.split.pipeline import ImageRequest, generate_many
+from mesh_ray.split.plan import Plan
+from mesh_ray.split.planner import auto_plan, plan_for
+from mesh_ray.split.sampler import generate, random_conditioning
 
 
 # The slow-stage section's blocks: fine enough for a 2:1 cut.  With exactly 2:1 devices the best cut beats

@@ -12,7 +12,7 @@ import os
 import time
 from typing import Any
 
-from mesh_ray.bench import text_table
+from mesh_ray.tables import text_table
 from mesh_ray.bench.goals import RELEASE as G
 from mesh_ray.workflow.graph import validate_graph
 from mesh_ray.workflow.memory import fmt_bytes, min_live_bytes, store_bytes_used

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from mesh_ray.bench import goals, median_ms
-from mesh_ray.images import save_images
+from mesh_ray.models.images import save_images
 from mesh_ray.mesh import connect
 from mesh_ray.models.flux import PRESETS, build, random_state_dict
 from mesh_ray.models.vae import VAE_PRESETS, write_random_vae
-from mesh_ray.sampler import generate, random_conditioning
+from mesh_ray.split.sampler import generate, random_conditioning
 
 GOALS = goals.VAE
 
@@ -38,7 +38,7 @@ def run_vae_bench(generations: int = 6, size: int = 512, arch: str = "flux1", va
     ``vae_width`` overrides the VAE preset's base width ``ch`` (None keeps it).
     ``rounds`` alternations of wait and promise; each mode's fastest round is reported.
     """
-    from mesh_ray.vae_service import VaeService
+    from mesh_ray.vae.service import VaeService
 
     load_before = os.getloadavg()[0]
     cfg = PRESETS[f"tiny-{arch}"]

@@ -30,9 +30,7 @@ class Codec(str, Enum):
 
 
 def main() -> None:
-    """Console-script entry point."""
-    import mesh_ray.cli  # noqa: F401 - registers every command on ``app``
-
+    """Console-script entry point (``mesh_ray.cli:main``: importing the package registers every command)."""
     try:
         app()
     except KeyboardInterrupt:  # pragma: no cover

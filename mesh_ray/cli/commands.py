@@ -45,9 +45,9 @@ def inspect_cmd(checkpoint: str = typer.Argument(..., help="A .safetensors FLUX 
 def status(address: Optional[str] = typer.Option(None, help="Ray address (default: RAY_ADDRESS or 'auto')."),
            as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
     """Nodes with their resources, the mesh actors on each (block range, device, memory), where this driver is."""
-    from mesh_ray.cluster import ray_address
+    from mesh_ray.cluster.connect import ray_address
     from mesh_ray.mesh import connect
-    from mesh_ray.status import collect, render
+    from mesh_ray.cluster.status import collect, render
 
     result = guard(lambda: collect(connect(ray_address(address, "auto"))))
     if as_json:
@@ -70,8 +70,8 @@ def plan_cmd(checkpoint: str = typer.Argument(..., help="A .safetensors FLUX che
              as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")) -> None:
     """Measure the candidate devices and the caller, then print block ranges per stage, predicted images/s and the bottleneck."""
     from mesh_ray.mesh import connect
-    from mesh_ray.planner import auto_plan
-    from mesh_ray.profiling import tokens_for
+    from mesh_ray.split.planner import auto_plan
+    from mesh_ray.actors.profiling import tokens_for
 
     def body():
         tokens_for(width, height)  # a bad size fails before Ray starts

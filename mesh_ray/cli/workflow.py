@@ -82,7 +82,7 @@ def run_cmd(graph: str = typer.Argument(..., help="Workflow graph in ComfyUI API
                      "(default mesh_ray.)."),
             as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object (last line).")) -> None:
     """Run a workflow graph on the cluster (or embedded) with a progress display."""
-    from mesh_ray.cluster import ray_address
+    from mesh_ray.cluster.connect import ray_address
     from mesh_ray.workflow.graph import read_graph, validate_graph
     from mesh_ray.workflow.service import Workflows
 
@@ -111,7 +111,7 @@ def serve_cmd(address: Optional[str] = typer.Option(None, help="Ray cluster addr
               stop: bool = typer.Option(False, "--stop", help="Stop the running service instead."),
               as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
     """Start the shared workflow service (named, detached) on a running Ray cluster."""
-    from mesh_ray.cluster import ray_address
+    from mesh_ray.cluster.connect import ray_address
     from mesh_ray.mesh import connect
     from mesh_ray.workflow.service import SERVICE_NAME, serve, stop_service
 

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import ray
 
 from mesh_ray.errors import MeshError
-from mesh_ray.rayutil import cause_line, ray_get
+from mesh_ray.cluster.ray_errors import cause_line, ray_get
 from mesh_ray.workflow.events import EventRelay, event
 from mesh_ray.workflow.graph import Graph, Link, NodeSpec, is_link, validate_graph
 from mesh_ray.workflow.memory import LiveSet

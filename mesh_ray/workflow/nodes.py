@@ -56,7 +56,7 @@ def write_random_vae_node(path: str, preset: str = "tiny-flux1", seed: int = 0, 
 def load_split_dit(checkpoint: str, stages: int = 2, n_blocks_remote: int | None = None, codec: str = "raw",
                    base_dir: str = ".") -> Any:
     """Split a FLUX checkpoint over stage actors (``Mesh.split``); the model lives in this node's host actor."""
-    from mesh_ray.split import make_split
+    from mesh_ray.split.model import make_split
 
     ckpt = _path(base_dir, checkpoint)
     if n_blocks_remote is not None:
@@ -68,7 +68,7 @@ def load_split_dit(checkpoint: str, stages: int = 2, n_blocks_remote: int | None
 def sample(model: Any, width: int = 256, height: int = 256, steps: int = 4, seed: int = 0, guidance: float = 3.5,
            txt_len: int = 16, conditioning_seed: int = 0, progress: Any = None) -> Any:
     """Sample a latent [1, C, h, w] with seeded stand-in text conditioning; reports every step."""
-    from mesh_ray.sampler import generate, random_conditioning
+    from mesh_ray.split.sampler import generate, random_conditioning
 
     txt, y = random_conditioning(model.config, batch=1, txt_len=txt_len, seed=conditioning_seed)
     return generate(model, txt, y, width=width, height=height, steps=steps, seed=seed, guidance=guidance,
@@ -83,8 +83,8 @@ def sample_many(model: Any, count: int = 4, width: int = 256, height: int = 256,
     image i is ``Sample`` with seed + i and conditioning_seed + i; reports every step of every image."""
     import torch
 
-    from mesh_ray.pipeline import ImageRequest, generate_many
-    from mesh_ray.sampler import random_conditioning
+    from mesh_ray.split.pipeline import ImageRequest, generate_many
+    from mesh_ray.split.sampler import random_conditioning
 
     if count < 1:
         raise ConfigError(f"SampleMany count must be at least 1, got {count}")
@@ -106,7 +106,7 @@ def sample_many(model: Any, count: int = 4, width: int = 256, height: int = 256,
 @node("LatentPreview", outputs=("IMAGE",))
 def latent_preview(latent: Any) -> np.ndarray:
     """A latent -> images [B, H, W, 3] float 0..1 without a VAE (first three channels, stretched)."""
-    from mesh_ray.images import latent_to_rgb
+    from mesh_ray.models.images import latent_to_rgb
 
     return np.stack([latent_to_rgb(x) for x in latent]).astype(np.float32) / 255.0
 
@@ -114,7 +114,7 @@ def latent_preview(latent: Any) -> np.ndarray:
 @node("LoadVAE", outputs=("VAE",), host=True, num_cpus=0)  # the decoder replicas reserve their own
 def load_vae(checkpoint: str, replicas: int = 1, output_dir: str = "outputs/vae", base_dir: str = ".") -> Any:
     """Start a VAE decode service (``VaeService``) for a checkpoint; it lives in this node's host actor."""
-    from mesh_ray.vae_service import VaeService
+    from mesh_ray.vae.service import VaeService
 
     return VaeService(_path(base_dir, checkpoint), replicas=replicas, output_dir=_path(base_dir, output_dir))
 
@@ -145,7 +145,7 @@ def vae_decode(vae: Any, latent: Any, mode: str = "wait", save: str | None = Non
 def save_promised_image(images: Any, directory: str = "outputs/workflow", timeout_s: float = 600.0,
                         base_dir: str = ".") -> list[str]:
     """Write promised images once the decode finishes (the deferred "Save Promised Image")."""
-    from mesh_ray.promise import Promise, save_promised
+    from mesh_ray.vae.promise import Promise, save_promised
 
     if not isinstance(images, PromisedImages):
         raise ConfigError(f"SavePromisedImage takes the output of VAEDecode with mode 'promise', got "
@@ -158,7 +158,7 @@ def save_promised_image(images: Any, directory: str = "outputs/workflow", timeou
 def save_image(images: Any, directory: str = "outputs/workflow", prefix: str = "mesh_ray",
                metadata: dict | None = None, base_dir: str = ".") -> list[str]:
     """Write images [B, H, W, C] (0..1) as ``{directory}/{prefix}_{k:02d}.png``, atomically."""
-    from mesh_ray.images import save_images
+    from mesh_ray.models.images import save_images
 
     written = save_images(np.asarray(images), _path(base_dir, directory), metadata, stem=prefix, as_dir=True)
     return [str(p) for p in written]

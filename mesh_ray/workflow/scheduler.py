@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from mesh_ray import metrics
+from mesh_ray.cluster import metrics
 from mesh_ray.errors import ConfigError
 from mesh_ray.workflow.events import TERMINAL, event
 from mesh_ray.workflow.executor import LEVELS, Executor, RunResult, WorkflowError

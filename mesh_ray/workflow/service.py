@@ -25,9 +25,9 @@ from typing import Any, Callable, Iterator
 
 import ray
 
-from mesh_ray.cluster import ray_address
+from mesh_ray.cluster.connect import ray_address
 from mesh_ray.errors import ClusterError, ConfigError
-from mesh_ray.rayutil import ray_get
+from mesh_ray.cluster.ray_errors import ray_get
 from mesh_ray.workflow.events import TERMINAL
 from mesh_ray.workflow.executor import Executor, RunResult, WorkflowError
 from mesh_ray.workflow.graph import Graph, load_graph, read_graph, validate_graph
@@ -119,7 +119,7 @@ class ServiceGone(ClusterError):
     """The workflow service actor this client talked to is dead."""
 
 
-def _call(handle: Any, method: str, *args: Any, timeout: float = CALL_TIMEOUT_S) -> Any:
+def service_call(handle: Any, method: str, *args: Any, timeout: float = CALL_TIMEOUT_S) -> Any:
     """A service call with a timeout; Ray failures become one-line errors."""
     return ray_get(getattr(handle, method).remote(*args), timeout, f"the workflow service call {method}",
                    timeout_fix="check it with `mesh-ray status` or restart it with `mesh-ray serve`",
@@ -148,7 +148,7 @@ def serve(max_parallel: int = 2, timeout_s: float = 60.0) -> dict:
     A new service takes this process's node-module allow-list (``MESH_RAY_NODE_MODULE_PREFIXES``)."""
     handle = WorkflowService.options(name=SERVICE_NAME, namespace=SERVICE_NAMESPACE, lifetime="detached",
                                      get_if_exists=True).remote(max_parallel, list(allowed_prefixes()))
-    return _call(handle, "info", timeout=timeout_s)
+    return service_call(handle, "info", timeout=timeout_s)
 
 
 def stop_service(timeout_s: float = 30.0) -> bool:
@@ -157,7 +157,7 @@ def stop_service(timeout_s: float = 30.0) -> bool:
     if handle is None:
         return False
     try:
-        _call(handle, "shutdown", timeout=timeout_s)
+        service_call(handle, "shutdown", timeout=timeout_s)
     finally:
         ray.kill(handle)
     return True
@@ -229,7 +229,7 @@ class Workflows:
         self.client_id = client_id or f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:4]}"
         if remote:
             self._lease = new_lease(self.client_id)  # this driver owns it: the service sees when we go
-            self._service_id = _call(backend, "attach", self.client_id, self._lease)
+            self._service_id = service_call(backend, "attach", self.client_id, self._lease)
 
     @classmethod
     def connect(cls, address: str | None = None, service: bool | None = None, client_id: str | None = None,
@@ -248,11 +248,11 @@ class Workflows:
         if not self.remote:
             return getattr(self._backend, method)(*args)
         try:
-            return _call(self._backend, method, *args, timeout=timeout)
+            return service_call(self._backend, method, *args, timeout=timeout)
         except ServiceGone:
             self._reconnect()
         if method == "submit" or method == "runs":
-            return _call(self._backend, method, *args, timeout=timeout)
+            return service_call(self._backend, method, *args, timeout=timeout)
         run_id = args[0]
         raise WorkflowError(f"run {run_id} was lost when the workflow service restarted: submit it again")
 
@@ -264,7 +264,7 @@ class Workflows:
         if handle is None:
             raise gone
         try:
-            service_id = _call(handle, "attach", self.client_id, self._lease)
+            service_id = service_call(handle, "attach", self.client_id, self._lease)
         except ServiceGone:
             raise gone from None
         if service_id == self._service_id:

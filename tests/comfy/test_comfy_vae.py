@@ -56,7 +56,7 @@ def _decoded_here(name: str, latent):
     """What the same VAE gives when decoded in this process, as the uint8 a PNG holds."""
     import folder_paths
 
-    from mesh_ray.images import to_uint8
+    from mesh_ray.models.images import to_uint8
     from mesh_ray.models.vae import load_vae
 
     return to_uint8(load_vae(folder_paths.get_full_path("vae", name)).decode(latent, raw=True))[0]
@@ -100,7 +100,7 @@ def _wait_mode():
     import torch
 
     import mesh_ray
-    from mesh_ray.images import to_uint8
+    from mesh_ray.models.images import to_uint8
 
     name = _vae("wait-vae.safetensors", seed=3)
     latent = _latent(8, seed=4)

@@ -58,7 +58,7 @@ def initial_noise(config: FluxConfig, batch: int, height: int, width: int, seed:
 class SamplerRun:
     """One image's (or one batch's) Euler sampling: the latent, its inputs per step, the update.
 
-    ``generate`` and ``mesh_ray.pipeline.generate_many`` both drive this, so one image sampled
+    ``generate`` and ``mesh_ray.split.pipeline.generate_many`` both drive this, so one image sampled
     alone or among many takes exactly the same arithmetic.
     """
 

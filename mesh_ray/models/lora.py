@@ -1,4 +1,4 @@
-"""LoRA-family weight patches for FLUX blocks: read from files, shipped to stages, applied and removed.
+"""LoRA-family weight patches for FLUX blocks: read from files, applied and removed (no Ray here).
 
 A ``LoraSet`` maps a weight name in the BFL layout (``double_blocks.3.img_attn.qkv.weight``) to its
 patches.  Each ``Patch`` is plain tensors (``lora`` up/down/mid, ``loha``, ``lokr``, ``diff``), an
@@ -252,36 +252,4 @@ def merge(sets: Iterable[LoraSet]) -> LoraSet:
     return out
 
 
-def send(split, lset: LoraSet, dg: str | None) -> None:
-    """Apply ``lset`` on every remote stage of ``split`` (each gets only its blocks' patches)."""
-    import ray
-
-    calls = []
-    for seg in split.segments:
-        if seg.actor is None:
-            continue
-        sub = subset(lset, [seg.range])
-        calls.append((seg, seg.actor.set_lora.remote(dg if sub else None, [ray.put(sub)] if sub else None)))
-    for seg, ref in calls:
-        split._get(ref, seg, split.options.start_timeout_s, "applying LoRA patches")
-
-
-def set_split_loras(split, loras: list[tuple[str | os.PathLike, float]]) -> str | None:
-    """``SplitModel.set_loras``: read the files, patch the local blocks here and the rest on the stages."""
-    from mesh_ray.models.flux import build
-
-    cfg = split.config
-    names = [k for k in build(cfg, "meta").state_dict() if k.startswith(("double_blocks.", "single_blocks."))]
-    lset = merge(read_lora(p, float(s), names, cfg.depth, cfg.depth_single_blocks, cfg.hidden_size, cfg.mlp_hidden)
-                 for p, s in loras)
-    dg = digest(lset) if lset else None
-    local = [seg.range for seg in split.segments if seg.spec.local]
-    loaded = not any(p.is_meta for r in local for b in r for p in split.model.block(b).parameters())
-    if local and loaded:  # a split made with load_local=False (inside ComfyUI) has no local weights here
-        apply(split.model, subset(lset, local), split.__dict__.setdefault("_lora_backups", {}))
-    send(split, lset, dg)
-    return dg
-
-
-__all__ = ["LoraSet", "Patch", "apply", "delta", "digest", "merge", "patched", "read_lora", "send",
-           "set_split_loras", "subset"]
+__all__ = ["LoraSet", "Patch", "apply", "delta", "digest", "merge", "patched", "read_lora", "subset"]

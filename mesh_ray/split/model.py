@@ -27,16 +27,16 @@ from mesh_ray.actors.shards import default_cache_dir, send_shard
 from mesh_ray.actors.stage import GENERATIONS_KEPT, StageActor, StageInit, move_cond
 from mesh_ray.actors.wire import pack_state, unpack_state, with_cached_text
 from mesh_ray.codec import choose_spec
-from mesh_ray.cluster import default_num_gpus, explain_unschedulable, node_affinity
+from mesh_ray.cluster.resources import default_num_gpus, explain_unschedulable, node_affinity
 from mesh_ray.config import SplitOptions, StageSpec, load_settings, validate
 from mesh_ray.errors import ClusterError, ConfigError, MeshError, StageError
 from mesh_ray.models.blocks import BlockRange, check_cover, locate
 from mesh_ray.models.checkpoint import CheckpointInfo, inspect, load_blocks
 from mesh_ray.models.flux import BlockCond, BlockState, Flux, build
-from mesh_ray.patch_args import across_boundary, patch_cond
+from mesh_ray.split.patch_args import across_boundary, patch_cond
 from mesh_ray.digest import DigestMemo, tensor_digest
-from mesh_ray.rayutil import ray_error
-from mesh_ray.recovery import ChainCall, Recovery
+from mesh_ray.cluster.ray_errors import ray_error
+from mesh_ray.split.recovery import ChainCall, Recovery
 
 
 @dataclass
@@ -138,7 +138,7 @@ class SplitModel:
         self._pg = None
         self._closed = False
         self._default_gpus = default_num_gpus()
-        self.recovery = Recovery(self)  # stage restart + step retry (mesh_ray/recovery.py)
+        self.recovery = Recovery(self)  # stage restart + step retry (mesh_ray/split/recovery.py)
         # front="stage": the first stage embeds, the last runs the final layer, the caller holds no weights
         self.front_on_stage = check_front(options.front, [s.index for s in self.segments if s.spec.local])
         # The caller's part: embedders, final layer, and blocks of local segments only (none when
@@ -165,13 +165,20 @@ class SplitModel:
             for b in r:
                 self.model.block(b).to(self.device)
 
-    def _num_gpus(self, spec: StageSpec) -> float:
+    def holds_front(self, seg: Segment) -> tuple[bool, bool]:
+        """(embeds, finishes): whether ``seg`` runs the embedders / the final layer.  Only with
+        front='stage', where every segment is remote: the first one embeds, the last one finishes."""
+        if not self.front_on_stage:
+            return False, False
+        return seg is self.segments[0], seg is self.segments[-1]
+
+    def num_gpus(self, spec: StageSpec) -> float:
         """GPUs a stage asks for: its own setting, else one when the cluster has GPUs."""
         return spec.num_gpus if spec.num_gpus is not None else self._default_gpus
 
     def _stage_options(self, seg: Segment, bundle: int | None) -> dict:
         spec = seg.spec
-        opts: dict[str, Any] = {"num_cpus": spec.num_cpus, "num_gpus": self._num_gpus(spec),
+        opts: dict[str, Any] = {"num_cpus": spec.num_cpus, "num_gpus": self.num_gpus(spec),
                                 "name": f"mesh-ray/{self.id}/stage{seg.index}",
                                 "max_restarts": self.options.max_restarts}
         if spec.node:
@@ -190,7 +197,7 @@ class SplitModel:
 
         bundles = []
         for seg in remote:
-            need = {"CPU": seg.spec.num_cpus, "GPU": self._num_gpus(seg.spec)}
+            need = {"CPU": seg.spec.num_cpus, "GPU": self.num_gpus(seg.spec)}
             bundles.append({k: v for k, v in need.items() if v} or {"CPU": 0.01})
         self._pg = placement_group(bundles, strategy=self.options.placement.upper())
         try:
@@ -210,24 +217,24 @@ class SplitModel:
                              dtype=seg.spec.dtype or self.options.dtype or "auto", cache_dir=cache_dir,
                              torch_threads=seg.spec.torch_threads or self.options.torch_threads
                              or (torch.get_num_threads() if self.device.type == "cpu" else None),
-                             offload=self.options.offload, embed=self.front_on_stage and seg is remote[0],
-                             final=self.front_on_stage and seg is remote[-1])
+                             offload=self.options.offload, embed=self.holds_front(seg)[0],
+                             final=self.holds_front(seg)[1])
             seg.actor = StageActor.options(**self._stage_options(seg, k)).remote(init)
         for seg in remote:
-            need = {"CPU": seg.spec.num_cpus, "GPU": self._num_gpus(seg.spec)}
+            need = {"CPU": seg.spec.num_cpus, "GPU": self.num_gpus(seg.spec)}
             try:
                 ray.get(seg.actor.ready.remote(), timeout=self.options.start_timeout_s)
             except GetTimeoutError:
                 raise ClusterError(explain_unschedulable(need, f"stage {seg.index} ({seg.range})")) from None
             except Exception as e:  # noqa: BLE001 - a stage that died while starting: one line, not a traceback
                 raise self.stage_error(e, seg, self.options.start_timeout_s, "starting") from None
-        loads = [self._load(seg) for seg in remote]
+        loads = [self.load_stage(seg) for seg in remote]
         for seg, ref in zip(remote, loads):
-            info = self._get(ref, seg, self.options.start_timeout_s, "loading the blocks")
+            info = self.stage_get(ref, seg, self.options.start_timeout_s, "loading the blocks")
             seg.node_id, seg.dtype = info["node_id"], DTYPES[info["dtype"]]
-        self._plan_links()
+        self.plan_links()
 
-    def _plan_links(self) -> None:
+    def plan_links(self) -> None:
         """Plan every link from its two ends: codec spec from where they run (auto: raw on one node),
         wire dtype the narrower of their compute dtypes."""
         here = ray.get_runtime_context().get_node_id()
@@ -246,19 +253,19 @@ class SplitModel:
             nxt = segs[i + 1] if i + 1 < len(segs) and not segs[i + 1].spec.local else None
             seg.in_plan, seg.out_plan = plan(prev, seg), plan(seg, nxt)
 
-    def _load(self, seg: Segment) -> Any:
+    def load_stage(self, seg: Segment) -> Any:
         """Load from the worker's own file when it can read it, else ship the shard once."""
-        readable = self._get(seg.actor.can_read_checkpoint.remote(), seg, 60, "checking the checkpoint")
+        readable = self.stage_get(seg.actor.can_read_checkpoint.remote(), seg, 60, "checking the checkpoint")
         if readable and self.options.ship != "always":
             return seg.actor.load_from_file.remote()
         if self.options.ship == "never":
             raise StageError(f"stage {seg.index} cannot read {seg.spec.checkpoint_path or self.checkpoint} on its "
                              f"node and ship='never': copy the file there, set checkpoint_path, or allow ship='auto'")
-        sd = load_blocks(self.checkpoint, [seg.range], non_block=self.front_on_stage and seg.index in (0, len(self.segments) - 1),
+        sd = load_blocks(self.checkpoint, [seg.range], non_block=any(self.holds_front(seg)),
                          info=self.info)
-        return send_shard(seg.actor, sd, lambda ref, doing: self._get(ref, seg, 60, doing))
+        return send_shard(seg.actor, sd, lambda ref, doing: self.stage_get(ref, seg, 60, doing))
 
-    def _get(self, ref: Any, seg: Segment | None, timeout: float, doing: str) -> Any:
+    def stage_get(self, ref: Any, seg: Segment | None, timeout: float, doing: str) -> Any:
         try:
             return ray.get(ref, timeout=timeout)
         except Exception as e:  # noqa: BLE001 - every failure becomes one line
@@ -476,11 +483,16 @@ class SplitModel:
         """Apply LoRA safetensors files ``[(path, strength), ...]`` (BFL/ComfyUI, kohya ``lora_unet_``
         or diffusers PEFT keys) to every block of this split, replacing earlier ones; ``[]`` removes
         them.  Returns the set's content hash (None when empty)."""
-        from mesh_ray.lora import set_split_loras
+        from mesh_ray.split.lora import set_split_loras
 
         return set_split_loras(self, loras)
 
     # -- info and teardown ----------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close()`` ran: its stages are gone."""
+        return self._closed
 
     @property
     def stages(self) -> list[Segment]:
@@ -502,7 +514,7 @@ class SplitModel:
             if seg.spec.local:
                 out.append({"kind": "local", "index": seg.index, "blocks": str(seg.range), "device": str(self.device)})
             else:
-                out.append(self._get(seg.actor.info.remote(), seg, timeout_s, "reporting its info"))
+                out.append(self.stage_get(seg.actor.info.remote(), seg, timeout_s, "reporting its info"))
         return out
 
     def close(self) -> None:

@@ -33,14 +33,14 @@ from ray.exceptions import RayActorError
 
 from mesh_ray.actors.shards import send_shard
 from mesh_ray.actors.vae import VaeDecoderActor, check_prefix
-from mesh_ray.cluster import default_num_gpus
+from mesh_ray.cluster.resources import default_num_gpus
 from mesh_ray.config import VaeOptions, validate
 from mesh_ray.errors import ClusterError, ConfigError
-from mesh_ray.images import save_images
+from mesh_ray.models.images import save_images
 from mesh_ray.models.vae import VaeInfo, check_tiling, inspect_vae, load_vae_state
 from mesh_ray.names import VAE_MODES, VaeMode
-from mesh_ray import metrics
-from mesh_ray.promise import Promise, actor_lost, decoder_error
+from mesh_ray.cluster import metrics
+from mesh_ray.vae.promise import Promise, actor_lost, decoder_error
 
 log = logging.getLogger("mesh_ray.vae")
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import ray
 
-log = logging.getLogger("mesh_ray.metrics")
+log = logging.getLogger("mesh_ray.cluster.metrics")
 
 MS_BUCKETS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000, 60000, 120000]
 

@@ -19,22 +19,19 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
 
-from mesh_ray import metrics
+from mesh_ray.cluster import metrics
 from mesh_ray.actors.device import DTYPES
 from mesh_ray.actors.stage import NotLoadedError
-from mesh_ray.cluster import explain_unschedulable
+from mesh_ray.cluster.resources import explain_unschedulable
 from mesh_ray.errors import StageError
-from mesh_ray.rayutil import error_cause
+from mesh_ray.cluster.ray_errors import error_cause
 
-if TYPE_CHECKING:
-    from mesh_ray.split import Segment, SplitModel
-
-log = logging.getLogger("mesh_ray.recovery")
+log = logging.getLogger("mesh_ray.split.recovery")
 
 POLL_S = 0.2  # how often a restarting stage is asked whether it is back
 
@@ -43,6 +40,20 @@ def stage_lost(e: BaseException) -> bool:
     """True when a step failed because a stage's worker died (or came back without its weights)."""
     cause = error_cause(e) if isinstance(e, RayTaskError) else e
     return isinstance(cause, (RayActorError, ObjectLostError, NotLoadedError))
+
+
+class Recoverable(Protocol):
+    """What recovery needs of a split (``SplitModel`` is one): its options, one-line errors, and the
+    calls that wait on, reload and re-plan its stages and submit a chain."""
+
+    options: Any
+
+    def stage_error(self, e: BaseException, seg: Any, timeout: float, doing: str) -> Exception: ...
+    def stage_get(self, ref: Any, seg: Any, timeout: float, doing: str) -> Any: ...
+    def load_stage(self, seg: Any) -> Any: ...
+    def plan_links(self) -> None: ...
+    def num_gpus(self, spec: Any) -> float: ...
+    def submit_chain(self, chain: list, state: Any, cond: Any, gen: Any, remember: bool = True) -> Any: ...
 
 
 @dataclass
@@ -58,7 +69,7 @@ class ChainCall:
 class Recovery:
     """Restarts and retries for one SplitModel (its ``submit_chain`` / ``collect`` use it)."""
 
-    def __init__(self, split: "SplitModel"):
+    def __init__(self, split: Recoverable):
         self.split = split
         self.calls: dict[Any, ChainCall] = {}  # chain result ref -> its inputs, until collected
         self.restarts = 0
@@ -70,7 +81,7 @@ class Recovery:
     def forget(self) -> None:
         self.calls.clear()
 
-    def wait(self, ref: Any, seg: "Segment", doing: str) -> Any:
+    def wait(self, ref: Any, seg: Any, doing: str) -> Any:
         """The WireState behind ``ref`` (each wait bounded by ``step_timeout_s``); when a stage of its
         chain died, the chain is recovered and sent again (``max_step_retries`` times)."""
         opts = self.split.options
@@ -110,13 +121,13 @@ class Recovery:
             log.warning("stage %d (%s) was restarted on node %s: loading its blocks again", seg.index, seg.range,
                         info["node_id"][:8])
             left = max(1.0, deadline - time.monotonic())
-            info = split._get(split._load(seg), seg, left, "reloading its blocks after a restart")
+            info = split.stage_get(split.load_stage(seg), seg, left, "reloading its blocks after a restart")
             moved |= info["node_id"] != seg.node_id
             seg.node_id, seg.dtype = info["node_id"], DTYPES[info["dtype"]]
         if moved:
-            split._plan_links()
+            split.plan_links()
 
-    def _answer(self, seg: "Segment", deadline: float) -> dict:
+    def _answer(self, seg: Any, deadline: float) -> dict:
         """The stage's info once it answers; a StageError when it is gone for good or not back in time."""
         split = self.split
         timeout = split.options.start_timeout_s
@@ -133,7 +144,7 @@ class Recovery:
                     f"{self.restarts} times and sent {self.retries} steps again so far): raise max_restarts, or "
                     f"create the split again with mesh.split(...)") from None
             if time.monotonic() >= deadline:
-                need = {"CPU": seg.spec.num_cpus, "GPU": split._num_gpus(seg.spec)}
+                need = {"CPU": seg.spec.num_cpus, "GPU": split.num_gpus(seg.spec)}
                 raise StageError(
                     f"stage {seg.index} ({seg.range}) died and was not back within start_timeout_s={timeout:g}: "
                     f"{explain_unschedulable(need, 'its restart')}") from None
@@ -144,4 +155,4 @@ def _names(chain: list) -> str:
     return ", ".join(str(s.index) for s in chain)
 
 
-__all__ = ["ChainCall", "Recovery", "stage_lost"]
+__all__ = ["ChainCall", "Recoverable", "Recovery", "stage_lost"]

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from mesh_ray.config import validate
 from mesh_ray.errors import ConfigError, StageError
-from mesh_ray.sampler import SamplerRun
+from mesh_ray.split.sampler import SamplerRun
 
 
 class ImageRequest(BaseModel):

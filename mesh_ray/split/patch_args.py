@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable
 
 import torch
@@ -63,21 +64,20 @@ def across_boundary(run: Patch, arch: str) -> tuple[Patch, Patch]:
     range that crosses the boundary.  Tensor form: ``run`` at the double block, as before.  Tuple
     form: the double block passes its streams through unchanged and the single block runs the whole
     range with the double call's streams and both modulations, then joins the streams (text first)."""
-    held: list[dict] = []
+    held: list[tuple[dict, BlockCond]] = []  # the double call's args and conditioning, built once
 
     def at_double(args: dict, extra: dict) -> dict:
         if not is_tuple_form(args):
             return run(args, extra)
-        patch_cond(args, args["img"].dtype, arch)  # a malformed call fails here, not one block later
-        held[:] = [args]
+        cond = patch_cond(args, args["img"].dtype, arch)  # a malformed call fails here, not one block later
+        held[:] = [(args, cond)]
         return {"img": args["img"], "txt": args["txt"]}
 
     def at_single(args: dict, extra: dict) -> dict:
         if not held:  # tensor form: the range already ran at its double block
             return {"img": args["img"]}
-        first = held.pop()
-        merged = {**first, "cond": patch_cond(first, first["img"].dtype, arch, single=args["vec"])}
-        out = run(merged, extra)
+        first, cond = held.pop()
+        out = run({**first, "cond": replace(cond, single=_mod(args["vec"], first["img"].dtype))}, extra)
         return {"img": torch.cat((out["txt"], out["img"]), dim=1)}
 
     return at_double, at_single

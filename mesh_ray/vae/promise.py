@@ -25,10 +25,10 @@ import ray
 import torch
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError
 
-from mesh_ray.images import save_images
+from mesh_ray.models.images import save_images
 from mesh_ray.config import VaeOptions
 from mesh_ray.errors import ClusterError, MeshError
-from mesh_ray.rayutil import ray_error
+from mesh_ray.cluster.ray_errors import ray_error
 
 DEFAULT_TIMEOUT_S: float = VaeOptions.model_fields["timeout_s"].default
 
