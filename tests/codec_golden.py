@@ -1,4 +1,5 @@
-"""Golden codec payloads: the wire format as the numpy quant8 path wrote it, kept as a fixed reference.
+"""Golden codec payloads: the wire format as the numpy quant8 path wrote it, kept as a fixed reference;
+and a small HEVC fixture for the NVDEC test on GPU machines without PyAV.
 
 ``tests/data/codec_golden.safetensors`` was made by ``python tests/codec_golden.py`` with the
 numpy implementation of quant8 (mesh-ray at commit 6ef846b), before the torch path replaced it.
@@ -15,6 +16,8 @@ from pathlib import Path
 import torch
 
 GOLDEN = Path(__file__).parent / "data" / "codec_golden.safetensors"
+HEVC_GOLDEN = Path(__file__).parent / "data" / "hevc_golden.safetensors"
+HEVC_GRID, HEVC_FRAME = (24, 20), (144, 144)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SPECS = {
     "quant8": {"mode": "quant8", "entropy": "zstd"},
@@ -96,6 +99,38 @@ def make(path: Path = GOLDEN) -> dict[str, int]:
     return seen
 
 
-if __name__ == "__main__":
-    print(make())
-    print(GOLDEN, GOLDEN.stat().st_size, "bytes")
+def make_hevc(path: Path = HEVC_GOLDEN) -> None:
+    """Two x265 payloads (one 144x144 frame each, made here where PyAV runs), PyAV's frames of the
+    first and PyAV's decode of both: what NVDEC must reproduce on a GPU machine that has no PyAV."""
+    from safetensors.torch import save_file
+
+    from mesh_ray.bench.codec import smooth_field
+    from mesh_ray.codec import decode, encode
+    from mesh_ray.codec.header import unpack
+    from mesh_ray.codec.x265 import decode_frames
+
+    out: dict[str, torch.Tensor] = {}
+    for i, name in enumerate(("a", "b")):
+        gen = torch.Generator().manual_seed(10 + i)
+        x = (smooth_field(12, *HEVC_GRID, 2.0, gen).reshape(12, -1).T.unsqueeze(0) * (i + 1)).to(torch.bfloat16)
+        payload = encode(x, {"mode": "hevc", "backend": "x265", "qp": 18}, grid=HEVC_GRID)
+        head, sections = unpack(payload)
+        frames = decode_frames(bytes(sections[5]), 1)
+        assert tuple(frames.shape[-2:]) == HEVC_FRAME, frames.shape
+        out[f"{name}/payload"] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        out[f"{name}/decoded"] = decode(payload, hevc_decoder="pyav").contiguous()
+        if name == "a":
+            out["a/stream"] = torch.frombuffer(bytearray(sections[5]), dtype=torch.uint8)
+            out["a/frames"] = frames.contiguous()
+    save_file(out, str(path), metadata={"made_by": "x265 and PyAV on the CPU machine"})
+
+
+if __name__ == "__main__":  # python tests/codec_golden.py [hevc]
+    import sys
+
+    if sys.argv[1:] == ["hevc"]:
+        make_hevc()
+        print(HEVC_GOLDEN, HEVC_GOLDEN.stat().st_size, "bytes")
+    else:
+        print(make())
+        print(GOLDEN, GOLDEN.stat().st_size, "bytes")
