@@ -14,9 +14,8 @@ from safetensors.torch import load_file
 
 from codec_golden import EXACT, GOLDEN, HEVC_FRAME, HEVC_GOLDEN, cases
 from helpers import last_json, run
-from mesh_ray.codec import CodecError, decode, encode
+from mesh_ray.codec import CodecError, decode, decode_sections, encode, encode_sections
 from mesh_ray.codec import entropy, nvenc
-from mesh_ray.codec.api import decode_sections, encode_sections
 from mesh_ray.codec.header import Header, pack, unpack
 from mesh_ray.codec.quant import predict, unpredict
 

@@ -20,8 +20,7 @@ import torch
 
 from mesh_ray.bench import goals
 from mesh_ray.bench.codec import synthetic_activation
-from mesh_ray.codec import CodecError, decode, encode, entropy, nvenc, x265
-from mesh_ray.codec.api import decode_sections, encode_sections
+from mesh_ray.codec import CodecError, decode, decode_sections, encode, encode_sections, entropy, nvenc, x265
 from mesh_ray.codec.header import unpack
 from mesh_ray.tables import text_table
 
