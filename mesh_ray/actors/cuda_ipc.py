@@ -54,6 +54,7 @@ class IpcTensor:
 
         if gpu is not None and gpu_uuid(t.device.index) != gpu:
             t = t.to(local_device(gpu))  # peer to peer where the GPUs allow it, else CUDA stages it
+        torch.cuda.ipc_collect()  # free the blocks earlier receivers have released
         rebuild, args = reduce_tensor(t.detach().contiguous())
         return cls(rebuild, tuple(args), gpu_uuid(t.device.index))
 
