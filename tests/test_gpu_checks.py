@@ -96,3 +96,20 @@ def test_gpu_comfy_check_runs_on_cpu(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["max_abs_diff"] < 1e-4 and r["split_loaded_bytes"] < r["unsplit_loaded_bytes"]
+
+
+def test_transport_check_runs_on_cpu(tmp_path):
+    """The GPU transport check's own path, dry on the CPU: each transport measured, exact, then a kill
+    over gloo recovered exactly (on the GPU: CUDA IPC).  It starts and stops a Ray of its own."""
+    import ray
+
+    from mesh_ray.bench.gpu_checks import check_transport
+
+    ray.shutdown()
+    r = check_transport(tmp_path, "object,gloo", double=1, single=1, repeats=1, hidden=64, heads=2, image_tokens=16,
+                        txt_tokens=8, steps=2)
+    assert set(r["summary"]) == {"object", "gloo"}
+    assert all(s["max_abs_diff"] == 0.0 for s in r["summary"].values())
+    assert r["summary"]["gloo"]["hops"] == ["caller->stage0:object", "stage0->stage1:gloo", "stage1->caller:object"]
+    assert r["fault"]["identical"] and r["fault"]["restarts"] == 1
+    assert [h["transport"] for h in r["fault"]["hops"]] == ["object", "gloo", "object"]

@@ -11,18 +11,22 @@ from mesh_ray.cli.app import Arch, bench_app
 from mesh_ray.cli.output import emit, emit_report, guard, int_list
 
 
-@bench_app.command("split", help="Split vs local forward at the FLUX 1024x1024 token count (raw mode); "
-                                   f"goal ratio <= {goals.SPLIT['ratio_split_over_local']}.")
+@bench_app.command("split", help="Split vs local forward at the FLUX 1024x1024 token count (raw mode), side by side "
+                                   f"per transport; goal ratio <= {goals.SPLIT['ratio_split_over_local']}.")
 def bench_split(arch: Arch = typer.Option(Arch.flux1), hidden: int = typer.Option(512, min=64),
                 heads: int = typer.Option(4, min=1), depth: int = typer.Option(1, min=0),
                 single: int = typer.Option(3, min=0), image_tokens: int = typer.Option(4096, min=1),
                 txt_tokens: int = typer.Option(512, min=1), stages: int = typer.Option(2, min=1),
                 repeats: int = typer.Option(3, min=1),
+                transport: str = typer.Option("auto", help="Comma-separated transports to measure side by side: "
+                                                           "object, gloo, nccl, cuda_ipc, auto."),
+                num_gpus: Optional[float] = typer.Option(None, min=0, help="GPUs per stage (0.5: two stages on one GPU)."),
                 as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")) -> None:
-    from mesh_ray.bench.split import run_split_bench
+    from mesh_ray.bench.split import format_table, parse_transports, run_split_bench
 
-    result = guard(lambda: run_split_bench(arch.value, hidden, heads, depth, single, image_tokens, txt_tokens, stages, repeats))
-    emit(result, as_json, "mesh-ray bench split")
+    result = guard(lambda: run_split_bench(arch.value, hidden, heads, depth, single, image_tokens, txt_tokens, stages,
+                                           repeats, parse_transports(transport), num_gpus))
+    emit_report(result, as_json, format_table)
 
 
 @bench_app.command("pipeline")
