@@ -11,7 +11,7 @@ EXTRA = {"workflow": {"nodes": [{"id": 9, "type": "MeshSavePromisedImage"}], "ve
 
 
 def _decode(**inputs):
-    """MeshVAEDecode's outputs (it returns ComfyUI's {"ui", "result"} form)."""
+    """MeshVAEDecode's outputs: image, promise, audio (it returns ComfyUI's {"ui", "result"} form)."""
     return h.run_node("MeshVAEDecode", **inputs)["result"]
 
 
@@ -72,7 +72,7 @@ def _promise_then_save():
     name = _vae("promise-vae.safetensors")
     latent = _latent(48)
     out = folder_paths.get_output_directory()
-    preview, promised = _decode(samples={"samples": latent}, mesh=mesh_ray.connect(),
+    preview, promised, _ = _decode(samples={"samples": latent}, mesh=mesh_ray.connect(),
                                 vae_name=name, mode="promise", replicas=1, idle_timeout_s=0.0)
     ui = h.run_node("MeshSavePromisedImage", promise=promised, filename_prefix="promised/img", prompt=PROMPT,
                     extra_pnginfo=EXTRA, unique_id="9")
@@ -104,7 +104,7 @@ def _wait_mode():
 
     name = _vae("wait-vae.safetensors", seed=3)
     latent = _latent(8, seed=4)
-    images, promised = _decode(samples={"samples": latent}, mesh=mesh_ray.connect(),
+    images, promised, _ = _decode(samples={"samples": latent}, mesh=mesh_ray.connect(),
                                vae_name=name, mode="wait", replicas=1, idle_timeout_s=0.0)
     again = promised.promise.result(60)
     return (tuple(images.shape), bool(torch.equal(images, again)),
@@ -128,7 +128,7 @@ def _forget_mode():
     ran = h.run_node("MeshVAEDecode", samples={"samples": _latent(8, seed=6)}, mesh=mesh_ray.connect(),
                      vae_name=name, mode="forget", replicas=1, idle_timeout_s=0.0, filename_prefix="forgotten/run",
                      prompt=PROMPT, extra_pnginfo=EXTRA)
-    _, promised = ran["result"]
+    _, promised, _ = ran["result"]
     (path,) = _wait_for(os.path.join(out, "forgotten", "run_*_00.png"))
     text, _ = _png(path)
     try:
