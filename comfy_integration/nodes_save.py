@@ -69,6 +69,11 @@ def _no_promise(node: str) -> ConfigError:
 
 
 HIDDEN = {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO", "unique_id": "UNIQUE_ID"}
+PROMISE = ("PROMISE", {"tooltip": "The pending decode from Mesh VAE Decode (promise or wait mode)."})
+
+
+def _prefix(default: str, how: str) -> tuple:
+    return ("STRING", {"default": default, "tooltip": f"File name prefix inside ComfyUI's output folder, {how}."})
 
 
 @mesh_node("save", "Writes the PNG (with the workflow metadata) when the decode finishes, without holding up the "
@@ -78,10 +83,8 @@ class MeshSavePromisedImage:
 
     INPUTS = {
         "required": {
-            "promise": ("PROMISE", {"tooltip": "The pending decode from Mesh VAE Decode (promise or wait mode)."}),
-            "filename_prefix": ("STRING", {"default": "mesh_ray", "tooltip":
-                                "File name prefix inside ComfyUI's output folder (sub-folders and %date% "
-                                "style variables as in Save Image)."}),
+            "promise": PROMISE,
+            "filename_prefix": _prefix("mesh_ray", "with sub-folders and %date% style variables as in Save Image"),
         },
         "hidden": HIDDEN,
     }
@@ -106,9 +109,8 @@ class MeshSavePromisedVideo:
 
     INPUTS = {
         "required": {
-            "promise": ("PROMISE", {"tooltip": "The pending decode from Mesh VAE Decode (promise or wait mode)."}),
-            "filename_prefix": ("STRING", {"default": "video/mesh_ray", "tooltip":
-                                "File name prefix inside ComfyUI's output folder, as in Save Video."}),
+            "promise": PROMISE,
+            "filename_prefix": _prefix("video/mesh_ray", "as in Save Video"),
             "fps": ("FLOAT", {"default": 24.0, "min": 1.0, "max": 120.0, "step": 1.0, "tooltip":
                     "Frames per second (the frame rate the video was sampled for; LTX: 24 or 25)."}),
         },

@@ -8,8 +8,9 @@ decoder's node once through Ray's object store and are cached there by content h
 (``mesh_ray.actors.shards``); the host itself is small.
 
 On the actor, ``load_weights`` activates the same ComfyUI and rebuilds the VAE with ComfyUI's own
-constructor, ``comfy.sd.VAE(sd=..., metadata=...)`` (its detection, classes, ops and dtype rule,
-with the ComfyUI process's precision flags), and checks the rebuilt model's signature against the
+constructor, ``comfy.sd.VAE(sd=..., metadata=..., dtype=...)`` (its detection, classes and ops, with
+the ComfyUI process's precision flags, in the dtype the VAE has in the ComfyUI process unless the
+pool's ``dtype`` option names another), and checks the rebuilt model's signature against the
 original: a VAE ComfyUI cannot rebuild from its tensors is one ``ConfigError`` line, never another
 model.  A decoder on the CPU uses the ComfyUI process's torch thread count (CPU kernels split their
 sums by thread, so another count changes the last bits; the actor's ``torch_threads`` yields to it).  ``decode`` is ComfyUI's ``VAEDecode`` (or ``VAEDecodeTiled``, when tile sizes are given),
@@ -146,6 +147,7 @@ class ComfyVaeHost:
         self.form = latent_form(vae)
         # CPU kernels split their sums by thread: the same count as this process gives the same bits
         self.cpu_threads = torch.get_num_threads()
+        self.dtype = dtype_name(vae.vae_dtype)  # what the VAE computes in here (ComfyUI's rule and flags)
         self._vae = weakref.ref(vae)  # the ComfyUI process's VAE (not pickled): its tensors are the ones shipped
         self.vae: Any = None  # the rebuilt VAE, on the actor
 
@@ -197,7 +199,8 @@ class ComfyVaeHost:
         import comfy.sd
 
         try:
-            vae = comfy.sd.VAE(sd=sd, dtype=None if dtype in (None, "auto") else DTYPES[dtype], metadata=self.metadata)
+            vae = comfy.sd.VAE(sd=sd, dtype=DTYPES[self.dtype if dtype in (None, "auto") else dtype],
+                               metadata=self.metadata)
             vae.throw_exception_if_invalid()
         except Exception as e:  # ComfyUI's own messages span lines: the first says what failed
             first = (str(e).strip().splitlines() or [""])[0]
