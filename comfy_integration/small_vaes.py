@@ -1,9 +1,10 @@
 """Small VAEs built through ComfyUI's own classes with seeded random weights, for tests and ``mesh-ray bench
 comfy-vae`` (no weights can be downloaded here).
 
-* FLUX.1 / FLUX.2: ComfyUI's detection (``comfy.sd.VAE``) fixes the encoder at the released widths but
-  reads the decoder's width from ``decoder.conv_in``, so ``flux_vae(arch, ch=32)`` is a narrow decoder
-  (widths 32..128, 8x / 16x like the real ones) beside a full-size encoder left at zeros.
+* FLUX.1 / FLUX.2: ComfyUI 0.20's detection (``comfy.sd.VAE``) fixes the encoder at the released widths
+  but reads the decoder's width from ``decoder.conv_in``, so ``flux_vae(arch, ch=32)`` is a narrow
+  decoder (widths 32..128, 8x / 16x like the real ones) beside a full-size encoder left at zeros
+  (0.3.64 fixes the decoder too: there it is the released size).
 * LTX 2.3 video: ComfyUI reads the LTX VAE's config from the file's metadata
   (``{"config": {"vae": {...}}}``), so ``LTX_VIDEO_VAE`` is a real LTX-2-style causal video decoder
   (patch 4, three 2x2x2 depth-to-space steps: 32x in space, 8x in time, 128 latent channels) with 8
@@ -72,20 +73,28 @@ def random_like(state: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torc
 
 def flux_vae(arch: str = "flux1", seed: int = 0, ch: int = 32, dtype: torch.dtype | None = None) -> Any:
     """A ComfyUI VAE (``comfy.sd.VAE``) of FLUX.1 (16 latent channels, 8x) or FLUX.2 (128 latent channels,
-    16x) with a ``ch``-wide decoder, found by ComfyUI's own detection; the encoder's tensors are zeros."""
+    16x) with a ``ch``-wide decoder, found by ComfyUI's own detection; the encoder's tensors are zeros.
+    A ComfyUI that fixes the decoder's width too (0.3.64) gets the released width, 128."""
     import comfy.sd
 
     z = {"flux1": 16, "flux2": 32}[arch]
-    probe = {"decoder.conv_in.weight": torch.zeros(ch * 4, z, 3, 3),
-             "decoder.up.3.upsample.conv.weight": torch.zeros(ch * 4, ch * 4, 3, 3)}
-    if arch == "flux2":
-        probe |= {"decoder.post_quant_conv.weight": torch.zeros(z, z, 1, 1), "bn.running_mean": torch.zeros(z * 4),
-                  "bn.running_var": torch.ones(z * 4)}
-    logging.disable(logging.WARNING)  # the probe lacks every other tensor: ComfyUI would list them all
+
+    def shapes_for(width: int) -> dict:
+        probe = {"decoder.conv_in.weight": torch.zeros(width * 4, z, 3, 3),
+                 "decoder.up.3.upsample.conv.weight": torch.zeros(width * 4, width * 4, 3, 3)}
+        if arch == "flux2":
+            probe |= {"decoder.post_quant_conv.weight": torch.zeros(z, z, 1, 1),
+                      "bn.running_mean": torch.zeros(z * 4), "bn.running_var": torch.ones(z * 4)}
+        logging.disable(logging.WARNING)  # the probe lacks every other tensor: ComfyUI would list them all
+        try:
+            return comfy.sd.VAE(sd=probe, dtype=dtype).first_stage_model.state_dict()  # ComfyUI's model for it
+        finally:
+            logging.disable(logging.NOTSET)
+
     try:
-        shapes = comfy.sd.VAE(sd=probe, dtype=dtype).first_stage_model.state_dict()  # ComfyUI's model for this file
-    finally:
-        logging.disable(logging.NOTSET)
+        shapes = shapes_for(ch)
+    except RuntimeError:  # "size mismatch": this ComfyUI builds the released decoder whatever the file says
+        shapes = shapes_for(128)
     sd = random_like({k: v for k, v in shapes.items() if not k.startswith("encoder.")}, seed)
     sd |= {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in shapes.items() if k.startswith("encoder.")}
     vae = comfy.sd.VAE(sd=sd, dtype=dtype)

@@ -200,10 +200,13 @@ def _write_ltx_vae(path: str) -> None:
     write_ltx_video_vae(path, seed=2)
 
 
-def test_promised_video_through_the_queue_written_after_the_prompt_finished(server, comfy):
+def test_promised_video_through_the_queue_written_after_the_prompt_finished(server, comfyui_each_dir, request):
     import av
 
+    if not (comfyui_each_dir / "comfy" / "nested_tensor.py").is_file():
+        pytest.skip("the small LTX VAE is built for ComfyUI 0.20 (0.3.64's LTX VAE class gives other widths)")
     out = server["base"] / "output"
+    comfy = request.getfixturevalue("comfy")  # ComfyUI 0.20 in the tests' own host writes the file
     comfy(_write_ltx_vae, str(server["base"] / "models" / "vae" / "ltx-served.safetensors"))
     extra = {"workflow": {"nodes": [{"id": 5, "type": "MeshSavePromisedVideo"}]}}
     prompt = {

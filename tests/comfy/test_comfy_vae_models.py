@@ -4,7 +4,9 @@ The small VAEs are built through ComfyUI's classes (``comfy_integration.small_va
 VAE goes through ``VAELoader`` from a safetensors file (ComfyUI's detection reads its config from
 the metadata) and the LTX audio VAE through ``LTXVAudioVAELoader``.  References are ComfyUI's own
 nodes run in the same ComfyUI process: ``VAEDecode``, ``VAEDecodeTiled``, ``LTXVAudioVAEDecode``.
-Everything is fp32 on the CPU, where the decoders must give the same bits (max abs diff 0).
+Everything runs on the CPU, where the decoders must give the same bits (max abs diff 0), in fp32 and
+(FLUX.2) bf16.  ComfyUI 0.20 (``comfy``); the FLUX.1 case on 0.3.64 too (``comfy_old``): the LTX VAEs and
+AV latents are 0.20's.
 """
 
 from __future__ import annotations
@@ -113,6 +115,13 @@ def test_flux_wait_and_promise_equal_comfyui_vae_decode(comfy, arch, dtype):
     assert got["shape"] == (1, 64, 64, 3) and got["std"] > 0.05  # an image, not a flat or clipped field
     assert got["preview"] == (1, 64, 64, 3) and got["size"] == (64, 64, 1, False)
     assert got["audio"] == (None, None)
+
+
+def test_flux1_vae_class_on_the_oldest_comfyui(comfy_old):
+    """ComfyUI 0.3.64 (a released-size FLUX.1 VAE there: its detection fixes the decoder's width)."""
+    got = comfy_old(_flux, "flux1", None)
+    assert got["remote"] and got["wait"] == 0.0 and got["promise"] == 0.0 and got["kept"] == 0.0, got
+    assert got["shape"] == (1, 64, 64, 3) and got["size"] == (64, 64, 1, False)
 
 
 def _ltx_video():
