@@ -160,7 +160,8 @@ def _split_latent(latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | No
 
 @mesh_node("decode", "VAE decode on mesh-ray decoder actors (another GPU or machine) with wait, forget or promise. "
            "With a VAE connected, ComfyUI's own VAE class runs on the decoders (any VAE ComfyUI loads; the result "
-           "equals VAE Decode); video latents give frames, and an LTX audio part is decoded by audio_vae.",
+           "equals VAE Decode); video latents give frames, and an LTX audio part is decoded by audio_vae (video and "
+           "audio VAEs verified on ComfyUI 0.20.1).",
            [("IMAGE", "image", "wait: the decoded images (video: all frames); promise/forget: a preview of the latent "
                                "at image size (video: one image per latent frame)."),
             ("PROMISE", "promise", "The pending decode, for Mesh Save Promised Image / Video (none in forget mode)."),
