@@ -68,12 +68,15 @@ def _no_promise(node: str) -> ConfigError:
                        f"wait to save here")
 
 
-HIDDEN = {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO", "unique_id": "UNIQUE_ID"}
-PROMISE = ("PROMISE", {"tooltip": "The pending decode from Mesh VAE Decode (promise or wait mode)."})
-
-
-def _prefix(default: str, how: str) -> tuple:
-    return ("STRING", {"default": default, "tooltip": f"File name prefix inside ComfyUI's output folder, {how}."})
+def _inputs(prefix: str, how: str, required: dict | None = None, optional: dict | None = None) -> dict:
+    """A save node's inputs: the promise, a file name prefix (default ``prefix``), then its own."""
+    return {"required": {"promise": ("PROMISE", {"tooltip": "The pending decode from Mesh VAE Decode (promise or "
+                                                            "wait mode)."}),
+                         "filename_prefix": ("STRING", {"default": prefix, "tooltip": "File name prefix inside "
+                                                        f"ComfyUI's output folder, {how}."}),
+                         **(required or {})},
+            **({"optional": optional} if optional else {}),
+            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO", "unique_id": "UNIQUE_ID"}}
 
 
 @mesh_node("save", "Writes the PNG (with the workflow metadata) when the decode finishes, without holding up the "
@@ -81,13 +84,7 @@ def _prefix(default: str, how: str) -> tuple:
 class MeshSavePromisedImage:
     """Save a promised decode as PNG when it is ready; returns at once."""
 
-    INPUTS = {
-        "required": {
-            "promise": PROMISE,
-            "filename_prefix": _prefix("mesh_ray", "with sub-folders and %date% style variables as in Save Image"),
-        },
-        "hidden": HIDDEN,
-    }
+    INPUTS = _inputs("mesh_ray", "with sub-folders and %date% style variables as in Save Image")
 
     def save(self, promise: PromisedImages | None, filename_prefix: str = "mesh_ray", prompt: Any = None,
              extra_pnginfo: Any = None, unique_id: str | None = None) -> dict:
@@ -107,18 +104,10 @@ class MeshSavePromisedImage:
 class MeshSavePromisedVideo:
     """Save a promised decode (video frames, or an image batch as frames) as a video when it is ready."""
 
-    INPUTS = {
-        "required": {
-            "promise": PROMISE,
-            "filename_prefix": _prefix("video/mesh_ray", "as in Save Video"),
-            "fps": ("FLOAT", {"default": 24.0, "min": 1.0, "max": 120.0, "step": 1.0, "tooltip":
-                    "Frames per second (the frame rate the video was sampled for; LTX: 24 or 25)."}),
-        },
-        "optional": {
-            "audio": ("AUDIO", {"tooltip": "Audio to put in the video instead of the promise's own LTX audio."}),
-        },
-        "hidden": HIDDEN,
-    }
+    INPUTS = _inputs("video/mesh_ray", "as in Save Video", required={
+        "fps": ("FLOAT", {"default": 24.0, "min": 1.0, "max": 120.0, "step": 1.0, "tooltip":
+                "Frames per second (the frame rate the video was sampled for; LTX: 24 or 25)."})}, optional={
+        "audio": ("AUDIO", {"tooltip": "Audio to put in the video instead of the promise's own LTX audio."})})
 
     def save(self, promise: PromisedImages | None, filename_prefix: str = "video/mesh_ray", fps: float = 24.0,
              audio: dict | None = None, prompt: Any = None, extra_pnginfo: Any = None,
