@@ -16,7 +16,7 @@ def tensor_digest(items: Iterable[tuple[str, torch.Tensor]], size: int = 16) -> 
         t = t.detach().contiguous().cpu()
         h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
         if t.numel():
-            h.update(t.view(torch.uint8).numpy())  # the buffer itself: no copy of the bytes
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself (0-d too): no copy of the bytes
     return h.hexdigest()
 
 

@@ -124,6 +124,23 @@ def bench_comfy(comfyui_path: Optional[str] = typer.Option(None, help="ComfyUI s
     emit(result, as_json, "mesh-ray bench comfy")
 
 
+@bench_app.command("comfy-vae")
+def bench_comfy_vae(comfyui_path: Optional[str] = typer.Option(None, help="ComfyUI source tree (default: $COMFYUI_PATH)."),
+                    frames: int = typer.Option(25, min=1, help="LTX video frames (8k+1)."),
+                    size: int = typer.Option(256, min=32, help="LTX video side in pixels (multiple of 32)."),
+                    flux_size: int = typer.Option(512, min=8, help="FLUX image side in pixels (multiple of 8)."),
+                    ltx_channels: int = typer.Option(32, min=8, help="LTX decoder base channels (the real one: 128)."),
+                    flux_ch: int = typer.Option(64, min=32, help="FLUX decoder base channels (the real one: 128)."),
+                    repeats: int = typer.Option(3, min=1),
+                    as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")) -> None:
+    """The ComfyUI process's peak memory while decoding: ComfyUI's VAE Decode here vs Mesh VAE Decode remote."""
+    from comfy_integration.bench_vae import format_table, run_comfy_vae_bench
+
+    result = guard(lambda: run_comfy_vae_bench(comfyui_path, frames=frames, size=size, flux_size=flux_size,
+                                               ltx_channels=ltx_channels, flux_ch=flux_ch, repeats=repeats))
+    emit_report(result, as_json, format_table)
+
+
 @bench_app.command("faults")
 def bench_faults(generations: int = typer.Option(20, min=2, help="Generations for the leak soak (the issue asks 200)."),
                  decodes: int = typer.Option(20, min=2, help="Promise decodes for the leak soak."),
