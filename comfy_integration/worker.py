@@ -121,22 +121,23 @@ class ComfyWorker:
             return 1
         return 0
 
-    def run(self, job: dict, owner: list, owner_id: str | None = None) -> Iterator[dict]:
-        """Run one prompt: yields its ComfyUI events, its output files (object refs owned by ``owner[0]``
-        when given, so that they outlive this worker) and then one ``done`` item."""
+    def run(self, job: dict, owner_id: str | None = None) -> Iterator[dict | bytes]:
+        """Run one prompt: yields its ComfyUI events, each output file (a ``file`` item, then its bytes
+        as the next item: streamed items belong to the caller, so they outlive this worker) and then one
+        ``done`` item.  ``owner_id``: the dispatcher (see ``info``'s claim)."""
         pid, client = job["prompt_id"], job["client"]
         with self.runner.lock:  # one prompt at a time per process: ComfyUI's state is global
             with self._lock:
                 self._running, self._running_owner = pid, owner_id
             try:
-                yield from self._run(job, pid, client, owner[0] if owner else None)
+                yield from self._run(job, pid, client)
             finally:
                 with self._lock:
                     self._running = self._running_owner = None
                     self._cancelled.discard(pid)
                 self.prompts += 1
 
-    def _run(self, job: dict, pid: str, client: str, owner: Any) -> Iterator[dict]:
+    def _run(self, job: dict, pid: str, client: str) -> Iterator[dict | bytes]:
         received = 0
         try:
             for model in job.get("models") or []:
@@ -174,7 +175,7 @@ class ComfyWorker:
                 break
             event, data = item
             if event == "executed" and isinstance(data, dict):
-                yield from self._ship(data.get("output"), shipped, owner, str(data.get("node")))
+                yield from self._ship(data.get("output"), shipped, str(data.get("node")))
             yield {"kind": ITEM_EVENT, "event": event, "data": data}
         thread.join()
         if "error" in box:
@@ -182,12 +183,12 @@ class ComfyWorker:
             return
         res = box["result"]
         for node, ui in (res.get("history") or {}).get("outputs", {}).items():
-            yield from self._ship(ui, shipped, owner, str(node))
+            yield from self._ship(ui, shipped, str(node))
         for d in ("output", "temp"):
             self._files.prune(self.booted.dirs[d], KEEP_OUTPUTS)
         yield self._done(res["status"], res.get("history"), res.get("messages"), res.get("error"), received)
 
-    def _ship(self, ui: Any, shipped: set, owner: Any, node: str) -> Iterator[dict]:
+    def _ship(self, ui: Any, shipped: set, node: str) -> Iterator[dict | bytes]:
         """One ``file`` item per output/temp file a node's UI output names (each once per prompt)."""
         for it in self._files.output_items(ui):
             ident = (it["type"], it["subfolder"], it["filename"])
@@ -195,9 +196,9 @@ class ComfyWorker:
                 continue
             shipped.add(ident)
             data = Path(it["path"]).read_bytes()
-            ref = ray.put(data, _owner=owner) if owner is not None else ray.put(data)
             meta = {k: it[k] for k in ("key", "type", "subfolder", "filename")}
-            yield {"kind": ITEM_FILE, "meta": {**meta, "node": node}, "ref": [ref], "size": len(data)}
+            yield {"kind": ITEM_FILE, "meta": {**meta, "node": node}, "size": len(data)}
+            yield data  # an item of its own: the dispatcher keeps its ref (owned by the caller) unread
 
     def _done(self, status: str, history: dict | None = None, messages: list | None = None, error: str | None = None,
               received: int = 0) -> dict:

@@ -11,7 +11,8 @@ A frontend (the user's ComfyUI with mesh-ray's nodes) or any API client sends a 
 
 ``ComfyJob.from_payload`` checks its shape (one-line ``ConfigError``); ComfyUI itself validates the
 prompt on the frontend and again on the worker.  A worker's stream is a sequence of items: ``event``
-(a ComfyUI websocket event), ``file`` (an output file in the object store) and one ``done``.
+(a ComfyUI websocket event), ``file`` (an output file's name; the next item is its bytes, which the
+dispatcher keeps as an object ref for the frontend to fetch) and one ``done``.
 """
 
 from __future__ import annotations

@@ -67,10 +67,10 @@ class ComfyPool:
 
     def __init__(self, owner: Any = None, on_change: Callable[[], None] | None = None,
                  refresh_s: float = REFRESH_S) -> None:
-        """``owner``: the actor that owns the output files workers put in the object store (the
-        service, so they outlive a worker that dies after sending them); ``on_change``: called
-        when workers come or go."""
-        self._owner, self._on_change, self._refresh_s = owner, on_change, refresh_s
+        """``owner``: the service actor this pool runs in (a worker still running a prompt for a
+        service that died is taken over by the new one); ``on_change``: called when workers come or go.
+        Output files are streamed items, owned by this process: they outlive the worker that sent them."""
+        self._on_change, self._refresh_s = on_change, refresh_s
         self._owner_id = ray.get_runtime_context().get_actor_id() if owner is not None else None
         self._workers: dict[str, _Worker] = {}
         self._node_cache: dict[str, set[str]] = {}  # node id -> model digests its cache holds
@@ -211,8 +211,7 @@ class ComfyPool:
         w = slot
         emit({"type": "run_started", "worker": w.name, "attempt": run.tries + 1})
         try:
-            gen = w.handle.run.options(num_returns="streaming").remote(job.for_worker(), [self._owner] if self._owner else [],
-                                                                         self._owner_id)
+            gen = w.handle.run.options(num_returns="streaming").remote(job.for_worker(), self._owner_id)
         except RayError as e:
             self._dead(w)
             run.avoid.add(w.name)
@@ -229,6 +228,9 @@ class ComfyPool:
                 if not ready:
                     continue
                 item = ray.get(next(gen), timeout=ITEM_TIMEOUT_S)
+                if item.get("kind") == ITEM_FILE:  # its bytes are the next item: kept as a ref, never read here
+                    ray.wait([gen], timeout=ITEM_TIMEOUT_S)
+                    item = {**item, "ref": [next(gen)]}
             except StopIteration:
                 break
             except (RayActorError, GetTimeoutError) as e:

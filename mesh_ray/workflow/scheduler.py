@@ -92,7 +92,7 @@ class Scheduler(FairQueue):
     def __init__(self, sink: Any = None, max_parallel: int = 2, measure_store: bool = True,
                  node_module_prefixes: list[str] | None = None, owner: Any = None) -> None:
         """``node_module_prefixes``: the allow-list for node modules (None: this process's setting);
-        ``owner``: the actor that owns the ComfyUI workers' output files (the service), if any."""
+        ``owner``: the service actor this scheduler runs in, if any."""
         self.node_module_prefixes = node_module_prefixes
         self.graphs = GraphBackend(sink, max_parallel, measure_store)
         self.comfy = ComfyPool(owner=owner, on_change=self.poke)

@@ -217,6 +217,10 @@ class RunHandle:
             self._ended()
         return notes + new
 
+    def seek(self, index: int) -> None:
+        """Read the run's events from ``index`` on at the next ``events()``."""
+        self._seen = index
+
     def status(self) -> str:
         """queued | running | finished | failed | cancelled."""
         return self._call("status")
@@ -369,6 +373,13 @@ class Workflows:
         events carry ComfyUI's websocket events, output files (object refs) and the history entry."""
         args = (payload, self.client_id, timeout_s)
         return self._track(self._do("submit_comfy", *args), "submit_comfy", args)
+
+    def follow_comfy(self, run_id: str, payload: dict, since: int = 0, timeout_s: float = 3600.0) -> RunHandle:
+        """A handle on a ComfyUI run this client submitted before (e.g. from a process that has since
+        been restarted), reading its events from ``since``; submitted again if the service restarts."""
+        handle = self._track(run_id, "submit_comfy", (payload, self.client_id, timeout_s))
+        handle.seek(since)
+        return handle
 
     def comfy_cached(self, digests: list[str]) -> list[str]:
         """The model digests every ComfyUI worker's node caches already (a sender need not ship those)."""
