@@ -45,7 +45,8 @@ ADDRESS_ENV = "MESH_RAY_ADDRESS"  # the cluster a frontend queues on (else RAY_A
 HOLD_ENV = "MESH_RAY_QUEUE_HOLD_S"
 HOLD_S = 900.0  # how long prompts in flight wait for a cluster that went away before they fail
 CONNECT_WAIT_S = 120.0  # a first prompt waits this long for the child to join the cluster
-RETRY_S = (2.0, 5.0, 10.0, 20.0)  # waits between attempts to reach a cluster that went away
+RETRY_S = (2.0, 5.0, 10.0, 20.0)  # waits between attempts to reach a cluster that went away (prompts in flight)
+IDLE_RETRY_S = 30.0  # with none in flight, the status route tries again at most this often
 KEEP_DONE = 200  # finished prompts remembered for the status route
 REPO = str(Path(__file__).resolve().parents[1])
 
@@ -73,7 +74,6 @@ class Prompt:
     done: dict | None = None
     pending: list[tuple] = field(default_factory=list)  # UI messages waiting until this prompt is shown
     ended: bool = False
-    queued_at: float = field(default_factory=time.time)
 
 
 class QueueBridge:
@@ -96,6 +96,9 @@ class QueueBridge:
         self._send_lock = threading.Lock()
         self._screen: dict[str, list[Prompt]] = {}  # browser -> its prompts in queue order; the first is shown
         self._retrying = False
+        self._closed = False
+        self._last_try = 0.0
+        self._down_since: float | None = None
         self._source: Any = None
 
     @property
@@ -177,14 +180,21 @@ class QueueBridge:
     def _set(self, state: str, message: str) -> None:
         with self._lock:
             self.state, self.message = state, " ".join(message.split())
+            if state == "up":
+                self._down_since = None
+            elif state == "down" and self._down_since is None:
+                self._down_since = time.monotonic()
             self._changed.notify_all()
 
     def connect(self, wait_s: float = CONNECT_WAIT_S) -> None:
         """Have a child joined to the cluster (start one if none runs); QueueUnavailable when it cannot."""
         with self._lock:
+            if self._closed:
+                raise QueueUnavailable("the mesh queue of this ComfyUI is closed")
             start = self.state in ("idle", "down") and self._conn is None and not self._retrying
             if start:
                 self.state = "starting"
+                self._last_try = time.monotonic()
         if start:
             try:
                 self._spawn()
@@ -197,37 +207,51 @@ class QueueBridge:
                                        f"the Ray cluster at {self.address} did not answer within {wait_s:g} s: "
                                        f"check it with `mesh-ray status`")
 
-    def _retry(self) -> None:
-        """Reach the cluster again in the background (prompts in flight are handed to the new child)."""
+    def _retry(self, once: bool = False) -> None:
+        """Reach the cluster again in the background: while prompts are in flight (they go to the new
+        child), else one attempt (``once``, or after a child ended)."""
         with self._lock:
-            if self._retrying:
+            if self._retrying or self._closed:
                 return
             self._retrying = True
-        threading.Thread(target=self._retry_loop, name="mesh-queue-retry", daemon=True).start()
+        threading.Thread(target=self._retry_loop, args=(once,), name="mesh-queue-retry", daemon=True).start()
 
-    def _retry_loop(self) -> None:
+    def _retry_loop(self, once: bool) -> None:
         attempt = 0
         try:
-            while True:
-                time.sleep(RETRY_S[min(attempt, len(RETRY_S) - 1)])
+            while not self._closed:
+                if not once:
+                    time.sleep(RETRY_S[min(attempt, len(RETRY_S) - 1)])
                 attempt += 1
                 self._expire_held()
-                if not self._reachable():
-                    continue
-                with self._lock:
-                    self.state = "starting"
-                try:
-                    self._spawn()
-                except QueueUnavailable as e:
-                    self._set("down", str(e))
-                    continue
-                with self._lock:
-                    self._changed.wait_for(lambda: self.state in ("up", "down"), timeout=CONNECT_WAIT_S)
-                    if self.state == "up":
-                        return
+                if self._reachable() and not self._closed:
+                    with self._lock:
+                        self.state = "starting"
+                    try:
+                        self._spawn()
+                    except QueueUnavailable as e:
+                        self._set("down", str(e))
+                    with self._lock:
+                        self._changed.wait_for(lambda: self.state in ("up", "down"), timeout=CONNECT_WAIT_S)
+                        if self.state == "up":
+                            return
+                if once or not self.inflight:
+                    return
         finally:
             with self._lock:
                 self._retrying = False
+                self._last_try = time.monotonic()
+
+    def close(self) -> None:
+        """Stop the child and stop trying (ComfyUI exits; tests)."""
+        with self._lock:
+            self._closed = True
+            proc, conn = self._proc, self._conn
+        if conn is not None:
+            conn.close()
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
 
     def _reachable(self) -> bool:
         """Whether the cluster's address answers (a TCP connect; "auto" is always tried)."""
@@ -242,8 +266,10 @@ class QueueBridge:
             return False
 
     def _expire_held(self) -> None:
+        """Fail the prompts in flight once the cluster has been away longer than ``hold_s``."""
         with self._lock:
-            old = [p for p in self.inflight.values() if time.time() - p.queued_at > self.hold_s]
+            away = self._down_since is not None and time.monotonic() - self._down_since > self.hold_s
+            old = list(self.inflight.values()) if away else []
         for p in old:
             self._fail(p, f"the Ray cluster at {self.address} was away for more than {self.hold_s:g} s: "
                           f"queue the prompt again once it is back")
@@ -296,6 +322,9 @@ class QueueBridge:
         return True
 
     def status(self) -> dict:
+        """What the status route shows; while the cluster is down, asking also tries it again now and then."""
+        if self.state == "down" and not self._retrying and time.monotonic() - self._last_try > IDLE_RETRY_S:
+            self._retry(once=True)
         with self._lock:
             return {"state": self.state, "message": self.message, "address": self.address, "client_id": self.client_id,
                     "workers": self.workers, "children_started": self.children,

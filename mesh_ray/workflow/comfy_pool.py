@@ -26,7 +26,8 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from mesh_ray.cluster.ray_errors import cause_line
 from mesh_ray.errors import ConfigError
 from mesh_ray.names import COMFY_WORKER_PREFIX, MESH_NAMESPACE
-from mesh_ray.workflow.comfy_jobs import (EV_COMFY, EV_DONE, EV_FILE, ITEM_DONE, ITEM_EVENT, ITEM_FILE, ComfyJob)
+from mesh_ray.workflow.comfy_jobs import EV_COMFY, EV_DONE, EV_FILE, ITEM_DONE, ITEM_EVENT, ITEM_FILE, ComfyJob
+from mesh_ray.workflow.events import event
 from mesh_ray.workflow.executor import RunResult
 from mesh_ray.workflow.fairqueue import Run, WorkerLost
 
@@ -209,7 +210,7 @@ class ComfyPool:
     def execute(self, run: Run, slot: _Worker, emit: Callable[[dict], None]) -> RunResult:
         job: ComfyJob = run.job
         w = slot
-        emit({"type": "run_started", "worker": w.name, "attempt": run.tries + 1})
+        emit(event(run.run_id, "run_started", worker=w.name, attempt=run.tries + 1))
         try:
             gen = w.handle.run.options(num_returns="streaming").remote(job.for_worker(), self._owner_id)
         except RayError as e:

@@ -136,28 +136,43 @@ def start_workers(head: RayHead, comfyui_dir: Path, replicas: int) -> dict:
                     "--threads", "1")
 
 
-KILLER = """
-import sys, ray
+DRIVER = """
+import json, sys, ray
 ray.init(address=sys.argv[1], namespace="mesh-ray", log_to_driver=False, configure_logging=False)
+from mesh_ray.workflow.service import find_service
 print("ready", flush=True)
 for line in sys.stdin:
-    ray.kill(ray.get_actor(line.strip(), namespace="mesh-ray"), no_restart=True)
-    print("killed", flush=True)
+    cmd, arg = json.loads(line)
+    if cmd == "kill":
+        ray.kill(ray.get_actor(arg, namespace="mesh-ray"), no_restart=True)
+        out = None
+    else:  # a call on the dispatcher
+        out = ray.get(getattr(find_service(), cmd).remote(*arg), timeout=60)
+    print(json.dumps(out, default=str), flush=True)
 """
 
 
-class Killer:
-    """A driver of the tests' cluster, joined ahead of time, that kills a worker the moment it is told."""
+class Driver:
+    """A driver of the tests' cluster, joined ahead of time (so a kill lands at once): kills a worker,
+    or asks the dispatcher (``call("runs", client_id)``)."""
 
     def __init__(self, head: RayHead):
-        self.proc = subprocess.Popen([sys.executable, "-c", KILLER, head.address], env=head.env(), text=True,
+        self.proc = subprocess.Popen([sys.executable, "-c", DRIVER, head.address], env=head.env(), text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         assert self.proc.stdout.readline().strip() == "ready"
 
-    def kill(self, name: str) -> None:
-        self.proc.stdin.write(name + "\n")
+    def _ask(self, cmd: str, arg: Any) -> Any:
+        self.proc.stdin.write(json.dumps([cmd, arg]) + "\n")
         self.proc.stdin.flush()
-        assert self.proc.stdout.readline().strip() == "killed"
+        line = self.proc.stdout.readline()
+        assert line, "the driver process died"
+        return json.loads(line)
+
+    def kill(self, name: str) -> None:
+        self._ask("kill", name)
+
+    def call(self, method: str, *args: Any) -> Any:
+        return self._ask(method, list(args))
 
     def close(self) -> None:
         self.proc.kill()
@@ -241,9 +256,9 @@ class Frontend:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"null")
 
-    def queue(self, prompt: dict, client_id: str | None = None, route: str = "/mesh/queue") -> str:
+    def queue(self, prompt: dict, client_id: str | None = None, route: str = "/mesh/queue", **extra: Any) -> str:
         code, body = self.post(route, {"prompt": prompt, "client_id": client_id,
-                                       "extra_data": {"extra_pnginfo": {"workflow": {"id": "test"}}}})
+                                       "extra_data": {"extra_pnginfo": {"workflow": {"id": "test"}}, **extra}})
         assert code == 200, body
         return body["prompt_id"]
 

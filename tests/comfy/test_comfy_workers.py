@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from frontends import (Browser, Frontend, Killer, RayHead, diffusion_prompt, image_prompt, latent, pixels,
+from frontends import (Browser, Driver, Frontend, RayHead, diffusion_prompt, image_prompt, latent, mesh_ray, pixels,
                        start_workers, write_tiny_model)
 
 
@@ -78,13 +78,15 @@ def _one_prompt_at_a_time(browser: Browser, pids: set[str]) -> None:
 
 def test_two_frontends_queue_real_workflows_on_two_workers(mesh):
     A, B = mesh["A"], mesh["B"]
-    browsers = {"a": Browser(A), "b": Browser(B)}
+    code, js = A.get("/extensions/mesh-ray/mesh_queue.js")  # the "Queue on mesh" button is served
+    assert code == 200 and b"actionBarButtons" in js and b"/mesh/queue" in js
+    browsers = {"a": Browser(A), "b": Browser(B, preview_metadata=False)}  # B: a page without preview metadata
     jobs = []
     try:
         for fe, tag in ((A, "a"), (B, "b")):
             for i in range(2):
                 p = diffusion_prompt("tiny.safetensors", seed=10 + i + 20 * (fe is B), steps=6, prefix=f"q{tag}{i}/d")
-                jobs.append((fe, tag, fe.queue(p, browsers[tag].client_id), p))
+                jobs.append((fe, tag, fe.queue(p, browsers[tag].client_id, preview_method="latent2rgb"), p))
             p = image_prompt("red.png", f"q{tag}img/i")
             jobs.append((fe, tag, fe.queue(p, browsers[tag].client_id), p))
         done = {**A.wait_finished([j[2] for j in jobs if j[0] is A]),
@@ -126,6 +128,11 @@ def test_two_frontends_queue_real_workflows_on_two_workers(mesh):
                 assert names == {f.name for f in files}  # the UI is told the names the files have here
         for tag, br in browsers.items():
             _one_prompt_at_a_time(br, {pid for _, t, pid, _ in jobs if t == tag})
+        kinds = {a["name"]: a.get("kind") for a in mesh_ray(mesh["head"], "status")["actors"]}
+        assert all(kinds.get(w) == "comfy-worker" for w in mesh["workers"]), kinds  # `mesh-ray status` lists them
+        # sampler previews come to each page in the form it asked for (4: with metadata, 1: plain)
+        assert {d for t, d in browsers["a"].snapshot() if t == "binary"} == {4}
+        assert {d for t, d in browsers["b"].snapshot() if t == "binary"} == {1}
     finally:
         for br in browsers.values():
             br.close()
@@ -160,9 +167,74 @@ def test_fair_share_a_frontend_with_two_prompts_is_not_starved(mesh):
     assert all(d["ok"] for d in A.wait_finished(many).values())
 
 
+def test_the_ui_cancel_interrupts_the_worker(mesh):
+    A = mesh["A"]
+    br = Browser(A)
+    try:
+        pid = A.queue(diffusion_prompt("tiny.safetensors", seed=77, steps=20000, prefix="cancel/d"), br.client_id)
+        br.wait_for(pid, "progress")
+        assert A.post("/interrupt", {"prompt_id": pid})[0] == 200  # what the page's cancel button posts
+        assert not A.wait_finished([pid], timeout=300)[pid]["ok"]
+        br.wait_for(pid, "execution_interrupted")
+        assert A.history(pid)["status"]["status_str"] == "error" and not A.output_files("cancel/")
+    finally:
+        br.close()
+
+
+def test_a_frontend_that_goes_away_has_its_prompts_dropped(mesh, monkeypatch):
+    """The frontend's helper process, driven over its socket as ComfyUI drives it; then the socket
+    closes, as when ComfyUI exits: the dispatcher drops its prompts and the workers its input files."""
+    from comfy_integration import queue_wire as wire
+    from comfy_integration.prompt_files import digest_of
+    from comfy_integration.queue_bridge import QueueBridge
+    from comfy_integration.worker import worker_home
+
+    head, model = mesh["head"], mesh["A"].base / "models" / "diffusion_models" / "tiny.safetensors"
+    monkeypatch.setenv("MESH_RAY_CACHE_DIR", head.env()["MESH_RAY_CACHE_DIR"])  # where the workers keep their files
+    bridge = QueueBridge(head.address)
+    driver = Driver(head)
+    try:
+        bridge.connect()
+        models = [{"folder": "diffusion_models", "name": model.name, "digest": digest_of(str(model)),
+                   "size": model.stat().st_size}]
+        src = bridge_source(mesh["comfyui"])
+        image = (mesh["A"].base / "input" / "red.png").read_bytes()
+        jobs = {"leave-long": {"prompt": diffusion_prompt(model.name, 4, 20000, "leave/d"), "models": models},
+                "leave-image": {"prompt": image_prompt("red.png", "leave/i"), "inputs": {"red.png": image}},
+                "leave-queued": {"prompt": diffusion_prompt(model.name, 5, 20000, "leave/e"), "models": models}}
+        for pid, job in jobs.items():
+            bridge._send(wire.SUBMIT, pid, {**job, "prompt_id": pid, "comfy": src}, {models[0]["digest"]: str(model)}, None)
+        end = time.monotonic() + 300
+        while time.monotonic() < end:
+            states = {r["state"] for r in driver.call("runs", bridge.client_id)}
+            if "running" in states and "finished" in states:
+                break
+            time.sleep(0.5)
+        homes = [worker_home(w) / "input" / "mesh-ray" for w in mesh["workers"]]
+        assert any(any(h.glob("*")) for h in homes if h.is_dir())  # the image prompt's input is on a worker
+        bridge.close()  # the frontend goes away
+        while time.monotonic() < end:
+            runs = driver.call("runs", bridge.client_id)
+            if all(r["state"] in ("finished", "cancelled") for r in runs) and not any(
+                    w["busy"] for w in driver.call("comfy_workers")):
+                break
+            time.sleep(0.5)
+        assert sorted(r["state"] for r in runs) == ["cancelled", "cancelled", "finished"], runs
+        assert not any(any(h.glob("*")) for h in homes if h.is_dir())  # its input files went too
+    finally:
+        bridge.close()
+        driver.close()
+
+
+def bridge_source(comfyui: Path) -> dict:
+    from comfy_integration.comfy_env import tree_digest, tree_version
+
+    return {"version": tree_version(comfyui), "digest": tree_digest(str(comfyui.resolve()))}
+
+
 def test_a_worker_killed_mid_prompt_runs_it_again_elsewhere(mesh):
     A = mesh["A"]
-    killer = Killer(mesh["head"])
+    killer = Driver(mesh["head"])
     br = Browser(A)
     try:
         prompt = diffusion_prompt("tiny.safetensors", seed=5, steps=600, prefix="kill/d")
@@ -182,6 +254,21 @@ def test_a_worker_killed_mid_prompt_runs_it_again_elsewhere(mesh):
     finally:
         br.close()
         killer.close()
+
+
+def test_only_holders_of_the_cluster_token_can_queue(mesh, monkeypatch):
+    """A frontend whose machine has another token than the cluster's is refused in one line."""
+    from comfy_integration.queue_bridge import QueueBridge, QueueUnavailable
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "f" * 32)
+    bridge = QueueBridge(mesh["head"].address)
+    try:
+        with pytest.raises(QueueUnavailable) as e:
+            bridge.connect(wait_s=300)
+        assert "token" in str(e.value) and "\n" not in str(e.value), str(e.value)
+        assert bridge.status()["state"] == "down"
+    finally:
+        bridge.close()
 
 
 def test_the_frontend_survives_the_cluster_stopping_mid_prompt(mesh):
