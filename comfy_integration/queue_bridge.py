@@ -149,7 +149,7 @@ class QueueBridge:
             if conn is None:
                 return False
             try:
-                conn.send(msg)
+                wire.send(conn, *msg)
                 return True
             except OSError:
                 return False
@@ -157,8 +157,8 @@ class QueueBridge:
     def _read(self, conn: Any, proc: subprocess.Popen) -> None:
         while True:
             try:
-                msg = conn.recv()
-            except (EOFError, OSError):
+                msg = wire.recv(conn)
+            except (EOFError, OSError, ValueError):
                 break
             try:
                 self._handle(msg)

@@ -47,7 +47,7 @@ class QueueChild:
 
     def send(self, *msg: Any) -> None:
         with self._send_lock:
-            self.conn.send(msg)
+            wire.send(self.conn, *msg)
 
     # -- the cluster ------------------------------------------------------------------------------
 
@@ -104,7 +104,7 @@ class QueueChild:
         """Read the parent's messages until it goes away."""
         while True:
             try:
-                msg = self.conn.recv()
+                msg = wire.recv(self.conn)
             except (EOFError, OSError):
                 os._exit(0)  # the ComfyUI process is gone: the dispatcher drops our prompts
             if msg[0] == wire.SUBMIT:

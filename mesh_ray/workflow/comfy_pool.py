@@ -186,8 +186,8 @@ class ComfyPool:
         return job
 
     def acquire(self, run: Run) -> Any:
-        """An idle worker for the prompt (see the module docstring), or None."""
-        self._ensure_started()
+        """An idle worker for the prompt (see the module docstring), or None (the queue's lock is held:
+        no Ray call here; ``prepare`` started the discovery)."""
         job: ComfyJob = run.job
         want, types, models = job.comfy.get("digest"), job.class_types(), job.digests()
         with self._lock:
