@@ -266,13 +266,3 @@ def test_bench_quick_rows():
         q, base = by[(s, "quant8", "none")], by[(s, "baseline-minmax-trunc", "none")]
         assert q["rel_l2"] < base["rel_l2"] and abs(q["ratio"] - base["ratio"]) / base["ratio"] < 0.05
     assert "breakeven_mb_s" in format_table(res)
-
-
-@pytest.mark.skipif(not nvenc.decoder_status()[0], reason=f"needs NVDEC through PyNvVideoCodec: {nvenc.decoder_status()[1]}")
-def test_nvdec_decodes_x265_stream_identically():  # pragma: no cover (GPU)
-    x = smooth()
-    head, sections = unpack(encode(x, {"mode": "hevc", "backend": "x265"}, grid=(24, 20)))
-    count = hevc.frame_count(40, head.tile_dim)
-    cpu = x265.decode_frames(bytes(sections[5]), count)
-    gpu = nvenc.decode_frames(bytes(sections[5]), count, torch.device("cuda"))
-    assert torch.equal(cpu, gpu.cpu())

@@ -8,7 +8,8 @@ import ray
 import torch
 
 from mesh_ray.actors.records import LinkPlan
-from mesh_ray.actors.wire import RawTensor, pack_state, unpack_state
+from mesh_ray.actors.flux_host import flux_state, flux_streams
+from mesh_ray.actors.wire import RawTensor, pack, unpack
 from mesh_ray.codec import CodecSpec
 from mesh_ray.digest import DigestMemo
 from mesh_ray.models.flux import BlockState
@@ -20,16 +21,16 @@ def test_raw_state_through_the_object_store_is_exact(ray_local, dtype):
     g = torch.Generator().manual_seed(0)
     dt = getattr(torch, dtype)
     state = BlockState(torch.randn(2, 300, 64, generator=g).to(dt), torch.randn(2, 7, 64, generator=g).to(dt), 7)
-    wire = pack_state(state, LinkPlan(spec=CodecSpec(mode="raw"), name="t", dtype=dtype), None)
-    assert isinstance(wire.img, RawTensor) and wire.hops[-1].raw_bytes == (2 * 300 + 2 * 7) * 64 * dt.itemsize
+    wire = pack(flux_streams(state), LinkPlan(spec=CodecSpec(mode="raw"), name="t", dtype=dtype))
+    assert isinstance(wire.tensors["img"], RawTensor) and wire.hops[-1].raw_bytes == (2 * 300 + 2 * 7) * 64 * dt.itemsize
     got = ray.get(ray.put(wire), timeout=60)  # as a stage or the driver receives it: read-only buffers
-    assert not got.img.array.flags.writeable
-    mine, _ = unpack_state(got, torch.device("cpu"), dt)  # the default: a tensor the receiver may write
-    lent, _ = unpack_state(got, torch.device("cpu"), dt, borrow=True)
+    assert not got.tensors["img"].array.flags.writeable
+    mine = flux_state(unpack(got, torch.device("cpu"), dt)[0])  # the default: a tensor the receiver may write
+    lent = flux_state(unpack(got, torch.device("cpu"), dt, borrow=True)[0])
     for out in (mine, lent):
         assert out.img.dtype == dt and torch.equal(out.img, state.img) and torch.equal(out.txt, state.txt)
     mine.img.add_(1)  # a private copy: the object in the store is unchanged
-    assert torch.equal(ray.get(ray.put(got), timeout=60).img.tensor(), state.img)
+    assert torch.equal(ray.get(ray.put(got), timeout=60).tensors["img"].tensor(), state.img)
 
 
 def test_digest_memo_is_exact():

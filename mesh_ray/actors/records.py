@@ -17,13 +17,14 @@ from mesh_ray.codec.metrics import TransferMetrics
 class GenConsts:
     """Per-generation constants a stage fetches once and caches by ``id``.
 
-    ``pe`` / ``txt`` are one-element lists holding an ObjectRef, so Ray passes the ref and the stage
-    fetches it only on a cache miss; ``txt`` is None when the text tokens travel with the state.
+    ``refs`` maps a name to a one-element list holding an ObjectRef (FLUX: ``pe``, and ``txt`` unless
+    the text tokens travel with the state), so Ray passes the ref and the stage fetches it only on a
+    cache miss; which names there are is up to the block host that reads them.  ``grid`` is the
+    image-token grid, for codecs that code tokens as an image.
     """
 
     id: str
-    pe: list[Any]
-    txt: list[Any] | None = None
+    refs: dict[str, list[Any]]
     grid: tuple[int, int] | None = None
 
 
@@ -34,6 +35,7 @@ class LinkPlan:
     spec: CodecSpec
     name: str
     dtype: str  # the wire dtype: the narrower of the two ends' compute dtypes
+    transport: str = "object"  # how Ray moves it: the object store, or a Ray Direct Transport (gloo, nccl, ...)
 
 
 @dataclass
@@ -43,3 +45,4 @@ class Hop(TransferMetrics):
     link: str = ""
     mode: str = "raw"
     dtype: str = ""
+    transport: str = "object"

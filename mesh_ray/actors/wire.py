@@ -1,8 +1,11 @@
-"""Block states on the wire: coded with the link's codec spec before they enter the object store.
+"""Activations on the wire: ``Streams`` (what any DiT's blocks hand each other) packed for one link.
 
-Every hop sends a ``WireState``: the streams as tensors (raw link: Ray moves them, nothing is
-copied twice) or as codec payloads (coded link), plus the metrics of every hop the activation
-has made so far in its chain, so the caller sees the cost of each transfer.
+A stage runs some DiT's blocks (``actors/host.py``); between stages the activations are
+``Streams``: named batch-first tensors (FLUX: ``img``, ``txt``; LTX: video and audio) and a few
+plain values.  Every hop sends a ``WireState``: the tensors as host arrays (raw link over the
+object store: Ray moves numpy buffers without a second copy), as device tensors (a Ray Direct
+Transport link: Ray moves them out of band), or as codec payloads (coded link), plus the metrics of
+every hop the activation has made so far in its chain, so the caller sees the cost of each transfer.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from mesh_ray.cluster import metrics
 from mesh_ray.actors.device import DTYPES
 from mesh_ray.actors.records import Hop, LinkPlan
 from mesh_ray.codec import decode, encode_with_metrics
-from mesh_ray.models.flux import BlockState
 
 # A borrowed read-only buffer (RawTensor.tensor(borrow=True)): torch warns that it is not writable; the
 # receiver never writes into its input.  Filtered once here: catch_warnings per call is process-global
@@ -50,71 +52,85 @@ class RawTensor:
 
 
 @dataclass
+class Streams:
+    """Activations between blocks: named batch-first tensors and small plain values (``meta``).
+    ``layout`` gives, per tensor, the token grid (rows, cols) and the count of leading tokens outside
+    it, for codecs that code tokens as an image (HEVC); tensors without one are coded flat."""
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+    layout: dict[str, tuple[tuple[int, int] | None, int]] = field(default_factory=dict)
+
+    def map(self, fn: Any) -> "Streams":
+        """The same streams with ``fn`` applied to every tensor."""
+        return Streams({k: fn(v) for k, v in self.tensors.items()}, self.meta, self.layout)
+
+
+@dataclass
 class WireState:
-    """A BlockState for one link: ``img`` (and ``txt`` unless joined) as raw tensors or codec payloads."""
+    """``Streams`` for one link: each tensor as a ``RawTensor``, a device tensor (RDT link) or a payload."""
 
-    img: RawTensor | bytes
-    txt: RawTensor | torch.Tensor | bytes | None
-    txt_len: int
+    tensors: dict[str, RawTensor | torch.Tensor | bytes]
+    meta: dict[str, Any] = field(default_factory=dict)
     hops: list[Hop] = field(default_factory=list)
-    cond: Any = None  # the step's BlockCond (on the host) when the front runs on the stages
 
 
-def _nbytes(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.numel() * t.element_size()
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
-def with_cached_text(state: BlockState, txt: torch.Tensor | None) -> BlockState:
-    """Put the generation's cached text tokens back where the caller sent an empty placeholder."""
-    if txt is not None and state.txt is not None and state.txt.numel() == 0 and state.txt_len:
-        return BlockState(state.img, txt, state.txt_len)
-    return state
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype) if t.is_floating_point() else t
 
 
-def pack_state(state: BlockState, plan: LinkPlan, grid: tuple[int, int] | None,
-               hops: list[Hop] | None = None) -> WireState:
-    """Cast ``state`` to the link's wire dtype, code it with the link's spec (raw: the host tensors
-    themselves) and record the hop."""
+def pack(streams: Streams, plan: LinkPlan, hops: list[Hop] | None = None) -> WireState:
+    """Cast ``streams`` to the link's wire dtype, code them with the link's spec (raw: the tensors
+    themselves, as host arrays over the object store or on their device for a direct transport) and
+    record the hop."""
     spec, dtype = plan.spec, DTYPES[plan.dtype]
-    state = BlockState(state.img.to(dtype), state.txt.to(dtype) if state.txt is not None else None, state.txt_len)
+    tensors = {k: _cast(v, dtype) for k, v in streams.tensors.items()}
     if spec.mode == "raw":
-        size = _nbytes(state.img) + _nbytes(state.txt)
-        hop = Hop(size, size, 0.0, 0.0, link=plan.name, mode="raw", dtype=plan.dtype)
-        txt = RawTensor.of(state.txt) if state.txt is not None else None
-        return WireState(RawTensor.of(state.img), txt, state.txt_len, [*(hops or []), hop])
+        size = sum(_nbytes(t) for t in tensors.values())
+        hop = Hop(size, size, 0.0, 0.0, link=plan.name, mode="raw", dtype=plan.dtype, transport=plan.transport)
+        direct = plan.transport != "object"  # Ray Direct Transport moves torch tensors where they are
+        out = {k: (t.contiguous() if direct else RawTensor.of(t)) for k, t in tensors.items()}
+        return WireState(out, streams.meta, [*(hops or []), hop])
     t0 = time.perf_counter()
-    if state.joined:
-        img, m_img = encode_with_metrics(state.img, spec, grid, state.txt_len)
-        txt, m_txt = None, None
-    elif state.txt.numel() == 0:  # text tokens cached on the stage: nothing to code
-        img, m_img = encode_with_metrics(state.img, spec, grid, 0)
-        txt, m_txt = state.txt.cpu(), None
-    else:
-        img, m_img = encode_with_metrics(state.img, spec, grid, 0)
-        txt, m_txt = encode_with_metrics(state.txt, spec, None, 0)
-    ms = [m for m in (m_img, m_txt) if m is not None]
-    hop = Hop(sum(m.raw_bytes for m in ms), sum(m.wire_bytes for m in ms), round((time.perf_counter() - t0) * 1e3, 3),
-              link=plan.name, mode=spec.mode, dtype=plan.dtype)
-    if spec.debug_metrics:  # the image stream dominates; its error stands for the hop
-        hop.cosine, hop.max_abs = m_img.cosine, max(m.max_abs for m in ms)
-    return WireState(img, txt, state.txt_len, [*(hops or []), hop])
+    out, ms = {}, {}
+    for k, t in tensors.items():
+        if t.numel() == 0:  # e.g. text tokens cached on the stage: nothing to code
+            out[k] = RawTensor.of(t)
+            continue
+        grid, prefix = streams.layout.get(k, (None, 0))
+        out[k], ms[k] = encode_with_metrics(t, spec, grid, prefix)
+    hop = Hop(sum(m.raw_bytes for m in ms.values()), sum(m.wire_bytes for m in ms.values()),
+              round((time.perf_counter() - t0) * 1e3, 3), link=plan.name, mode=spec.mode, dtype=plan.dtype,
+              transport=plan.transport)
+    if spec.debug_metrics and ms:  # the largest tensor's error stands for the hop
+        largest = max(ms, key=lambda k: ms[k].raw_bytes)
+        hop.cosine, hop.max_abs = ms[largest].cosine, max(m.max_abs for m in ms.values())
+    return WireState(out, streams.meta, [*(hops or []), hop])
 
 
-def unpack_state(obj: WireState, device: torch.device, dtype: torch.dtype,
-                 borrow: bool = False) -> tuple[BlockState, list[Hop]]:
-    """Decode a WireState onto ``device`` in the receiver's compute ``dtype``, recording the decode
-    time on its last hop.  ``borrow``: raw tensors may stay in Ray's read-only buffers (see RawTensor)."""
-    if isinstance(obj.img, RawTensor):
-        txt = obj.txt.tensor(borrow).to(device, dtype) if obj.txt is not None else None
-        if obj.hops:
-            metrics.wire_hop(obj.hops[-1])  # each hop is counted once, where it is received
-        return BlockState(obj.img.tensor(borrow).to(device, dtype), txt, obj.txt_len), obj.hops
+def unpack(obj: WireState, device: torch.device, dtype: torch.dtype, borrow: bool = False) -> tuple[Streams, list[Hop]]:
+    """Decode a WireState onto ``device`` in the receiver's compute ``dtype`` (floating tensors),
+    recording the decode time on its last hop.  ``borrow``: raw tensors may stay in Ray's read-only
+    buffers (see RawTensor)."""
     t0 = time.perf_counter()
-    img = decode(obj.img, device).to(dtype)
-    txt = obj.txt if obj.txt is None or isinstance(obj.txt, torch.Tensor) else decode(obj.txt, device)
-    txt = txt.to(device, dtype) if txt is not None else None
-    hops = [replace(h) for h in obj.hops]
-    if hops:
+    coded = False
+    tensors = {}
+    for k, v in obj.tensors.items():
+        if isinstance(v, RawTensor):
+            t = v.tensor(borrow)
+        elif isinstance(v, torch.Tensor):
+            t = v
+        else:
+            t, coded = decode(v, device), True
+        tensors[k] = _cast(t.to(device), dtype)
+    hops = obj.hops
+    if coded and hops:
+        hops = [replace(h) for h in hops]
         hops[-1].decode_ms = round((time.perf_counter() - t0) * 1e3, 3)
-        metrics.wire_hop(hops[-1])
-    return BlockState(img, txt, obj.txt_len), hops
+    if hops:
+        metrics.wire_hop(hops[-1])  # each hop is counted once, where it is received
+    return Streams(tensors, obj.meta), hops

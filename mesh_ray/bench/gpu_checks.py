@@ -189,7 +189,7 @@ def check_codec(fixtures: Path | None, device: str = "cuda", tokens: int = 4608,
         count = int(fx["count"][0])
         res: dict[str, Any] = {"frames": count, "frame_shape": list(fx["frames_pyav"].shape[1:])}
         try:
-            frames = nvenc.decode_frames(stream, count, torch.device(device))
+            frames = nvenc.decode_frames(stream, count, tuple(fx["frames_pyav"].shape[-2:]), torch.device(device))
             res["frames_equal_pyav"] = bool(torch.equal(frames.cpu(), fx["frames_pyav"]))
             res["frames_max_abs_diff"] = int((frames.cpu().int() - fx["frames_pyav"].int()).abs().max())
             payload = bytes(fx["payload"].numpy().tobytes())

@@ -57,8 +57,20 @@ def bench_pipeline(quick: bool = typer.Option(False, "--quick", help="256px, 64 
 
 @bench_app.command("codec")
 def bench_codec(quick: bool = typer.Option(False, "--quick", help="Small tensors: seconds instead of a minute."),
+                device: Optional[str] = typer.Option(None, help="cpu or cuda: instead, encode/decode GB/s per spec on "
+                                                                "that device next to the CPU path (goal on a GPU: quant8 "
+                                                                f">= {goals.CODEC_DEVICE['quant8_gb_s']:g} GB/s, NVDEC <= "
+                                                                f"{goals.CODEC_DEVICE['nvdec_ms_per_512_frame']:g} ms per 512x512 frame)."),
+                repeats: int = typer.Option(5, min=1, help="Timed runs per spec with --device (the median is kept)."),
                 as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")) -> None:
-    """Every codec mode/QP on the standard activation set (captured tiny-FLUX + synthetic), vs bf16 raw."""
+    """Every codec mode/QP on the standard activation set (captured tiny-FLUX + synthetic), vs bf16 raw;
+    with --device, the codec's throughput on that device instead."""
+    if device is not None:
+        from mesh_ray.bench.codec_speed import format_table as speed_table, run_codec_speed_bench
+
+        result = guard(lambda: run_codec_speed_bench(device, quick=quick, repeats=repeats))
+        emit_report(result, as_json, speed_table)
+        return
     from mesh_ray.bench.codec import format_table, run_codec_bench
 
     result = guard(lambda: run_codec_bench(quick=quick))

@@ -1,15 +1,24 @@
-"""Entropy stage after quantisation: zstd on the CPU, nvCOMP on the GPU where installed, or none."""
+"""Entropy stage after quantisation: zstd on the CPU, nvCOMP on the GPU where installed, or none.
+
+Sections are uint8 tensors. ``none`` and nvCOMP leave them on their device (``header.pack`` copies
+the result to the host once); zstd runs on the host, so a CUDA section is copied there first.
+"""
 
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 import zstandard
 
 from mesh_ray.codec.errors import CodecError
+from mesh_ray.codec.hostio import upload
 
 ZSTD_LEVEL = 3  # level 3 is the knee of zstd's speed/size curve on quantised activations
+NVCOMP_ALGORITHM = "GDeflate"
+
+_local = threading.local()  # nvCOMP codecs are thread-local (nvCOMP's rule): one per thread, device, stream
 
 
 @functools.lru_cache(maxsize=1)
@@ -33,56 +42,90 @@ def resolve(entropy: str, on_cuda: bool) -> str:
     return entropy
 
 
-def compress(data: bytes | memoryview, entropy: str) -> bytes:
-    """Entropy-code one section."""
-    if entropy == "none" or len(data) == 0:
-        return bytes(data)
+def compress(data: torch.Tensor, entropy: str) -> "bytes | torch.Tensor":
+    """Entropy-code one flat uint8 section: bytes (zstd) or a uint8 tensor (none: as given; nvCOMP: on the GPU)."""
+    if entropy == "none" or data.numel() == 0:
+        return data
     if entropy == "zstd":
-        return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data)
+        return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data.cpu().numpy())
     if entropy == "nvcomp":
-        return _nvcomp_bytes(_nvcomp_codec().encode(_nvcomp_array(data)))  # pragma: no cover (GPU)
+        return _nvcomp_encode(data if data.is_cuda else data.cuda())
     raise CodecError(f"unknown entropy stage {entropy!r}: use zstd, nvcomp or none")
 
 
-def decompress(data: memoryview, entropy: str, size: int) -> bytes:
-    """Undo ``compress``; ``size`` is the expected length (a mismatch is a corrupt payload)."""
+def decompress(data: memoryview, entropy: str, size: int, device: torch.device) -> torch.Tensor:
+    """Undo ``compress`` -> a fresh flat uint8 tensor of ``size`` bytes on ``device`` (a mismatch is a corrupt payload)."""
     if entropy == "none" or size == 0:
-        out = bytes(data)
+        n = len(data)
+        out = upload(data, device) if n == size else None
     elif entropy == "zstd":
         try:
-            out = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
+            raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
         except zstandard.ZstdError as exc:
             raise CodecError(f"zstd section does not decompress ({exc}): the payload is corrupt; resend it") from None
+        n = len(raw)
+        out = upload(raw, device) if n == size else None
     elif entropy == "nvcomp":
         usable, reason = nvcomp_status()
         if not usable:
             raise CodecError(f"payload is nvCOMP-coded but this machine cannot decode it: {reason}; "
                              "or encode with entropy='zstd'")
-        out = _nvcomp_bytes(_nvcomp_codec().decode(_nvcomp_array(data)))  # pragma: no cover (GPU)
+        out = _nvcomp_decode(data, device)  # pragma: no cover (GPU)
+        n = out.numel()  # pragma: no cover (GPU)
     else:
         raise CodecError(f"unknown entropy stage {entropy!r}: decode with the mesh-ray version that encoded it")
-    if len(out) != size:
-        raise CodecError(f"entropy-coded section decodes to {len(out)} bytes, expected {size}: "
+    if n != size:
+        raise CodecError(f"entropy-coded section decodes to {n} bytes, expected {size}: "
                          "the payload is corrupt; resend it")
     return out
 
 
-@functools.lru_cache(maxsize=1)
-def _nvcomp_codec():  # pragma: no cover (GPU)
+def _nvcomp_codec(device: torch.device, stream: int):  # pragma: no cover (GPU)
+    """This thread's nvCOMP codec for a device and a CUDA stream (torch's current one), made once."""
     from nvidia import nvcomp
 
-    return nvcomp.Codec(algorithm="GDeflate")
+    codecs = _local.__dict__.setdefault("codecs", {})
+    key = (device.index, stream)
+    if key not in codecs:
+        if len(codecs) >= 8:
+            codecs.clear()
+        codecs[key] = nvcomp.Codec(algorithm=NVCOMP_ALGORITHM, device_id=device.index, cuda_stream=stream)
+    return codecs[key]
 
 
-def _nvcomp_bytes(array) -> bytes:  # pragma: no cover (GPU)
-    """An nvCOMP device Array -> bytes: ``cpu()`` gives a host Array with the array interface."""
-    import numpy as np
+def _cuda(device: torch.device) -> torch.device:  # pragma: no cover (GPU)
+    """A CUDA device with its index filled in (nvCOMP runs on the current one for a CPU target)."""
+    if device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
 
-    return np.asarray(array.cpu()).tobytes()
+
+def _nvcomp_tensor(array, stream: int) -> torch.Tensor:  # pragma: no cover (GPU)
+    """An nvCOMP device Array -> a flat uint8 torch tensor of its ``buffer_size`` bytes (a copy nvCOMP does not own)."""
+    t = torch.from_dlpack(array.to_dlpack(cuda_stream=stream))
+    return t.reshape(-1).view(torch.uint8)[: array.buffer_size].clone()
 
 
-def _nvcomp_array(data):  # pragma: no cover (GPU)
+def _nvcomp_encode(data: torch.Tensor) -> torch.Tensor:  # pragma: no cover (GPU)
+    """GDeflate on the GPU, in torch's current stream: device bytes in, device bytes out."""
     from nvidia import nvcomp
 
-    t = torch.frombuffer(bytearray(data), dtype=torch.uint8).cuda()
-    return nvcomp.as_array(t)
+    device = _cuda(data.device)
+    stream = torch.cuda.current_stream(device).cuda_stream
+    codec = _nvcomp_codec(device, stream)
+    return _nvcomp_tensor(codec.encode(nvcomp.as_array(data, cuda_stream=stream)), stream)
+
+
+def _nvcomp_decode(data: memoryview, device: torch.device) -> torch.Tensor:  # pragma: no cover (GPU)
+    """An nvCOMP section (wire bytes) -> uint8 tensor on ``device``; decoded on the GPU."""
+    from nvidia import nvcomp
+
+    gpu = _cuda(device)
+    stream = torch.cuda.current_stream(gpu).cuda_stream
+    src = upload(data, gpu)
+    try:
+        out = _nvcomp_tensor(_nvcomp_codec(gpu, stream).decode(nvcomp.as_array(src, cuda_stream=stream)), stream)
+    except Exception as exc:  # nvCOMP raises its own types for a damaged stream
+        raise CodecError(f"nvCOMP section does not decompress ({type(exc).__name__}): the payload is corrupt; "
+                         "resend it") from None
+    return out.to(device)

@@ -29,9 +29,11 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from mesh_ray.codec.errors import CodecError
+from mesh_ray.codec.hostio import Section  # noqa: F401  (the sections pack takes)
 
 MAGIC = b"MRAC"
 FORMAT_VERSION = 1
@@ -73,21 +75,34 @@ class Header:
     sections: list[int] = field(default_factory=list)
 
 
-def pack(head: Header, sections: list[bytes]) -> bytes:
-    """Header + sections -> one payload with its CRC32 filled in."""
+def pack(head: Header, sections: "list[Section]") -> bytes:
+    """Header + sections -> one payload with its CRC32 filled in.
+
+    Sections may be host bytes or flat uint8 tensors on any device: tensors are copied straight into
+    the payload buffer (pinned when one is on a GPU, so each is one DMA, all awaited together).
+    """
     flags = int(head.clipped) | (int(head.grid_given) << 1)
+    lengths = [s.numel() if isinstance(s, torch.Tensor) else len(s) for s in sections]
     fixed = _FIXED.pack(MAGIC, head.version, CODEC_IDS[head.codec], DTYPE_IDS[head.dtype], len(head.shape),
                         ENTROPY_IDS[head.entropy], BACKEND_IDS[head.backend], head.qp,
                         PREDICTORS[head.pred_img] | (PREDICTORS[head.pred_prefix] << 4),
                         head.tile_dim, flags, len(sections), head.prefix, head.grid[0], head.grid[1], 0)
-    tables = struct.pack(f"<{len(head.shape)}Q{len(sections)}Q", *head.shape, *(len(s) for s in sections))
-    buf = bytearray(fixed + tables)
-    crc = zlib.crc32(buf)
-    for s in sections:
-        crc = zlib.crc32(s, crc)
-        buf += s
-    struct.pack_into("<I", buf, _CRC_AT, crc)
-    return bytes(buf)
+    tables = struct.pack(f"<{len(head.shape)}Q{len(sections)}Q", *head.shape, *lengths)
+    gpus = {s.device for s in sections if isinstance(s, torch.Tensor) and s.is_cuda}
+    buf = torch.empty(len(fixed) + len(tables) + sum(lengths), dtype=torch.uint8, pin_memory=bool(gpus))
+    view = buf.numpy()
+    at = len(fixed) + len(tables)
+    view[:at] = np.frombuffer(fixed + tables, dtype=np.uint8)
+    for s, n in zip(sections, lengths):
+        if isinstance(s, torch.Tensor):
+            buf[at:at + n].copy_(s, non_blocking=s.is_cuda)
+        else:
+            view[at:at + n] = np.frombuffer(s, dtype=np.uint8)
+        at += n
+    for device in gpus:
+        torch.cuda.current_stream(device).synchronize()
+    struct.pack_into("<I", view, _CRC_AT, zlib.crc32(view))
+    return view.tobytes()
 
 
 def unpack(data: bytes) -> tuple[Header, list[memoryview]]:

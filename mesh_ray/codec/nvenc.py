@@ -2,16 +2,18 @@
 
 NVENC is absent on A100/A30/H100/H200/H20/B200-class GPUs; NVDEC is present on all of them.  The
 bitstream is the same HEVC Main 4:4:4 stream x265 writes, so either side can decode the other's.
-Not exercised on the CPU-only test machine: see docs/codec.md, "GPU check".
+NVDEC decoders are kept per (GPU, frame size) and fed packets from memory.  Not exercised on the
+CPU-only test machine: see docs/codec.md, "GPU check".
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import re
-import tempfile
+import threading
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from mesh_ray.codec.errors import CodecError
@@ -59,6 +61,9 @@ def decoder_status() -> tuple[bool, str]:
     nvc, why = _import()
     if nvc is None:
         return False, why + "; hevc decodes with PyAV"
+    if not hasattr(nvc, "PacketData"):
+        return False, (f"PyNvVideoCodec {getattr(nvc, '__version__', '?')} cannot take packets from memory: "
+                       "pip install 'pynvvideocodec>=2.0'; hevc decodes with PyAV")
     try:
         nvc.CreateDecoder(gpuid=0, codec=nvc.cudaVideoCodec.HEVC, usedevicememory=True)
     except Exception as exc:
@@ -98,25 +103,84 @@ def encode_frames(frames: torch.Tensor, qp: int) -> bytes:  # pragma: no cover (
     return bytes(out)
 
 
-def decode_frames(stream: bytes, count: int, device: torch.device) -> torch.Tensor:  # pragma: no cover (GPU)
-    """Annex-B stream -> uint8 frames [F, 3, H, W] on the GPU via NVDEC, flushing every frame."""
+def decode_frames(stream: "bytes | memoryview", count: int, frame_hw: tuple[int, int],
+                  device: torch.device) -> torch.Tensor:  # pragma: no cover (GPU)
+    """Annex-B stream -> uint8 frames [F, 3, H, W] on the GPU via NVDEC, fed from memory.
+
+    The decoder of this (GPU, frame size) is kept and reused: the whole stream goes in as one
+    packet, an empty packet ends it (the decoder hands out its last frame and is ready for the next
+    stream). A kept decoder that fails is dropped and the stream decoded once more on a fresh one.
+    """
     usable, reason = decoder_status()
     if not usable:
         raise CodecError(f"payload asked for NVDEC but {reason}")
-    import PyNvVideoCodec as nvc  # noqa: N813
+    gpu = device.index if device.type == "cuda" and device.index is not None else torch.cuda.current_device()
+    data = np.frombuffer(stream, dtype=np.uint8)  # the packet points into this buffer: keep it alive until done
+    for fresh in (False, True):
+        entry = _decoder(gpu, frame_hw, fresh)
+        with entry.lock:
+            try:
+                frames = _decode_all(entry.decoder, data, frame_hw)
+            except Exception as exc:  # PyNvVideoCodec raises its own types for a damaged stream
+                frames, error = None, f"{type(exc).__name__}: {exc}"
+        if frames is not None and len(frames) == count:
+            return torch.stack(frames).to(device)
+        _drop_decoder(gpu, frame_hw, entry)
+        if frames is not None:
+            error = f"{len(frames)} frames, the header announces {count}"
+    raise CodecError(f"NVDEC could not decode the HEVC stream ({error}): the payload is corrupt; resend it")
 
-    with tempfile.NamedTemporaryFile(suffix=".hevc", delete=False) as fh:
-        fh.write(bytes(stream))
-        path = fh.name
-    try:
-        demux = nvc.CreateDemuxer(filename=path)
-        dec = nvc.CreateDecoder(gpuid=device.index or 0, codec=nvc.cudaVideoCodec.HEVC, usedevicememory=True)
-        frames = []
-        for packet in demux:  # the demuxer's last, empty packet flushes the decoder
-            for frame in dec.Decode(packet):
-                frames.append(torch.from_dlpack(frame).reshape(3, frame.shape[0] // 3, -1).clone())
-    finally:
-        os.unlink(path)
-    if len(frames) != count:
-        raise CodecError(f"NVDEC gave {len(frames)} frames, the header announces {count}: the payload is corrupt")
-    return torch.stack(frames).to(device)
+
+@dataclass
+class _Session:
+    """One NVDEC decoder and the lock that keeps it to one stream at a time."""
+
+    decoder: object
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_sessions_lock = threading.Lock()
+_sessions: dict[tuple[int, int, int], _Session] = {}
+_created = [0]  # decoders created in this process (a test checks that they are reused)
+
+
+def decoders_created() -> int:
+    """How many NVDEC decoders this process has created (one per GPU and frame size when all goes well)."""
+    return _created[0]
+
+
+def _decoder(gpu: int, frame_hw: tuple[int, int], fresh: bool) -> _Session:  # pragma: no cover (GPU)
+    """The kept decoder for this GPU and frame size (a new one if there is none or ``fresh``)."""
+    key = (gpu, *frame_hw)
+    with _sessions_lock:
+        entry = _sessions.get(key)
+        if entry is None or fresh:
+            nvc, _ = _import()
+            height, width = frame_hw
+            entry = _sessions[key] = _Session(nvc.CreateDecoder(gpuid=gpu, codec=nvc.cudaVideoCodec.HEVC,
+                                                                usedevicememory=True, maxwidth=width, maxheight=height))
+            _created[0] += 1
+        return entry
+
+
+def _drop_decoder(gpu: int, frame_hw: tuple[int, int], entry: _Session) -> None:  # pragma: no cover (GPU)
+    with _sessions_lock:
+        if _sessions.get((gpu, *frame_hw)) is entry:
+            del _sessions[(gpu, *frame_hw)]
+
+
+def _decode_all(dec, data: np.ndarray, frame_hw: tuple[int, int]) -> list[torch.Tensor]:  # pragma: no cover (GPU)
+    """Feed one whole stream, then end it; every frame copied out at once (the decoder reuses its buffers)."""
+    nvc, _ = _import()
+    height, width = frame_hw
+    frames = []
+    for pointer, size in ((data.ctypes.data, data.size), (0, 0)):  # the stream, then an empty packet: its end
+        packet = nvc.PacketData()
+        packet.bsl_data, packet.bsl, packet.pts, packet.decode_flag = pointer, size, 0, 0
+        for frame in dec.Decode(packet):
+            t = torch.from_dlpack(frame)
+            if t.numel() != 3 * height * width:
+                raise CodecError(f"NVDEC frame has {t.numel()} bytes, a {width}x{height} YUV444 frame has "
+                                 f"{3 * height * width}")
+            frames.append(t.reshape(3, height, width).clone())
+    return frames

@@ -5,22 +5,13 @@ from __future__ import annotations
 
 import os
 
-import ray
-
 from mesh_ray.models.flux import build
 from mesh_ray.models.lora import LoraSet, apply, digest, merge, read_lora, subset
 
 
 def send(split, lset: LoraSet, dg: str | None) -> None:
     """Apply ``lset`` on every remote stage of ``split`` (each gets only its blocks' patches)."""
-    calls = []
-    for seg in split.segments:
-        if seg.actor is None:
-            continue
-        sub = subset(lset, [seg.range])
-        calls.append((seg, seg.actor.set_lora.remote(dg if sub else None, [ray.put(sub)] if sub else None)))
-    for seg, ref in calls:
-        split.stage_get(ref, seg, split.options.start_timeout_s, "applying LoRA patches")
+    split.group.send_patches(lambda seg: subset(lset, [seg.range]), dg)
 
 
 def set_split_loras(split, loras: list[tuple[str | os.PathLike, float]]) -> str | None:

@@ -12,45 +12,25 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 import torch
-from ray.exceptions import GetTimeoutError
 
-from mesh_ray.actors.device import DTYPES, dtype_name, narrower, pick_device
+from mesh_ray.actors.device import pick_device
+from mesh_ray.actors.flux_host import FluxHost, flux_state, flux_streams, move_cond, with_cached_text
 from mesh_ray.actors.front import FrontInput, check_front, front_input
-from mesh_ray.actors.records import GenConsts, Hop, LinkPlan
-from mesh_ray.actors.shards import default_cache_dir, send_shard
-from mesh_ray.actors.stage import GENERATIONS_KEPT, StageActor, StageInit, move_cond
-from mesh_ray.actors.wire import pack_state, unpack_state, with_cached_text
-from mesh_ray.codec import choose_spec
-from mesh_ray.cluster.resources import default_num_gpus, explain_unschedulable, node_affinity
+from mesh_ray.actors.records import GenConsts, Hop
+from mesh_ray.actors.stage import GENERATIONS_KEPT
 from mesh_ray.config import SplitOptions, StageSpec, load_settings, validate
-from mesh_ray.errors import ClusterError, ConfigError, MeshError, StageError
+from mesh_ray.digest import DigestMemo, tensor_digest
+from mesh_ray.errors import ConfigError, MeshError
 from mesh_ray.models.blocks import BlockRange, check_cover, locate
 from mesh_ray.models.checkpoint import CheckpointInfo, inspect, load_blocks
 from mesh_ray.models.flux import BlockCond, BlockState, Flux, build
 from mesh_ray.split.patch_args import across_boundary, patch_cond
-from mesh_ray.digest import DigestMemo, tensor_digest
-from mesh_ray.cluster.ray_errors import ray_error
-from mesh_ray.split.recovery import ChainCall, Recovery
-
-
-@dataclass
-class Segment:
-    """A block range and who runs it: ``actor`` None means the calling process."""
-
-    range: BlockRange
-    spec: StageSpec
-    actor: Any = None
-    index: int = -1
-    node_id: str | None = None
-    dtype: torch.dtype | None = None  # what it computes in (a stage reports its own)
-    in_plan: LinkPlan | None = None  # the link into this stage
-    out_plan: LinkPlan | None = None  # the link out of it, which the stage codes
+from mesh_ray.split.stages import GenerationCache, Segment, StageGroup, put_consts
 
 
 @dataclass
@@ -134,13 +114,11 @@ class SplitModel:
                 seg.dtype = self.dtype
         self.last = StepStats()  # for reports only: concurrent steps get theirs from finish_step
         self.plan = None  # the planner's Plan when mesh.split(plan=...) chose the stages
-        self._gen_refs: OrderedDict[str, _Generation] = OrderedDict()
-        self._pg = None
-        self._closed = False
-        self._default_gpus = default_num_gpus()
-        self.recovery = Recovery(self)  # stage restart + step retry (mesh_ray/split/recovery.py)
+        self._gens = GenerationCache(max(GENERATIONS_KEPT, 4 * options.micro_batches))
         # front="stage": the first stage embeds, the last runs the final layer, the caller holds no weights
         self.front_on_stage = check_front(options.front, [s.index for s in self.segments if s.spec.local])
+        self.group = StageGroup(self.id, self.segments, options, self._host_for, self._shard_for, checkpoint,
+                                self.device, self.dtype)
         # The caller's part: embedders, final layer, and blocks of local segments only (none when
         # the caller has its own model and uses only block_patches(), as inside ComfyUI).
         self.model = build(self.config, "meta", self.dtype)
@@ -149,11 +127,7 @@ class SplitModel:
             sd = load_blocks(checkpoint, local, non_block=True, dtype=self.dtype, info=info)
             self.model.load_state_dict(sd, strict=False, assign=True)
             self._to_device(local)
-        try:
-            self._start_stages()
-        except BaseException:
-            self.close()
-            raise
+        self.group.start()
 
     # -- setup ----------------------------------------------------------------------------------
 
@@ -172,111 +146,20 @@ class SplitModel:
             return False, False
         return seg is self.segments[0], seg is self.segments[-1]
 
-    def num_gpus(self, spec: StageSpec) -> float:
-        """GPUs a stage asks for: its own setting, else one when the cluster has GPUs."""
-        return spec.num_gpus if spec.num_gpus is not None else self._default_gpus
+    def _host_for(self, seg: Segment) -> FluxHost:
+        embed, final = self.holds_front(seg)
+        return FluxHost(seg.index, self.config, seg.range.start, seg.range.stop, embed=embed, final=final)
 
-    def _stage_options(self, seg: Segment, bundle: int | None) -> dict:
-        spec = seg.spec
-        opts: dict[str, Any] = {"num_cpus": spec.num_cpus, "num_gpus": self.num_gpus(spec),
-                                "name": f"mesh-ray/{self.id}/stage{seg.index}",
-                                "max_restarts": self.options.max_restarts}
-        if spec.node:
-            opts["scheduling_strategy"] = node_affinity(spec.node)
-        elif self._pg is not None and bundle is not None:
-            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    def _shard_for(self, seg: Segment) -> dict[str, torch.Tensor]:
+        return load_blocks(self.checkpoint, [seg.range], non_block=any(self.holds_front(seg)), info=self.info)
 
-            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                placement_group=self._pg, placement_group_bundle_index=bundle)
-        return opts
-
-    def _make_placement_group(self, remote: list[Segment]) -> None:
-        if self.options.placement == "none" or not remote:
-            return
-        from ray.util.placement_group import placement_group
-
-        bundles = []
-        for seg in remote:
-            need = {"CPU": seg.spec.num_cpus, "GPU": self.num_gpus(seg.spec)}
-            bundles.append({k: v for k, v in need.items() if v} or {"CPU": 0.01})
-        self._pg = placement_group(bundles, strategy=self.options.placement.upper())
-        try:
-            ray.get(self._pg.ready(), timeout=self.options.start_timeout_s)
-        except GetTimeoutError:
-            raise ClusterError(f"the {len(bundles)} stages cannot be placed with placement={self.options.placement} "
-                               f"(bundles {bundles}, {len(ray.nodes())} nodes): add nodes or use placement='pack' "
-                               f"or 'spread'") from None
-
-    def _start_stages(self) -> None:
-        remote = [s for s in self.segments if not s.spec.local]
-        self._make_placement_group(remote)
-        cache_dir = self.options.cache_dir or default_cache_dir()
-        for k, seg in enumerate(remote):
-            init = StageInit(index=seg.index, config=self.config, start=seg.range.start, stop=seg.range.stop,
-                             checkpoint_path=seg.spec.checkpoint_path or self.checkpoint,
-                             dtype=seg.spec.dtype or self.options.dtype or "auto", cache_dir=cache_dir,
-                             torch_threads=seg.spec.torch_threads or self.options.torch_threads
-                             or (torch.get_num_threads() if self.device.type == "cpu" else None),
-                             offload=self.options.offload, embed=self.holds_front(seg)[0],
-                             final=self.holds_front(seg)[1])
-            seg.actor = StageActor.options(**self._stage_options(seg, k)).remote(init)
-        for seg in remote:
-            need = {"CPU": seg.spec.num_cpus, "GPU": self.num_gpus(seg.spec)}
-            try:
-                ray.get(seg.actor.ready.remote(), timeout=self.options.start_timeout_s)
-            except GetTimeoutError:
-                raise ClusterError(explain_unschedulable(need, f"stage {seg.index} ({seg.range})")) from None
-            except Exception as e:  # noqa: BLE001 - a stage that died while starting: one line, not a traceback
-                raise self.stage_error(e, seg, self.options.start_timeout_s, "starting") from None
-        loads = [self.load_stage(seg) for seg in remote]
-        for seg, ref in zip(remote, loads):
-            info = self.stage_get(ref, seg, self.options.start_timeout_s, "loading the blocks")
-            seg.node_id, seg.dtype = info["node_id"], DTYPES[info["dtype"]]
-        self.plan_links()
-
-    def plan_links(self) -> None:
-        """Plan every link from its two ends: codec spec from where they run (auto: raw on one node),
-        wire dtype the narrower of their compute dtypes."""
-        here = ray.get_runtime_context().get_node_id()
-        segs = self.segments
-
-        def plan(a: Segment | None, b: Segment | None) -> LinkPlan:
-            node_a, node_b = (s.node_id if s else here for s in (a, b))
-            name = "->".join(f"stage{s.index}" if s else "caller" for s in (a, b))
-            wire = narrower(a.dtype if a else self.dtype, b.dtype if b else self.dtype)
-            return LinkPlan(choose_spec(self.options.codec, same_node=node_a == node_b), name, dtype_name(wire))
-
-        for i, seg in enumerate(segs):
-            if seg.spec.local:
-                continue
-            prev = segs[i - 1] if i > 0 and not segs[i - 1].spec.local else None
-            nxt = segs[i + 1] if i + 1 < len(segs) and not segs[i + 1].spec.local else None
-            seg.in_plan, seg.out_plan = plan(prev, seg), plan(seg, nxt)
-
-    def load_stage(self, seg: Segment) -> Any:
-        """Load from the worker's own file when it can read it, else ship the shard once."""
-        readable = self.stage_get(seg.actor.can_read_checkpoint.remote(), seg, 60, "checking the checkpoint")
-        if readable and self.options.ship != "always":
-            return seg.actor.load_from_file.remote()
-        if self.options.ship == "never":
-            raise StageError(f"stage {seg.index} cannot read {seg.spec.checkpoint_path or self.checkpoint} on its "
-                             f"node and ship='never': copy the file there, set checkpoint_path, or allow ship='auto'")
-        sd = load_blocks(self.checkpoint, [seg.range], non_block=any(self.holds_front(seg)),
-                         info=self.info)
-        return send_shard(seg.actor, sd, lambda ref, doing: self.stage_get(ref, seg, 60, doing))
+    @property
+    def recovery(self):
+        """Stage restarts and step retries of this split (``split/recovery.py``)."""
+        return self.group.recovery
 
     def stage_get(self, ref: Any, seg: Segment | None, timeout: float, doing: str) -> Any:
-        try:
-            return ray.get(ref, timeout=timeout)
-        except Exception as e:  # noqa: BLE001 - every failure becomes one line
-            raise self.stage_error(e, seg, timeout, doing) from None
-
-    def stage_error(self, e: BaseException, seg: Segment | None, timeout: float, doing: str) -> MeshError:
-        """A Ray failure while ``doing`` on ``seg`` as the one-line error the caller sees."""
-        where = f"stage {seg.index} ({seg.range})" if seg else "a stage"
-        return ray_error(e, f"{doing} on {where}", timeout, timeout_error=StageError, died_error=StageError,
-                         timeout_fix="check the worker with `mesh-ray status`, or raise step_timeout_s / start_timeout_s",
-                         died_fix="its worker crashed or its node left; create the split again with mesh.split(...)")
+        return self.group.stage_get(ref, seg, timeout, doing)
 
     # -- forward --------------------------------------------------------------------------------
 
@@ -299,7 +182,7 @@ class SplitModel:
         Holds no per-call state on ``self``, so several steps (of different images) may be in flight;
         ``finish_step`` completes one.
         """
-        if self._closed:
+        if self.closed:
             raise MeshError("this split was closed: create a new one with mesh.split(...)")
         t0 = time.perf_counter()
         gen_id = (transformer_options or {}).get("mesh_generation")
@@ -330,16 +213,6 @@ class SplitModel:
         stats = StepStats([t for f in step.flights for t in f.transfers], (time.perf_counter() - step.t0) * 1000)
         return out, stats
 
-    def _remember(self, key: str, make: Any) -> _Generation:
-        """The generation cached under ``key`` (``make()`` on a miss); least recently used ones are
-        dropped beyond ``generations_kept``, releasing their object-store entries."""
-        if key not in self._gen_refs:
-            self._gen_refs[key] = make()
-            while len(self._gen_refs) > self.generations_kept:
-                self._gen_refs.popitem(last=False)
-        self._gen_refs.move_to_end(key)
-        return self._gen_refs[key]
-
     def _generation(self, key: str, args: list) -> tuple[_Generation, BlockState | FrontInput]:
         """Embed one micro-batch; put pe (and unchanged text tokens) in the object store once per generation.
         With the front on the stages the text goes before its embedder and the first stage embeds."""
@@ -350,34 +223,29 @@ class SplitModel:
         def make() -> _Generation:
             pe = self.model.embed_positions(img_ids, txt_ids)
             txt_emb = txt if self.front_on_stage else self.model.embed_text(txt)
-            consts = GenConsts(key, [ray.put(pe.cpu())], [ray.put(txt_emb.cpu())] if cache_txt else None, _grid(img_ids))
+            consts = put_consts(key, {"pe": pe, **({"txt": txt_emb} if cache_txt else {})}, _grid(img_ids))
             return _Generation(consts, pe, txt_emb)
 
-        g = self._remember(key, make)
+        g = self._gens.remember(key, make)
         if self.front_on_stage:
             return g, front_input(img, *args[4:7], first.in_plan)
         state = BlockState(self.model.img_in(img), g.txt[:, :0] if cache_txt else g.txt, txt.shape[1])
         return g, state
 
-    def submit_chain(self, chain: list[Segment], state: BlockState | Any, cond: BlockCond, gen: GenConsts,
+    def submit_chain(self, chain: list[Segment], state: BlockState | Any, cond: BlockCond | None, gen: GenConsts,
                      remember: bool = True) -> Any:
-        """Submit one micro-batch through consecutive remote segments without waiting; returns the
-        ObjectRef of the last stage's WireState.  The one place a step enters the stage chain; the
-        inputs are kept until ``collect`` so that a step lost with a stage can be sent again."""
-        ref = pack_state(state, chain[0].in_plan, gen.grid) if isinstance(state, BlockState) else state
-        for seg in chain:
-            ref = seg.actor.forward.remote(ref, cond, gen, seg.out_plan)
-        if remember:
-            self.recovery.remember(ref, ChainCall(chain, state, cond, gen))
-        return ref
+        """Submit one micro-batch through consecutive remote segments without waiting (the group's one
+        submit path, ``StageGroup.submit_chain``); ``state`` a FLUX block state or a ``FrontInput``."""
+        if isinstance(state, BlockState):
+            state = flux_streams(state, gen.grid)
+        return self.group.submit_chain(chain, state, cond, gen, remember)
 
     def collect(self, ref: Any, seg: Segment, device: torch.device | None = None, dtype: torch.dtype | None = None,
                 doing: str = "a forward step") -> tuple[BlockState, list[Hop]]:
-        """Wait (step_timeout_s) for a chain submitted with ``submit_chain`` ending at ``seg``; the
-        state on ``device`` in ``dtype`` (default: the caller's) and the hops it made.  A stage that
-        died is restarted and the chain sent again (``max_restarts``, ``max_step_retries``)."""
-        wire = self.recovery.wait(ref, seg, doing)
-        return unpack_state(wire, device or self.device, dtype or self.dtype)
+        """Wait for a chain from ``submit_chain`` ending at ``seg`` (restarts and retries included); the
+        FLUX block state on ``device`` in ``dtype`` (default: the caller's) and the hops it made."""
+        streams, hops = self.group.collect(ref, seg, device or self.device, dtype or self.dtype, doing)
+        return flux_state(streams), hops
 
     def _run(self, flights: list[_Flight]) -> None:
         """Advance every micro-batch: local segments here, remote chains submitted without waiting."""
@@ -441,7 +309,7 @@ class SplitModel:
         pe_key = DigestMemo(tensor_key)  # ComfyUI recomputes pe each step: compare, do not re-hash
 
         def run(args: dict, _extra: dict) -> dict:
-            if self._closed:
+            if self.closed:
                 raise MeshError("this split was closed: create a new one with mesh.split(...)")
             if args.get("attn_mask") is not None:
                 raise ConfigError("an attention mask reached a remote block range: remote stages run unmasked "
@@ -456,7 +324,7 @@ class SplitModel:
                 sl = slice(bounds[i], bounds[i + 1])
                 pe_i = pe if pe.shape[0] == 1 else pe[sl]
                 key = "patch:" + pe_key(pe_i)
-                gen = self._remember(key, lambda: _Generation(GenConsts(key, [ray.put(pe_i.cpu())]), pe_i)).consts
+                gen = self._gens.remember(key, lambda: _Generation(put_consts(key, {"pe": pe_i}), pe_i)).consts
                 if first < self.config.depth:
                     txt = args["txt"][sl]
                     state = BlockState(img[sl].to("cpu", self.dtype), txt.to("cpu", self.dtype), txt.shape[1])
@@ -492,7 +360,7 @@ class SplitModel:
     @property
     def closed(self) -> bool:
         """True once ``close()`` ran: its stages are gone."""
-        return self._closed
+        return self.group.closed
 
     @property
     def stages(self) -> list[Segment]:
@@ -501,42 +369,22 @@ class SplitModel:
     @property
     def generations_cached(self) -> int:
         """Per-generation constants held in the object store now (at most ``generations_kept``)."""
-        return len(self._gen_refs)
+        return len(self._gens)
 
     @property
     def generations_kept(self) -> int:
         """The bound of that cache: as many as a stage keeps, and at least 4 per micro-batch."""
-        return max(GENERATIONS_KEPT, 4 * self.options.micro_batches)
+        return self._gens.kept
 
     def stage_info(self, timeout_s: float = 30) -> list[dict]:
-        out = []
-        for seg in self.segments:
-            if seg.spec.local:
-                out.append({"kind": "local", "index": seg.index, "blocks": str(seg.range), "device": str(self.device)})
-            else:
-                out.append(self.stage_get(seg.actor.info.remote(), seg, timeout_s, "reporting its info"))
-        return out
+        remote = iter(self.group.info(timeout_s))
+        return [{"kind": "local", "index": seg.index, "blocks": str(seg.range), "device": str(self.device)}
+                if seg.spec.local else next(remote) for seg in self.segments]
 
     def close(self) -> None:
         """Kill the stage actors and free their resources (idempotent)."""
-        self._closed = True
-        self.recovery.forget()
-        for seg in self.segments:
-            if seg.actor is not None:
-                try:
-                    ray.kill(seg.actor)
-                except Exception:  # noqa: BLE001 - already gone
-                    pass
-                seg.actor = None
-        if self._pg is not None:
-            from ray.util.placement_group import remove_placement_group
-
-            try:
-                remove_placement_group(self._pg)
-            except Exception:  # noqa: BLE001
-                pass
-            self._pg = None
-        self._gen_refs.clear()
+        self.group.close()
+        self._gens.clear()
 
     def __enter__(self) -> "SplitModel":
         return self

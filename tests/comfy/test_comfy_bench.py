@@ -10,9 +10,9 @@ import sys
 from comfy_host import REPO
 
 
-def test_bench_comfy_json(comfyui_dir, tmp_path):
+def test_bench_comfy_json(comfyui_old_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(COMFYUI_PATH=str(comfyui_dir), MESH_RAY_CACHE_DIR=str(tmp_path / "shards"),
+    env.update(COMFYUI_PATH=str(comfyui_old_dir), MESH_RAY_CACHE_DIR=str(tmp_path / "shards"),
                PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-m", "mesh_ray.cli", "bench", "comfy", "--size", "16", "--steps", "1",
                           "--repeats", "1", "--hidden", "256", "--json"], capture_output=True, text=True,

@@ -42,8 +42,8 @@ def _lora_split():
     return {"runs": runs, "unforwarded": unforwarded}
 
 
-def test_lora_before_the_node_equals_unsplit_and_ships_once_per_set(comfy):
-    got = comfy(_lora_split)
+def test_lora_before_the_node_equals_unsplit_and_ships_once_per_set(comfy_old):
+    got = comfy_old(_lora_split)
     runs = got["runs"]
     for r in runs:
         assert r["diff"] <= RTOL * r["scale"] and r["diff2"] <= RTOL * r["scale"], r
@@ -79,7 +79,7 @@ def _lora_after_the_node():
             "after_vs_full": float((after - full).abs().max()), "scale": float(full.abs().max())}
 
 
-def test_lora_after_the_node_patches_only_local_blocks(comfy):
-    got = comfy(_lora_after_the_node)
+def test_lora_after_the_node_patches_only_local_blocks(comfy_old):
+    got = comfy_old(_lora_after_the_node)
     assert got["after_vs_local_only"] <= RTOL * got["scale"], got
     assert got["after_vs_full"] > 100 * RTOL * got["scale"], got

@@ -1,5 +1,5 @@
-"""A real ComfyUI server (``main.py --cpu --listen 127.0.0.1``, temporary folders) with mesh-ray in
-custom_nodes: GET /mesh/status over HTTP, the web extension served, the nodes' definitions, a
+"""A real ComfyUI server of each version (``main.py --cpu --listen 127.0.0.1``, temporary folders,
+the frontend package of the ``comfy`` extra) with mesh-ray in custom_nodes: GET /mesh/status over HTTP, the web extension served, the nodes' definitions, a
 promise decode through the queue (``executed`` arrives after the prompt finished, PNG with
 metadata), and a missing VAE rejected by ComfyUI's validation with our one-line message."""
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_host import REPO
+from comfy_host import REPO, stubs_of
 
 START_TIMEOUT_S = 300
 EVENT_TIMEOUT_S = 300
@@ -44,7 +44,7 @@ def _get(url: str, timeout: float = 10) -> tuple[int, bytes]:
 
 
 @pytest.fixture(scope="module")
-def server(comfyui_dir, tmp_path_factory, request):
+def server(comfyui_each_dir, tmp_path_factory, request):
     import ray
 
     from mesh_ray.models.vae import write_random_vae
@@ -60,15 +60,15 @@ def server(comfyui_dir, tmp_path_factory, request):
     (base / "custom_nodes" / "mesh-ray").symlink_to(REPO, target_is_directory=True)
     write_random_vae(base / "models" / "vae" / VAE, "tiny-flux1", seed=3)
     port = _free_port()
-    stubs = comfyui_dir.parent / "comfyui-stubs"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
-    env.update(PYTHONPATH=str(stubs) if stubs.is_dir() else "", PYTHONPYCACHEPREFIX=str(base / "pycache"),
+    # the stand-ins, and this checkout (the one custom_nodes/mesh-ray links to) before any installed copy
+    env.update(PYTHONPATH=os.pathsep.join(p for p in (stubs_of(comfyui_each_dir), str(REPO)) if p), PYTHONPYCACHEPREFIX=str(base / "pycache"),
                PYTHONUNBUFFERED="1")
     log = open(base / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
          str(base), "--database-url", f"sqlite:///{base / 'comfyui.db'}", "--disable-auto-launch"],
-        cwd=comfyui_dir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        cwd=comfyui_each_dir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         end = time.monotonic() + START_TIMEOUT_S
@@ -103,6 +103,25 @@ def test_status_route_and_web_extension_answer_over_http(server):
         assert json.loads(body) == {"address": "", "splits": []}  # nothing built yet: no light is green
     code, body = _get(server["url"] + "/extensions/mesh-ray/mesh_status.js")
     assert code == 200 and b"registerExtension" in body and b"/mesh/status" in body
+
+
+def test_the_page_is_served_by_the_installed_frontend_package(server):
+    import importlib.metadata
+
+    code, body = _get(server["url"] + "/")
+    assert code == 200 and b"<html" in body.lower()[:2000]  # the comfy extra's frontend package serves this version
+    log = (server["base"] / "server.log").read_text()
+    assert "comfyui-frontend-package is not installed" not in log
+    assert importlib.metadata.version("comfyui-frontend-package") in _pins()
+
+
+def _pins() -> str:
+    """The frontend pin of the ``comfy`` extra (pyproject.toml)."""
+    import tomllib
+
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["comfy"]
+    (pin,) = [d for d in extra if d.startswith("comfyui-frontend-package")]
+    return pin
 
 
 def test_every_node_is_in_category_mesh_with_a_tooltip_on_every_input(server):

@@ -39,8 +39,8 @@ def _split_vs_unsplit(n_blocks_remote: int, stages: str, micro_batches: int = 1)
     (0, "double:1-single:0; single:1-2; single:3", 4, 1),  # a 3-stage plan (front stays local)
     (0, "double:1-single:0; single:1-2; single:3", 4, 2),  # the same with CFG's halves as micro-batches
 ])
-def test_split_ksampler_equals_unsplit(comfy, n_blocks_remote, stages, n_stages, micro):
-    got = comfy(_split_vs_unsplit, n_blocks_remote, stages, micro)
+def test_split_ksampler_equals_unsplit(comfy_old, n_blocks_remote, stages, n_stages, micro):
+    got = comfy_old(_split_vs_unsplit, n_blocks_remote, stages, micro)
     assert got["diff"] <= RTOL * got["scale"], got
     assert got["scale"] > 0.1 and got["same_input"] and got["intact"]
     assert len(got["stages"]) == n_stages
@@ -79,8 +79,8 @@ def _loaded_bytes():
             "loaded": loaded, "size": split.model_size(), "whole_after": keys_after == keys_before}
 
 
-def test_comfyui_loads_only_the_local_blocks(comfy):
-    got = comfy(_loaded_bytes)
+def test_comfyui_loads_only_the_local_blocks(comfy_old):
+    got = comfy_old(_loaded_bytes)
     assert got["remote"] > 0.5 * got["full"]  # 5 of 6 blocks: most of the model
     assert got["overlap"] == 0, got           # no remote-block parameter was in the tree ComfyUI loaded
     assert got["seen"] == got["full"] - got["remote"] == got["loaded"] == got["size"], got
@@ -115,8 +115,8 @@ def _reconfigure():
     return {"runs": out, "old_dead": dead, "scale": float(ref.abs().max()), "finite": bool(torch.isfinite(ref).all())}
 
 
-def test_reconfigure_up_and_down_between_queues(comfy):
-    got = comfy(_reconfigure)
+def test_reconfigure_up_and_down_between_queues(comfy_old):
+    got = comfy_old(_reconfigure)
     assert [r[2][-1] for r in got["runs"]] == ["single:2-3", "double:1-single:3", "single:3-3"]
     assert all(r[1] <= RTOL * got["scale"] for r in got["runs"]), got
     assert got["old_dead"] and all(got["old_dead"])  # the stages of the previous plan were closed
@@ -142,8 +142,8 @@ def _stage_death():
             "builds": builds, "scale": float(ref.abs().max())}
 
 
-def test_killed_stage_is_recreated_on_the_next_queue(comfy):
-    got = comfy(_stage_death)
+def test_killed_stage_is_recreated_on_the_next_queue(comfy_old):
+    got = comfy_old(_stage_death)
     assert got["builds"] == 2, got
     assert got["first"] <= RTOL * got["scale"] and got["second"] <= RTOL * got["scale"], got
 
@@ -188,13 +188,13 @@ def _bad_inputs(closed_port: int):
     return {"errors": out, "same_mesh": still is mesh}
 
 
-def test_bad_inputs_are_one_line_node_errors(comfy):
+def test_bad_inputs_are_one_line_node_errors(comfy_old):
     import socket
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    got = comfy(_bad_inputs, port)
+    got = comfy_old(_bad_inputs, port)
     errors = got["errors"]
     expect = {"not_flux": "needs a FLUX.1 model", "overlap": "overlaps", "past_end": "runs past the model",
               "too_many": "n_blocks_remote=9", "gap": "leaves a gap", "replaced": "already replaces single_block 3", "nothing": "nothing to split", "split_twice": "already split",

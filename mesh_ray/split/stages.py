@@ -1,0 +1,301 @@
+"""The stage actors of a split, whatever blocks they host: start, load, links, one submit path, recovery.
+
+``StageGroup`` owns what every split has in common: placing one stage actor per remote segment
+(each with its ``BlockHost``: mesh-ray's own FLUX in ``SplitModel``, ComfyUI's own blocks in the
+ComfyUI bridge), loading its weights (its node's file, the node's shard cache, or shipped once),
+planning each link from where its two ends run, the one place a step enters a chain of stages
+(``submit_chain``), waiting for it with stage restart and step retry (``collect``, through
+``split/recovery.py``), and closing.  What the streams, the step's conditioning and the
+per-generation constants are is the host's business; this module moves them.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import ray
+import torch
+from ray.exceptions import GetTimeoutError
+
+from mesh_ray.actors.device import DTYPES, dtype_name, narrower
+from mesh_ray.actors.host import BlockHost
+from mesh_ray.actors.records import GenConsts, Hop, LinkPlan
+from mesh_ray.actors.shards import default_cache_dir, send_shard
+from mesh_ray.actors.stage import StageActor, StageInit
+from mesh_ray.actors.wire import Streams, pack, unpack
+from mesh_ray.cluster.ray_errors import ray_error
+from mesh_ray.cluster.resources import default_num_gpus, explain_unschedulable, node_affinity
+from mesh_ray.codec import choose_spec
+from mesh_ray.config import SplitOptions, StageSpec
+from mesh_ray.errors import ClusterError, MeshError, StageError
+from mesh_ray.split.recovery import ChainCall, Recovery
+
+
+@dataclass
+class Segment:
+    """A block range and who runs it: ``actor`` None means the calling process."""
+
+    range: Any  # how the blocks are named for people (str() of it): a BlockRange, or a host's own range
+    spec: StageSpec
+    actor: Any = None
+    index: int = -1
+    node_id: str | None = None
+    dtype: torch.dtype | None = None  # what it computes in (a stage reports its own)
+    in_plan: LinkPlan | None = None  # the link into this stage
+    out_plan: LinkPlan | None = None  # the link out of it, which the stage codes
+
+
+class GenerationCache:
+    """Per-generation constants the caller put in the object store, by key, least recently used
+    dropped beyond ``kept`` (which releases their object-store entries)."""
+
+    def __init__(self, kept: int):
+        self.kept = kept
+        self._items: OrderedDict[str, Any] = OrderedDict()
+
+    def remember(self, key: str, make: Callable[[], Any]) -> Any:
+        """The item cached under ``key`` (``make()`` on a miss)."""
+        if key not in self._items:
+            self._items[key] = make()
+            while len(self._items) > self.kept:
+                self._items.popitem(last=False)
+        self._items.move_to_end(key)
+        return self._items[key]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+def put_consts(key: str, consts: dict[str, torch.Tensor], grid: tuple[int, int] | None = None) -> GenConsts:
+    """Per-generation constants in the object store once, as the record stages fetch them from."""
+    return GenConsts(key, {name: [ray.put(t.detach().cpu())] for name, t in consts.items()}, grid)
+
+
+class StageGroup:
+    """The stage actors for the remote ``segments`` of a split (see the module docstring).
+
+    ``host_for(seg)`` gives the ``BlockHost`` a segment's actor runs; ``shard_for(seg)`` the tensors
+    to ship to a stage whose node cannot read ``checkpoint`` (None: always shipped);
+    ``caller_device`` / ``caller_dtype``: where the calling process computes (its end of the first and
+    last links; a CPU caller's torch thread count is the CPU stages' default, for exactness).
+    """
+
+    def __init__(self, name: str, segments: list[Segment], options: SplitOptions,
+                 host_for: Callable[[Segment], BlockHost], shard_for: Callable[[Segment], dict[str, torch.Tensor]],
+                 checkpoint: str | None, caller_device: torch.device, caller_dtype: torch.dtype):
+        self.name = name
+        self.segments = segments
+        self.options = options
+        self.host_for, self.shard_for = host_for, shard_for
+        self.checkpoint = checkpoint
+        self.caller_device, self.caller_dtype = caller_device, caller_dtype
+        self.recovery = Recovery(self)  # stage restart + step retry (split/recovery.py)
+        self._pg = None
+        self._closed = False
+        self._default_gpus = default_num_gpus()
+
+    @property
+    def remote(self) -> list[Segment]:
+        return [s for s in self.segments if not s.spec.local]
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def chains(self) -> list[list[Segment]]:
+        """Runs of consecutive remote segments: each is entered once per step (``submit_chain``)."""
+        out: list[list[Segment]] = []
+        for seg in self.segments:
+            if seg.spec.local:
+                continue
+            if out and out[-1][-1].index == seg.index - 1:
+                out[-1].append(seg)
+            else:
+                out.append([seg])
+        return out
+
+    # -- start ----------------------------------------------------------------------------------
+
+    def num_gpus(self, spec: StageSpec) -> float:
+        """GPUs a stage asks for: its own setting, else one when the cluster has GPUs."""
+        return spec.num_gpus if spec.num_gpus is not None else self._default_gpus
+
+    def _actor_options(self, seg: Segment, bundle: int | None) -> dict:
+        spec = seg.spec
+        opts: dict[str, Any] = {"num_cpus": spec.num_cpus, "num_gpus": self.num_gpus(spec),
+                                "name": f"mesh-ray/{self.name}/stage{seg.index}",
+                                "max_restarts": self.options.max_restarts}
+        if spec.node:
+            opts["scheduling_strategy"] = node_affinity(spec.node)
+        elif self._pg is not None and bundle is not None:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                placement_group=self._pg, placement_group_bundle_index=bundle)
+        return opts
+
+    def _make_placement_group(self, remote: list[Segment]) -> None:
+        if self.options.placement == "none" or not remote:
+            return
+        from ray.util.placement_group import placement_group
+
+        bundles = []
+        for seg in remote:
+            need = {"CPU": seg.spec.num_cpus, "GPU": self.num_gpus(seg.spec)}
+            bundles.append({k: v for k, v in need.items() if v} or {"CPU": 0.01})
+        self._pg = placement_group(bundles, strategy=self.options.placement.upper())
+        try:
+            ray.get(self._pg.ready(), timeout=self.options.start_timeout_s)
+        except GetTimeoutError:
+            raise ClusterError(f"the {len(bundles)} stages cannot be placed with placement={self.options.placement} "
+                               f"(bundles {bundles}, {len(ray.nodes())} nodes): add nodes or use placement='pack' "
+                               f"or 'spread'") from None
+
+    def start(self, extra_options: dict | None = None) -> None:
+        """Place a stage actor on each remote segment, load its weights and plan every link; on any
+        failure the actors started so far are closed.  ``extra_options``: more Ray actor options
+        (e.g. the runtime environment a host needs)."""
+        try:
+            self._start(extra_options or {})
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, extra_options: dict) -> None:
+        remote = self.remote
+        self._make_placement_group(remote)
+        cache_dir = self.options.cache_dir or default_cache_dir()
+        threads = self.options.torch_threads or (torch.get_num_threads() if self.caller_device.type == "cpu" else None)
+        for k, seg in enumerate(remote):
+            init = StageInit(index=seg.index, host=self.host_for(seg), checkpoint_path=seg.spec.checkpoint_path or self.checkpoint,
+                             dtype=seg.spec.dtype or self.options.dtype or "auto", cache_dir=cache_dir,
+                             torch_threads=seg.spec.torch_threads or threads, offload=self.options.offload)
+            seg.actor = StageActor.options(**self._actor_options(seg, k), **extra_options).remote(init)
+        for seg in remote:
+            need = {"CPU": seg.spec.num_cpus, "GPU": self.num_gpus(seg.spec)}
+            try:
+                ray.get(seg.actor.ready.remote(), timeout=self.options.start_timeout_s)
+            except GetTimeoutError:
+                raise ClusterError(explain_unschedulable(need, f"stage {seg.index} ({seg.range})")) from None
+            except Exception as e:  # noqa: BLE001 - a stage that died while starting: one line, not a traceback
+                raise self.stage_error(e, seg, self.options.start_timeout_s, "starting") from None
+        loads = [self.load_stage(seg) for seg in remote]
+        for seg, ref in zip(remote, loads):
+            info = self.stage_get(ref, seg, self.options.start_timeout_s, "loading the blocks")
+            seg.node_id, seg.dtype = info["node_id"], DTYPES[info["dtype"]]
+        self.plan_links()
+
+    def plan_links(self) -> None:
+        """Plan every link from its two ends: codec spec from where they run (auto: raw on one node),
+        wire dtype the narrower of their compute dtypes."""
+        here = ray.get_runtime_context().get_node_id()
+        segs = self.segments
+
+        def plan(a: Segment | None, b: Segment | None) -> LinkPlan:
+            node_a, node_b = (s.node_id if s else here for s in (a, b))
+            name = "->".join(f"stage{s.index}" if s else "caller" for s in (a, b))
+            wire = narrower(a.dtype if a else self.caller_dtype, b.dtype if b else self.caller_dtype)
+            return LinkPlan(choose_spec(self.options.codec, same_node=node_a == node_b), name, dtype_name(wire))
+
+        for i, seg in enumerate(segs):
+            if seg.spec.local:
+                continue
+            prev = segs[i - 1] if i > 0 and not segs[i - 1].spec.local else None
+            nxt = segs[i + 1] if i + 1 < len(segs) and not segs[i + 1].spec.local else None
+            seg.in_plan, seg.out_plan = plan(prev, seg), plan(seg, nxt)
+
+    def load_stage(self, seg: Segment) -> Any:
+        """Load from the worker's own file when it can read it, else ship the shard once."""
+        readable = self.stage_get(seg.actor.can_read_checkpoint.remote(), seg, 60, "checking the checkpoint")
+        if readable and self.options.ship != "always":
+            return seg.actor.load_from_file.remote()
+        if self.options.ship == "never":
+            raise StageError(f"stage {seg.index} cannot read {seg.spec.checkpoint_path or self.checkpoint} on its "
+                             f"node and ship='never': copy the file there, set checkpoint_path, or allow ship='auto'")
+        return send_shard(seg.actor, self.shard_for(seg), lambda ref, doing: self.stage_get(ref, seg, 60, doing))
+
+    # -- errors ---------------------------------------------------------------------------------
+
+    def stage_get(self, ref: Any, seg: Segment | None, timeout: float, doing: str) -> Any:
+        """``ray.get`` on a stage call, its failures as one-line errors."""
+        try:
+            return ray.get(ref, timeout=timeout)
+        except Exception as e:  # noqa: BLE001 - every failure becomes one line
+            raise self.stage_error(e, seg, timeout, doing) from None
+
+    def stage_error(self, e: BaseException, seg: Segment | None, timeout: float, doing: str) -> MeshError:
+        """A Ray failure while ``doing`` on ``seg`` as the one-line error the caller sees."""
+        where = f"stage {seg.index} ({seg.range})" if seg else "a stage"
+        return ray_error(e, f"{doing} on {where}", timeout, timeout_error=StageError, died_error=StageError,
+                         timeout_fix="check the worker with `mesh-ray status`, or raise step_timeout_s / start_timeout_s",
+                         died_fix="its worker crashed or its node left; create the split again")
+
+    # -- a step ---------------------------------------------------------------------------------
+
+    def submit_chain(self, chain: list[Segment], state: Streams | Any, cond: Any, gen: GenConsts,
+                     remember: bool = True) -> Any:
+        """Submit one micro-batch through consecutive remote segments without waiting; returns the
+        ObjectRef of the last stage's WireState.  The one place a step enters a chain of stages (plain
+        calls, pipelining, retries and block patches all come here); the inputs are kept until
+        ``collect`` so that a step lost with a stage can be sent again.  ``state``: Streams (packed
+        for the chain's first link) or a host's own first-stage input; ``cond``: the step's
+        conditioning in the host's form, on the host (CPU)."""
+        if self._closed:
+            raise MeshError("this split was closed: create a new one")
+        ref = pack(state, chain[0].in_plan) if isinstance(state, Streams) else state
+        for seg in chain:
+            ref = seg.actor.forward.remote(ref, cond, gen, seg.out_plan)
+        if remember:
+            self.recovery.remember(ref, ChainCall(chain, state, cond, gen))
+        return ref
+
+    def collect(self, ref: Any, seg: Segment, device: torch.device, dtype: torch.dtype,
+                doing: str = "a forward step") -> tuple[Streams, list[Hop]]:
+        """Wait (step_timeout_s) for a chain submitted with ``submit_chain`` ending at ``seg``; the
+        streams on ``device`` in ``dtype`` and the hops they made.  A stage that died is restarted and
+        the chain sent again (``max_restarts``, ``max_step_retries``)."""
+        wire = self.recovery.wait(ref, seg, doing)
+        return unpack(wire, device, dtype)
+
+    # -- info and teardown ----------------------------------------------------------------------
+
+    def info(self, timeout_s: float = 30) -> list[dict]:
+        """Each remote stage's own report (``StageClass.info``)."""
+        return [self.stage_get(seg.actor.info.remote(), seg, timeout_s, "reporting its info") for seg in self.remote]
+
+    def send_patches(self, patches_for: Callable[[Segment], Any], digest: str | None) -> None:
+        """Put weight patches on every remote stage (each gets ``patches_for(seg)``; falsy: none)."""
+        calls = []
+        for seg in self.remote:
+            sub = patches_for(seg)
+            calls.append((seg, seg.actor.set_lora.remote(digest if sub else None, [ray.put(sub)] if sub else None)))
+        for seg, ref in calls:
+            self.stage_get(ref, seg, self.options.start_timeout_s, "applying weight patches")
+
+    def close(self) -> None:
+        """Kill the stage actors and free their resources (idempotent)."""
+        self._closed = True
+        self.recovery.forget()
+        for seg in self.segments:
+            if seg.actor is not None:
+                try:
+                    ray.kill(seg.actor)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+                seg.actor = None
+        if self._pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            try:
+                remove_placement_group(self._pg)
+            except Exception:  # noqa: BLE001
+                pass
+            self._pg = None
+
+
+__all__ = ["GenerationCache", "Segment", "StageGroup", "put_consts"]
