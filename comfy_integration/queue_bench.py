@@ -28,21 +28,23 @@ from mesh_ray.tables import text_table
 GOALS = {"speedup": 1.8, "share_of_fair_within": 0.2, "lost": 0}
 
 
-def bench_model(path: Path, hidden: int, seed: int = 0) -> Path:
-    """A FLUX.2-layout model that ComfyUI's UNETLoader detects (head size 128, 1024-wide context as
-    LotusConditioning gives), seeded random weights."""
+def tiny_flux2_model(path: Path, hidden: int = 128, seed: int = 0, depth: int = 1, single: int = 1) -> Path:
+    """A small FLUX.2-layout model file that ComfyUI's UNETLoader detects (head size 128, 128 latent
+    channels, 1024-wide context as LotusConditioning gives), seeded random weights (mesh-ray's writer)."""
     from safetensors.torch import save_file
 
     from mesh_ray.models.flux import FluxConfig, random_state_dict
 
     cfg = FluxConfig(arch="flux2", in_channels=128, context_in_dim=1024, hidden_size=hidden, num_heads=hidden // 128,
-                     mlp_ratio=3.0, depth=2, depth_single_blocks=2, axes_dim=[32, 32, 32, 32], theta=2000,
+                     mlp_ratio=3.0, depth=depth, depth_single_blocks=single, axes_dim=[32, 32, 32, 32], theta=2000,
                      qkv_bias=False, guidance_embed=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     save_file(random_state_dict(cfg, seed), str(path))
     return path
 
 
-def bench_prompt(model: str, seed: int, steps: int, size: int) -> dict:
+def diffusion_prompt(model: str, seed: int, steps: int, prefix: str, size: int = 64) -> dict:
+    """UNETLoader + KSampler on built-in conditioning (no text encoder), the latent saved."""
     return {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": model, "weight_dtype": "default"}},
         "2": {"class_type": "LotusConditioning", "inputs": {}},
@@ -52,7 +54,7 @@ def bench_prompt(model: str, seed: int, steps: int, size: int) -> dict:
         "6": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["3", 0], "negative": ["4", 0],
                                                    "latent_image": ["5", 0], "seed": seed, "steps": steps, "cfg": 2.0,
                                                    "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
-        "7": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": f"bench/{seed}"}},
+        "7": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": prefix}},
     }
 
 
@@ -118,7 +120,8 @@ def _phase(fronts: list[_Frontend], counts: list[int], model: str, seed0: int, s
         f.done.clear()
         f.started.clear()
     t0 = time.time()
-    threads = [threading.Thread(target=f.run, args=([bench_prompt(model, seed0 + 1000 * k + i, steps, size)
+    threads = [threading.Thread(target=f.run, args=([diffusion_prompt(model, seed0 + 1000 * k + i, steps,
+                                                                      f"bench/{seed0 + 1000 * k + i}", size)
                                                      for i in range(n)], t0, timeout_s))
                for k, (f, n) in enumerate(zip(fronts, counts))]
     for t in threads:
@@ -152,7 +155,7 @@ def run_comfy_queue_bench(comfy_path: str | None = None, prompts: int = 6, steps
     extra = (str(stubs),) if stubs.is_dir() else ()
     with tempfile.TemporaryDirectory(prefix="mesh-ray-bench-queue-") as tmp:
         os.environ.setdefault("MESH_RAY_CACHE_DIR", str(Path(tmp) / "cache" / "shards"))
-        model = bench_model(Path(tmp) / "bench_flux2.safetensors", hidden)
+        model = tiny_flux2_model(Path(tmp) / "bench_flux2.safetensors", hidden, depth=2, single=2)
         if ray.is_initialized():
             ray.shutdown()
         ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="mesh-ray-bench", log_to_driver=False,
@@ -203,4 +206,4 @@ def format_table(r: dict) -> str:
         f"goals met: {r['goals_met']}"])
 
 
-__all__ = ["GOALS", "format_table", "run_comfy_queue_bench"]
+__all__ = ["GOALS", "diffusion_prompt", "format_table", "run_comfy_queue_bench", "tiny_flux2_model"]

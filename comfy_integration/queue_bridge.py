@@ -195,17 +195,22 @@ class QueueBridge:
             if start:
                 self.state = "starting"
                 self._last_try = time.monotonic()
-        if start:
+        if not self._start_child(wait_s, spawn=start):
+            raise QueueUnavailable(self.message if self.state == "down" else
+                                   f"the Ray cluster at {self.address} did not answer within {wait_s:g} s: "
+                                   f"check it with `mesh-ray status`")
+
+    def _start_child(self, wait_s: float, spawn: bool = True) -> bool:
+        """Start a child (the state is "starting"; ``spawn`` False: one is starting already) and wait
+        until it is up or down; True when up.  Called without the lock."""
+        if spawn:
             try:
                 self._spawn()
             except QueueUnavailable as e:
                 self._set("down", str(e))
         with self._lock:
             self._changed.wait_for(lambda: self.state in ("up", "down"), timeout=wait_s)
-            if self.state != "up":
-                raise QueueUnavailable(self.message if self.state == "down" else
-                                       f"the Ray cluster at {self.address} did not answer within {wait_s:g} s: "
-                                       f"check it with `mesh-ray status`")
+            return self.state == "up"
 
     def _retry(self, once: bool = False) -> None:
         """Reach the cluster again in the background: while prompts are in flight (they go to the new
@@ -227,14 +232,8 @@ class QueueBridge:
                 if self._reachable() and not self._closed:
                     with self._lock:
                         self.state = "starting"
-                    try:
-                        self._spawn()
-                    except QueueUnavailable as e:
-                        self._set("down", str(e))
-                    with self._lock:
-                        self._changed.wait_for(lambda: self.state in ("up", "down"), timeout=CONNECT_WAIT_S)
-                        if self.state == "up":
-                            return
+                    if self._start_child(CONNECT_WAIT_S):
+                        return
                 if once or not self.inflight:
                     return
         finally:

@@ -350,36 +350,20 @@ class Browser:
 
 
 def write_tiny_model(path: Path, seed: int) -> Path:
-    """A FLUX.2-layout diffusion model that ComfyUI's UNETLoader detects (head size 128, 128 latent
-    channels), 1024-wide context as LotusConditioning gives; seeded random weights (mesh-ray's writer)."""
-    import torch  # noqa: F401
-    from safetensors.torch import save_file
+    """The tests' diffusion model: ``queue_bench.tiny_flux2_model`` at its smallest."""
+    from comfy_integration.queue_bench import tiny_flux2_model
 
-    from mesh_ray.models.flux import FluxConfig, random_state_dict
-
-    cfg = FluxConfig(arch="flux2", in_channels=128, context_in_dim=1024, hidden_size=128, num_heads=1, mlp_ratio=3.0,
-                     depth=1, depth_single_blocks=1, axes_dim=[32, 32, 32, 32], theta=2000, qkv_bias=False,
-                     guidance_embed=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(random_state_dict(cfg, seed), str(path))
-    return path
+    return tiny_flux2_model(path, seed=seed)
 
 
 def diffusion_prompt(model: str, seed: int, steps: int, prefix: str, size: int = 64) -> dict:
-    """UNETLoader + KSampler on built-in conditioning; the latent and an image saved."""
-    return {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": model, "weight_dtype": "default"}},
-        "2": {"class_type": "LotusConditioning", "inputs": {}},
-        "3": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["2", 0], "guidance": 3.5}},
-        "4": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["2", 0]}},
-        "5": {"class_type": "EmptyFlux2LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
-        "6": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["3", 0], "negative": ["4", 0],
-                                                   "latent_image": ["5", 0], "seed": seed, "steps": steps, "cfg": 2.0,
-                                                   "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
-        "7": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": prefix}},
-        "8": {"class_type": "MeshTestLatentToImage", "inputs": {"samples": ["6", 0], "scale": 16}},
-        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": prefix}},
-    }
+    """The bench's prompt (UNETLoader + KSampler, the latent saved), plus an image saved through the
+    test-only node (no VAE)."""
+    from comfy_integration.queue_bench import diffusion_prompt as latent_prompt
+
+    return {**latent_prompt(model, seed, steps, prefix, size),
+            "8": {"class_type": "MeshTestLatentToImage", "inputs": {"samples": ["6", 0], "scale": 16}},
+            "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": prefix}}}
 
 
 def image_prompt(image: str, prefix: str) -> dict:
