@@ -74,6 +74,7 @@ class ComfyPool:
         self._on_change, self._refresh_s = on_change, refresh_s
         self._owner_id = ray.get_runtime_context().get_actor_id() if owner is not None else None
         self._workers: dict[str, _Worker] = {}
+        self._paused: set[str] = set()  # workers that take no new prompt (drained)
         self._node_cache: dict[str, set[str]] = {}  # node id -> model digests its cache holds
         self._lock = threading.Lock()
         self._started = False
@@ -137,7 +138,20 @@ class ComfyPool:
         with self._lock:
             return [{"name": w.name, "node_id": w.node, "comfy_version": w.info.get("comfy_version"),
                      "comfy_digest": w.digest, "device": w.info.get("device"), "busy": w.busy is not None,
-                     "uses": w.uses} for w in self._workers.values()]
+                     "paused": w.name in self._paused, "uses": w.uses} for w in self._workers.values()]
+
+    def pause(self, name: str, paused: bool = True) -> list[str]:
+        """Drain a worker (it finishes its prompt and takes no new one) or let it take prompts again;
+        returns the paused workers."""
+        with self._lock:
+            if paused:
+                self._paused.add(name)
+            else:
+                self._paused.discard(name)
+            out = sorted(self._paused)
+        if not paused and self._on_change is not None:
+            self._on_change()
+        return out
 
     def cached(self, digests: list[str]) -> list[str]:
         """The model digests that every worker's node has in its cache (the sender need not ship them)."""
@@ -191,7 +205,7 @@ class ComfyPool:
         job: ComfyJob = run.job
         want, types, models = job.comfy.get("digest"), job.class_types(), job.digests()
         with self._lock:
-            able = [w for w in self._workers.values() if (not want or w.digest == want)
+            able = [w for w in self._workers.values() if (not want or w.digest == want) and w.name not in self._paused
                     and types <= set(w.info.get("node_types", ()))]
             others = [w for w in able if w.name not in run.avoid]
             idle = [w for w in (others or able) if w.busy is None]

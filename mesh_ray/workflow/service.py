@@ -96,6 +96,10 @@ class WorkflowService:
     def comfy_workers(self) -> list[dict]:
         return self._s.comfy.workers()
 
+    def comfy_pause(self, name: str, paused: bool = True) -> list[str]:
+        """Drain a ComfyUI worker (no new prompts) or give it prompts again."""
+        return self._s.comfy.pause(name, paused)
+
     def emit(self, run_id: str, ev: dict) -> None:
         self._s.emit(run_id, ev)
 
@@ -307,7 +311,7 @@ class Workflows:
             return service_call(self._backend, method, *args, timeout=timeout)
         except ServiceGone:
             self._reconnect()
-        if method in ("submit", "submit_comfy", "runs", "comfy_cached", "comfy_workers"):
+        if method in ("submit", "submit_comfy", "runs", "comfy_cached", "comfy_workers", "comfy_pause"):
             return service_call(self._backend, method, *args, timeout=timeout)
         raise WorkflowError(f"run {args[0]} was lost when the workflow service restarted: submit it again")
 
@@ -386,8 +390,13 @@ class Workflows:
         return self._do("comfy_cached", list(digests)) if self.remote else self._backend.comfy.cached(list(digests))
 
     def comfy_workers(self) -> list[dict]:
-        """The ComfyUI workers the dispatcher knows: name, node, ComfyUI version, busy."""
+        """The ComfyUI workers the dispatcher knows: name, node, ComfyUI version, busy, paused."""
         return self._do("comfy_workers") if self.remote else self._backend.comfy.workers()
+
+    def comfy_pause(self, name: str, paused: bool = True) -> list[str]:
+        """Drain a ComfyUI worker: it finishes its prompt and takes no new one (``paused=False``: again);
+        returns the paused workers."""
+        return self._do("comfy_pause", name, paused) if self.remote else self._backend.comfy.pause(name, paused)
 
     def run(self, graph: Graph | dict | str | os.PathLike, release_level: int = 0, timeout_s: float = 3600.0,
             on_event: Callable[[dict], None] | None = None, check: bool = True,
