@@ -298,5 +298,7 @@ def test_the_frontend_survives_the_cluster_stopping_mid_prompt(mesh):
         again = A.queue(diffusion_prompt("tiny.safetensors", seed=3, steps=2, prefix="back/d"))
         assert A.wait_finished([again])[again]["ok"]
         assert A.alive()
+        assert mesh_ray(head, "comfy", "workers", "--stop")["stopped"] == ["mesh-ray/comfy-worker-0"]
+        assert not [a for a in mesh_ray(head, "status")["actors"] if a.get("kind") == "comfy-worker"]
     finally:
         br.close()
