@@ -33,3 +33,4 @@ for _name in _MODULES:
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
 
 importlib.import_module(f"{_PACKAGE}.registry")  # inside a running ComfyUI this adds GET /mesh/status
+importlib.import_module(f"{_PACKAGE}.queue_routes")  # ... and POST /mesh/queue, GET /mesh/queue/status

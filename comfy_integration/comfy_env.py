@@ -110,6 +110,20 @@ class ComfySource:
         numeric = {k: _plain(getattr(comfy_args, k)) for k in NUMERIC_ARGS if hasattr(comfy_args, k)}
         return cls(root, tree_version(root), tree_digest(root), extra, numeric, ship)
 
+    @classmethod
+    def of(cls, root: str | os.PathLike, extra_paths: tuple[str, ...] = (), args: dict | None = None,
+           ship: Ship = "auto") -> "ComfySource":
+        """The ComfyUI tree at ``root`` without importing it (``mesh-ray comfy workers``): ComfyUI's
+        default arguments unless ``args`` names some; ``extra_paths`` go on the workers' ``sys.path``."""
+        if ship not in SHIP_MODES:
+            raise ConfigError(f"comfy ship={ship!r} is not known: use one of {', '.join(SHIP_MODES)}")
+        root = str(Path(root).resolve())
+        if not os.path.isfile(os.path.join(root, "comfy", "model_patcher.py")):
+            raise ConfigError(f"{root} is not a ComfyUI folder (no comfy/model_patcher.py): pass the folder that "
+                              f"holds ComfyUI's main.py")
+        extra = tuple(str(Path(p).resolve()) for p in extra_paths)
+        return cls(root, tree_version(root), tree_digest(root), extra, dict(args or {}), ship)
+
     def describe(self) -> str:
         return f"ComfyUI {self.version} ({self.digest[:8]})"
 

@@ -141,6 +141,21 @@ def bench_comfy_vae(comfyui_path: Optional[str] = typer.Option(None, help="Comfy
     emit_report(result, as_json, format_table)
 
 
+@bench_app.command("comfy-queue")
+def bench_comfy_queue(comfyui_path: Optional[str] = typer.Option(None, help="ComfyUI source tree (default: $COMFYUI_PATH)."),
+                      prompts: int = typer.Option(6, min=1, help="Prompts of frontend B per measurement (A queues twice as many)."),
+                      steps: int = typer.Option(8, min=1), size: int = typer.Option(256, min=16),
+                      hidden: int = typer.Option(256, min=128, help="Model width (a multiple of 128)."),
+                      rounds: int = typer.Option(2, min=1, help="Rounds of 1 worker then 2 workers, alternating."),
+                      as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")) -> None:
+    """ComfyUI prompts from two frontends through the dispatcher on 1 and 2 ComfyUI workers: speedup, fair share, lost."""
+    from comfy_integration.queue_bench import format_table, run_comfy_queue_bench
+
+    result = guard(lambda: run_comfy_queue_bench(comfyui_path, prompts=prompts, steps=steps, size=size, hidden=hidden,
+                                                 rounds=rounds))
+    emit_report(result, as_json, format_table)
+
+
 @bench_app.command("faults")
 def bench_faults(generations: int = typer.Option(20, min=2, help="Generations for the leak soak (the issue asks 200)."),
                  decodes: int = typer.Option(20, min=2, help="Promise decodes for the leak soak."),
