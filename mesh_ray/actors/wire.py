@@ -11,7 +11,7 @@ activation has made so far in its chain, so the caller sees the cost of each tra
 
 from __future__ import annotations
 
-import pickle
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -72,11 +72,12 @@ class Streams:
 @dataclass
 class WireState:
     """``Streams`` for one link: each tensor as a ``RawTensor``, a device tensor (RDT link), an
-    ``IpcTensor`` or a payload.  On an RDT link ``meta`` travels pickled (``bytes``): Ray would move
-    every tensor in the value out of band, the small ones in it too, and all on one device type."""
+    ``IpcTensor`` or a payload.  On an RDT link the tensors inside ``meta`` travel as host arrays: Ray
+    would move every tensor in the value out of band, the small ones in it too, and all on one device
+    type."""
 
     tensors: dict[str, RawTensor | torch.Tensor | IpcTensor | bytes]
-    meta: dict[str, Any] | bytes = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
     hops: list[Hop] = field(default_factory=list)
 
 
@@ -99,7 +100,7 @@ def pack(streams: Streams, plan: LinkPlan, hops: list[Hop] | None = None) -> Wir
         hop = Hop(size, size, 0.0, 0.0, link=plan.name, mode="raw", dtype=plan.dtype, transport=plan.transport,
                   sent_at=time.time())
         out = {k: _raw(t, plan) for k, t in tensors.items()}
-        meta = pickle.dumps(streams.meta, protocol=5) if plan.rdt else streams.meta
+        meta = host_values(streams.meta) if plan.rdt else streams.meta
         return WireState(out, meta, [*(hops or []), hop])
     t0 = time.perf_counter()
     out, ms = {}, {}
@@ -154,5 +155,31 @@ def unpack(obj: WireState, device: torch.device, dtype: torch.dtype, borrow: boo
         if coded:
             hops[-1].decode_ms = round((time.perf_counter() - t0) * 1e3, 3)
         metrics.wire_hop(hops[-1])  # each hop is counted once, where it is received
-    meta = pickle.loads(obj.meta) if isinstance(obj.meta, bytes) else obj.meta
-    return Streams(tensors, meta), hops
+    return Streams(tensors, tensor_values(obj.meta)), hops
+
+
+def host_values(x: Any) -> Any:
+    """``x`` with every torch tensor inside (dicts, lists, tuples, named tuples, dataclasses) as a
+    ``RawTensor``: on a direct-transport link Ray moves every torch tensor of a return value out of
+    band (NCCL: only CUDA ones can go), so the small values of ``meta`` go as host arrays instead."""
+    return _map_tensors(x, RawTensor.of, torch.Tensor)
+
+
+def tensor_values(x: Any) -> Any:
+    """``host_values`` undone: every ``RawTensor`` inside ``x`` as a torch tensor."""
+    return _map_tensors(x, lambda r: r.tensor(), RawTensor)
+
+
+def _map_tensors(x: Any, fn: Any, kind: type) -> Any:
+    if isinstance(x, kind):
+        return fn(x)
+    if isinstance(x, dict):
+        return {k: _map_tensors(v, fn, kind) for k, v in x.items()}
+    if isinstance(x, tuple) and hasattr(x, "_fields"):  # a named tuple (e.g. a modulation record)
+        return type(x)(*(_map_tensors(v, fn, kind) for v in x))
+    if isinstance(x, (list, tuple)):
+        return type(x)(_map_tensors(v, fn, kind) for v in x)
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.replace(x, **{f.name: _map_tensors(getattr(x, f.name), fn, kind)
+                                         for f in dataclasses.fields(x) if f.init})
+    return x
