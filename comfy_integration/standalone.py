@@ -1,5 +1,5 @@
 """ComfyUI without its server, for tests and ``mesh-ray bench comfy``: boot it from a source tree
-with temporary folders, and build small FLUX.1 models through ComfyUI's own classes.
+(0.20 or 0.3.64) with temporary folders, and build small FLUX.1 models through ComfyUI's own classes.
 
 ComfyUI's checkpoint detection fixes FLUX's widths at the released model's, so small models are
 built from a parameter dict (``comfy.supported_models.Flux``) with seeded random weights in the
@@ -25,11 +25,20 @@ def boot(comfy_path: str | os.PathLike, workdir: str | os.PathLike, stubs: str |
     for p in (str(comfy_path), *([str(stubs)] if stubs else [])):
         if p not in sys.path:
             sys.path.insert(0, p)
-    sys.argv = ["main.py", *(["--cpu"] if cpu else [])]
-    import comfy.options
+    # ComfyUI's arguments are parsed from sys.argv once, at the first import of comfy.cli_args and
+    # before model management picks a device; a Ray worker's own argv is Ray's, so ours stands in for
+    # that import only.
+    argv, sys.argv = sys.argv, ["main.py", *(["--cpu"] if cpu else [])]
+    try:
+        import comfy.options
 
-    comfy.options.enable_args_parsing()
-    import comfy.cli_args  # noqa: F401 - parses the arguments before model management picks a device
+        comfy.options.enable_args_parsing()
+        import comfy.cli_args  # noqa: F401
+    finally:
+        sys.argv = argv
+    # Before nodes: nodes.py puts comfy/ first on sys.path, after which ``utils`` would be
+    # comfy/utils.py and ComfyUI's ``server`` (imported by 0.20's node loading) could not import.
+    import utils.extra_config  # noqa: F401
     import folder_paths
 
     dirs = {name: workdir / name for name in FOLDERS}
@@ -68,6 +77,17 @@ def flux_state_dict(params: dict, seed: int = 0) -> dict:
     return random_state_dict(our_config(params), seed, torch.float32)
 
 
+def flux1_extra_params() -> dict:
+    """Parameters this ComfyUI's Flux class needs for FLUX.1 beyond 0.3.64's (0.20 added
+    ``txt_ids_dims``, empty for FLUX.1 as its checkpoint detection sets it)."""
+    import dataclasses
+
+    from comfy.ldm.flux.model import FluxParams
+
+    fields = {f.name for f in dataclasses.fields(FluxParams)}
+    return {"txt_ids_dims": []} if "txt_ids_dims" in fields else {}
+
+
 def flux_patcher(params: dict, seed: int = 0, sd: dict | None = None, dtype: Any = None) -> Any:
     """A ComfyUI MODEL (ModelPatcher) of a FLUX.1 with ``params``, built through ComfyUI's own classes."""
     import comfy.model_management as mm
@@ -75,7 +95,7 @@ def flux_patcher(params: dict, seed: int = 0, sd: dict | None = None, dtype: Any
     import comfy.supported_models
     import torch
 
-    cfg = comfy.supported_models.Flux({"image_model": "flux", **params})
+    cfg = comfy.supported_models.Flux({"image_model": "flux", **flux1_extra_params(), **params})
     cfg.set_inference_dtype(dtype or torch.float32, None)
     model = cfg.get_model({}, "")
     sd = dict(sd if sd is not None else flux_state_dict(params, seed))

@@ -26,6 +26,12 @@ REPO = Path(__file__).resolve().parents[2]
 CALL_TIMEOUT_S = 600
 
 
+def stubs_of(tree: Path) -> str | None:
+    """``comfyui-stubs`` beside a ComfyUI tree (the torchvision/torchaudio stand-ins), if there."""
+    stubs = Path(tree).parent / "comfyui-stubs"
+    return str(stubs) if stubs.is_dir() else None
+
+
 class ComfyHost:
     """One ComfyUI process (``--cpu``) with its own temporary custom_nodes/models/output folders."""
 
