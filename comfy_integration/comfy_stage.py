@@ -153,6 +153,10 @@ class ComfyBlocks:
             if not hasattr(self.root.diffusion_model, attr):
                 setattr(self.root.diffusion_model, attr, torch.nn.ModuleDict())
             block = getattr(dm, attr)[i]
+            for m in block.modules():  # ComfyUI's quantized Linear loads its weights to the device it was
+                kw = getattr(m, "factory_kwargs", None)  # built on: what a model built on the CPU records
+                if isinstance(kw, dict) and str(kw.get("device")) == "meta":
+                    kw["device"] = None
             getattr(self.root.diffusion_model, attr)[str(i)] = block
             self._runs.append((kind, i, block))
 
