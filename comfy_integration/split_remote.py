@@ -86,7 +86,8 @@ def check_room(key: str, group: StageGroup, wait_s: float = ROOM_WAIT_S) -> None
     if short:
         with _live_lock:
             others = sorted(k for k, r in _live.items() if k != key and r.group is not None and not r.group.closed)
-        held = f"; split nodes {', '.join(others)} hold stages" if others else ""
+        held = (f"; split node{'s' if len(others) > 1 else ''} {', '.join(others)} "
+                f"hold{'' if len(others) > 1 else 's'} stages") if others else ""
         what = ", ".join(f"{k}={v:g} (free {free.get(k, 0.0):g} of {ray.cluster_resources().get(k, 0.0):g})"
                          for k, v in short.items())
         raise ClusterError(f"split node {key} needs {len(group.remote)} stages with {what}{held}: the cluster is too "
@@ -179,21 +180,23 @@ class RemoteBlocks:
     def _segments(self) -> list[Segment]:
         return [Segment(self.layout.parse(s.blocks), s, index=i) for i, s in enumerate(self.specs)]
 
-    def _host(self, seg: Segment) -> ComfyBlocks:
-        blocks = tuple((kind, i) for kind, _, i in (self.layout.locate(b) for b in seg.range))
-        return ComfyBlocks(seg.index, self.spec, blocks, str(seg.range))
-
-    def _shard(self, seg: Segment) -> dict[str, torch.Tensor]:
-        prefixes = self.layout.prefixes(seg.range)
-        if self.checkpoint:
-            return read_blocks(self.checkpoint, self.spec, prefixes)
-        return self.memory_shard(prefixes)
-
     def _build(self) -> None:
         import comfy.model_management
 
-        group = StageGroup(f"comfy-{self.key}-{uuid.uuid4().hex[:6]}", self._segments(), self.options, self._host,
-                           self._shard, self.checkpoint, comfy.model_management.get_torch_device(), self.wire_dtype)
+        # The group's callbacks hold what they need, not this object: the status registry keeps the
+        # group, and this object must go when the last MODEL using it does.
+        spec, layout, checkpoint, memory = self.spec, self.layout, self.checkpoint, self.memory_shard
+
+        def host(seg: Segment) -> ComfyBlocks:
+            blocks = tuple((kind, i) for kind, _, i in (layout.locate(b) for b in seg.range))
+            return ComfyBlocks(seg.index, spec, blocks, str(seg.range))
+
+        def shard(seg: Segment) -> dict[str, torch.Tensor]:
+            prefixes = layout.prefixes(seg.range)
+            return read_blocks(checkpoint, spec, prefixes) if checkpoint else memory(prefixes)
+
+        group = StageGroup(f"comfy-{self.key}-{uuid.uuid4().hex[:6]}", self._segments(), self.options, host, shard,
+                           checkpoint, comfy.model_management.get_torch_device(), self.wire_dtype)
         try:
             check_room(self.key, group)
             group.start(self.actor_options)

@@ -1,4 +1,4 @@
-"""The status light's data (comfy_integration.registry.status) for a real MeshSplitFlux in ComfyUI."""
+"""The status light's data (comfy_integration.registry.status) for a real Mesh Split Model in ComfyUI."""
 
 from __future__ import annotations
 
@@ -13,18 +13,19 @@ def _lights():
     def light(key):
         return next((s for s in registry.status()["splits"] if s["key"] == key), None)
 
-    model = h.flux_patcher(seed=0)
+    from comfy_integration import tiny
+
+    model = tiny.tiny_patcher("flux2", seed=0)
     mesh, = h.run_node("MeshConnect", address="")
-    split, = h.run_node("MeshSplitFlux", model=model, mesh=mesh, n_blocks_remote=3, stages="", codec_mode="raw",
+    split, = h.run_node("MeshSplitModel", model=model, mesh=mesh, n_blocks_remote=3, stages="", codec_mode="raw",
                         unique_id="41")
-    h.ksample(split, seed=2, steps=1)
+    tiny.sample(split, "flux2", steps=1)
     built = light("41")
     remote = h.remote_of(split)
-    for seg in remote.split.segments:
-        if seg.actor is not None:
-            ray.kill(seg.actor, no_restart=True)
+    for seg in remote.group.remote:
+        ray.kill(seg.actor, no_restart=True)
     dead = light("41")
-    h.ksample(split, seed=2, steps=1)  # the next queue re-creates the stages
+    tiny.sample(split, "flux2", steps=1)  # the next queue re-creates the stages
     back = light("41")
     remote.close()
     closed = light("41")
