@@ -57,7 +57,8 @@ def layout_of(model: Any, arch: Arch) -> Layout:
 
 def compute_dtype(model: Any) -> str:
     """The dtype ComfyUI computes this model in: its activations travel in it."""
-    return _DTYPE_NAMES.get(model.model.get_dtype_inference(), "float32")
+    base = model.model
+    return _DTYPE_NAMES.get(getattr(base, "manual_cast_dtype", None) or base.get_dtype(), "float32")
 
 
 def model_spec(model: Any, arch: Arch, source: ComfySource | None, file_prefix: str = "") -> ModelSpec:

@@ -124,8 +124,6 @@ FILE_CONFIGS: dict[str, tuple[str, dict]] = {
 
 def inputs(arch: str, seed: int = 1, size: int = 16, batch: int = 1) -> tuple[list, list, dict]:
     """(positive, negative, latent) for ``arch`` as the text encoders and empty-latent nodes give them."""
-    import comfy.nested_tensor
-
     g = torch.Generator().manual_seed(seed)
     ctx = CONTEXT[arch]
     conds = []
@@ -142,6 +140,8 @@ def inputs(arch: str, seed: int = 1, size: int = 16, batch: int = 1) -> tuple[li
                 penultimate_hidden_states=torch.randn(1, 257, 1280, generator=g))}
         conds.append([[torch.randn(1, 8, ctx, generator=g), extra]])
     if arch == "ltxav":
+        import comfy.nested_tensor  # 0.20 (LTX 2.x); 0.3.64 has none
+
         latent = comfy.nested_tensor.NestedTensor((torch.zeros(batch, 128, 2, 4, 4), torch.zeros(batch, 8, 10, 16)))
     elif arch in ("wan", "wan_i2v"):
         latent = torch.zeros(batch, 16, 3, size // 2, size // 2)

@@ -98,3 +98,25 @@ def test_wan_image_to_video_equals_unsplit(comfy):
     """Wan I2V: the CLIP image tokens lead the text and ``context_img_len`` (block_wrap's closure) reaches the stage."""
     got = comfy(_i2v)
     assert got["diff"] == 0.0 and got["scale"] > 0.1, got
+
+
+def _old_flux1(dtype: str):
+    import torch
+
+    from comfy_integration import tiny
+
+    model = tiny.tiny_patcher("flux1", getattr(torch, dtype), seed=0)
+    ref = tiny.sample(model, "flux1", steps=STEPS)
+    mesh, = h.run_node("MeshConnect", address="")
+    split, = h.run_node("MeshSplitFlux", model=model, mesh=mesh, n_blocks_remote=0, stages=PLANS["flux1"][0],
+                        codec_mode="raw", unique_id=f"old-{dtype}")  # a saved workflow's node id
+    out = tiny.sample(split, "flux1", steps=STEPS)
+    h.remote_of(split).close()
+    return {"diff": _diffs(out, ref)[0], "scale": _diffs(ref, ref * 0)[0]}
+
+
+def test_flux1_split_equals_unsplit_on_comfyui_0_3_64(comfy_old):
+    """The oldest ComfyUI kept working: its FLUX.1 blocks (other constructor, no block_index) on the stages."""
+    for dtype in ("float32", "bfloat16"):
+        got = comfy_old(_old_flux1, dtype)
+        assert got["diff"] == 0.0 and got["scale"] > 0.1, (dtype, got)
