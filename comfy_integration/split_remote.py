@@ -12,6 +12,7 @@ ComfyUI is imported only inside functions: this module runs inside a ComfyUI pro
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
 import time
@@ -176,6 +177,10 @@ class RemoteBlocks:
             raise
         if mesh is not self.mesh:  # the old stages went with the old cluster: nothing to close there
             self.mesh, self.group, self.patch_digest = mesh, None, None
+            self._gens.clear()  # object-store entries of the old session
+            source = self.spec.source
+            if source is not None and source.package:  # a shipped ComfyUI: put into the new session
+                self.spec = dataclasses.replace(self.spec, source=dataclasses.replace(source, package=()).for_actors())
 
     def _segments(self) -> list[Segment]:
         return [Segment(self.layout.parse(s.blocks), s, index=i) for i, s in enumerate(self.specs)]

@@ -12,46 +12,6 @@ import comfy_host as h
 PLANS = {"flux2": "double:1-single:2", "ltxav": "blocks:1-3"}
 
 
-def write_lora(model, path: str, remote_prefixes: tuple[str, ...], seed: int = 5, rank: int = 4) -> dict:
-    """A LoRA file over every 2-D weight of the blocks: lora (ComfyUI layout ``diffusion_model.X.lora_up``,
-    and kohya ``lora_unet_X`` on the first block list's first block), loha on one remote layer, lokr on another."""
-    import torch
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g) * 0.08
-
-    sd, kinds = {}, {}
-    weights = [(k, v.shape) for k, v in model.model.state_dict().items()
-               if k.startswith("diffusion_model.") and "blocks." in k and k.endswith(".weight") and v.ndim == 2]
-    remote = [k for k, _ in weights if k[len("diffusion_model."):].startswith(remote_prefixes)]
-    loha, lokr = remote[0], next(k for k, s in weights if k in remote[1:] and s[0] % 4 == 0 and s[1] % 4 == 0)
-    first_block = weights[0][0].split(".")[:3]
-    for k, (out_f, in_f) in weights:
-        name = k[: -len(".weight")]
-        if k == loha:
-            sd[f"{name}.hada_w1_a"], sd[f"{name}.hada_w1_b"] = rnd(out_f, rank), rnd(rank, in_f)
-            sd[f"{name}.hada_w2_a"], sd[f"{name}.hada_w2_b"] = rnd(out_f, rank), rnd(rank, in_f)
-            sd[f"{name}.alpha"] = torch.tensor(2.0)
-            kinds[k] = "loha"
-        elif k == lokr:
-            sd[f"{name}.lokr_w1"] = rnd(4, 4) * 5
-            sd[f"{name}.lokr_w2_a"], sd[f"{name}.lokr_w2_b"] = rnd(out_f // 4, rank), rnd(rank, in_f // 4)
-            sd[f"{name}.alpha"] = torch.tensor(float(rank))
-            kinds[k] = "lokr"
-        else:
-            kohya = k.split(".")[:3] == first_block
-            base = "lora_unet_" + name[len("diffusion_model."):].replace(".", "_") if kohya else name
-            up, down = ("lora_up", "lora_down")
-            sd[f"{base}.{up}.weight"], sd[f"{base}.{down}.weight"] = rnd(out_f, rank), rnd(rank, in_f)
-            sd[f"{base}.alpha"] = torch.tensor(float(rank) / 2)
-            kinds[k] = "kohya" if kohya else "lora"
-    save_file(sd, path)
-    return {"layers": len(weights), "kinds": sorted(set(kinds.values()))}
-
-
 def _lora_split(arch: str, dtype: str):
     import os
 
@@ -66,7 +26,7 @@ def _lora_split(arch: str, dtype: str):
     model = tiny.tiny_patcher(arch, getattr(torch, dtype), seed=0)
     layout = layout_of(model, BY_NAME[arch])
     name = f"mesh-lora-{arch}-{dtype}.safetensors"
-    made = write_lora(model, os.path.join(folder_paths.get_folder_paths("loras")[0], name),
+    made = tiny.write_lora(model, os.path.join(folder_paths.get_folder_paths("loras")[0], name),
                       layout.prefixes(layout.parse(PLANS[arch])))
     folder_paths.filename_list_cache.clear()
     with_lora = lambda s: nodes.LoraLoaderModelOnly().load_lora_model_only(model, name, s)[0]
@@ -123,7 +83,7 @@ def _lora_after_the_node():
     model = tiny.tiny_patcher("flux2", seed=0)
     layout = layout_of(model, BY_NAME["flux2"])
     name = "mesh-lora-after.safetensors"
-    write_lora(model, os.path.join(folder_paths.get_folder_paths("loras")[0], name),
+    tiny.write_lora(model, os.path.join(folder_paths.get_folder_paths("loras")[0], name),
                layout.prefixes(layout.parse(PLANS["flux2"])), seed=6)
     folder_paths.filename_list_cache.clear()
     mesh, = h.run_node("MeshConnect", address="")

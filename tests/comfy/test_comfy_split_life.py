@@ -45,14 +45,23 @@ def test_reconfigure_up_and_down_between_queues(comfy):
 
 
 def _killed_mid_sampling():
+    import os
     import time
 
     import comfy.sample
+    import folder_paths
+    import nodes
     import ray
 
     from comfy_integration import tiny
 
-    model = tiny.tiny_patcher("ltxav", seed=0)
+    base = tiny.tiny_patcher("ltxav", seed=0)
+    # With a LoRA before the node: the restarted stage comes back unpatched, and is patched again.
+    lora = "mesh-lora-killed.safetensors"
+    tiny.write_lora(base, os.path.join(folder_paths.get_folder_paths("loras")[0], lora),
+                    ("transformer_blocks.2.", "transformer_blocks.3."))
+    folder_paths.filename_list_cache.clear()
+    model = nodes.LoraLoaderModelOnly().load_lora_model_only(base, lora, 1.0)[0]
     pos, neg, latent = tiny.inputs("ltxav")
     noise = comfy.sample.prepare_noise(latent["samples"], 5)
 
@@ -84,7 +93,8 @@ def _killed_mid_sampling():
     out = run(split, kill_after_first_step)
     info = remote.group.info()
     stats = {"restarts": remote.group.recovery.restarts, "retries": remote.group.recovery.retries,
-             "builds": remote.builds, "pid_after": info[1]["pid"], "pid_before": pid}
+             "builds": remote.builds, "pid_after": info[1]["pid"], "pid_before": pid, "ships": remote.patch_ships,
+             "patched": [i["lora"] is not None for i in info], "lora_effect": tiny.max_diff(ref, run(base))}
     remote.close()
     return {"diff": tiny.max_diff(out, ref), "killed": bool(killed), **stats}
 
@@ -93,7 +103,8 @@ def test_stage_killed_mid_sampling_on_ltx_gives_the_same_video_and_audio(comfy):
     got = comfy(_killed_mid_sampling)
     assert got["killed"] and got["pid_after"] != got["pid_before"], got
     assert got["restarts"] >= 1 and got["retries"] >= 1 and got["builds"] == 1, got  # Ray restarted it, step retried
-    assert got["diff"] == 0.0, got
+    assert got["ships"] == 2 and got["patched"] == [True, True], got  # the LoRA sent again to the restarted stage
+    assert got["lora_effect"] > 1e-3 and got["diff"] == 0.0, got
 
 
 class _Server:
