@@ -15,7 +15,7 @@ if importlib.util.find_spec("mesh_ray") is None or importlib.util.find_spec("com
     # symlinked alone from a clone: use the clone's packages
     sys.path.append(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 
-_MODULES = ("nodes_mesh", "nodes_vae", "nodes_offload")
+_MODULES = ("nodes_mesh", "nodes_vae", "nodes_save", "nodes_offload")
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
@@ -33,3 +33,4 @@ for _name in _MODULES:
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
 
 importlib.import_module(f"{_PACKAGE}.registry")  # inside a running ComfyUI this adds GET /mesh/status
+importlib.import_module(f"{_PACKAGE}.queue_routes")  # ... and POST /mesh/queue, GET /mesh/queue/status

@@ -100,13 +100,29 @@ class ComfySource:
         if root is None:
             raise ConfigError("ComfySource.here() runs inside a ComfyUI process: import ComfyUI first")
         site = _site_dirs()
-        extra = tuple(p for p in sys.path if p and os.path.isdir(p) and os.path.realpath(p) != os.path.realpath(root)
+        # Paths inside the tree (ComfyUI's nodes.py adds root/comfy) are not extras: a worker that
+        # imports a shipped copy must not import from this process's folder through them.
+        extra = tuple(p for p in sys.path if p and os.path.isdir(p) and not _inside(p, root)
                       and os.path.realpath(p) not in site and not os.path.realpath(p).startswith(sys.base_prefix)
                       and not os.path.realpath(p).startswith(sys.prefix))
         from comfy.cli_args import args as comfy_args
 
         numeric = {k: _plain(getattr(comfy_args, k)) for k in NUMERIC_ARGS if hasattr(comfy_args, k)}
         return cls(root, tree_version(root), tree_digest(root), extra, numeric, ship)
+
+    @classmethod
+    def of(cls, root: str | os.PathLike, extra_paths: tuple[str, ...] = (), args: dict | None = None,
+           ship: Ship = "auto") -> "ComfySource":
+        """The ComfyUI tree at ``root`` without importing it (``mesh-ray comfy workers``): ComfyUI's
+        default arguments unless ``args`` names some; ``extra_paths`` go on the workers' ``sys.path``."""
+        if ship not in SHIP_MODES:
+            raise ConfigError(f"comfy ship={ship!r} is not known: use one of {', '.join(SHIP_MODES)}")
+        root = str(Path(root).resolve())
+        if not os.path.isfile(os.path.join(root, "comfy", "model_patcher.py")):
+            raise ConfigError(f"{root} is not a ComfyUI folder (no comfy/model_patcher.py): pass the folder that "
+                              f"holds ComfyUI's main.py")
+        extra = tuple(str(Path(p).resolve()) for p in extra_paths)
+        return cls(root, tree_version(root), tree_digest(root), extra, dict(args or {}), ship)
 
     def describe(self) -> str:
         return f"ComfyUI {self.version} ({self.digest[:8]})"
@@ -189,7 +205,10 @@ class ComfySource:
         comfy.cli_args.args.cpu = (not torch.cuda.is_available()) if cpu is None else cpu
 
 
-_packages: dict[str, Any] = {}  # digest -> ObjectRef of the zipped tree (one upload per process and tree)
+# (digest, Ray connection) -> ObjectRef of the zipped tree: one upload per tree and connection (a
+# ComfyUI process that reconnected after its cluster came back must not hand out a reference of the
+# old session).
+_packages: dict[tuple[str, tuple[str, ...]], Any] = {}
 
 
 def cache_dir() -> Path:
@@ -206,7 +225,8 @@ def _package_ref(root: str, digest: str) -> Any:
 
     import ray
 
-    if digest not in _packages:
+    key = (digest, _connection())
+    if key not in _packages:
         base = Path(root)
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
@@ -216,8 +236,19 @@ def _package_ref(root: str, digest: str) -> Any:
             for f in SHIPPED_FILES:
                 if (base / f).is_file():
                     z.write(base / f, f)
-        _packages[digest] = ray.put(buf.getvalue())
-    return _packages[digest]
+        for old in [k for k in _packages if k[1] != key[1]]:  # references of an earlier connection are dead
+            del _packages[old]
+        _packages[key] = ray.put(buf.getvalue())
+    return _packages[key]
+
+
+def _connection() -> tuple[str, ...]:
+    """This process's Ray connection: cluster address, its node and its job (a driver's worker id is
+    derived from its job id, which a cluster started again hands out again; the node id is new)."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return ctx.gcs_address, ctx.get_node_id(), ctx.get_job_id()
 
 
 def _unpacked(ref: Any, digest: str) -> str:
@@ -248,6 +279,12 @@ def _imported_root() -> str | None:
     mod = sys.modules.get("comfy")
     paths = list(getattr(mod, "__path__", []) or []) if mod is not None else []
     return str(Path(paths[0]).resolve().parent) if paths else None
+
+
+def _inside(path: str, root: str) -> bool:
+    """Whether ``path`` is ``root`` or below it (real paths)."""
+    p, r = os.path.realpath(path), os.path.realpath(root)
+    return p == r or p.startswith(r + os.sep)
 
 
 def _plain(v: Any) -> Any:

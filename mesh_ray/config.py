@@ -157,6 +157,15 @@ class SplitOptions(BaseModel):
     front ("caller" | "stage" | "auto", "auto"): where the embedders and the final layer run:
     in the calling process, or on the first and last stages (the caller then holds no weights;
     every block range must be on a stage); "auto" = the plan's choice with ``plan=``, else caller.
+    transport ("auto" | "object" | "gloo" | "nccl" | "cuda_ipc", "auto"; env MESH_RAY_TRANSPORT):
+    how activations move between stages: "auto" chooses per link from where its two ends run
+    (CUDA IPC for stages on one GPU, NCCL between GPUs, gloo between CPU stages on different nodes
+    when it measured faster, else the object store); "object" always the object store; a direct
+    transport forces it on every link between stages (one-line error at start where it cannot
+    work).  The caller's own links use CUDA IPC where it sees the stage's GPU, else the object
+    store (see docs/transport.md).  ``split.links`` shows each link's choice and why.
+    transfer_timeout_s (float, 60): how long one direct transfer may take before it fails and the
+    step is recovered (a gloo op times out at 0.8 of it); keep it below step_timeout_s.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -174,6 +183,8 @@ class SplitOptions(BaseModel):
     max_restarts: int = Field(default=2, ge=0)
     max_step_retries: int = Field(default=2, ge=0)
     front: Literal["caller", "stage", "auto"] = "auto"
+    transport: Literal["auto", "object", "gloo", "nccl", "cuda_ipc"] = "auto"
+    transfer_timeout_s: float = Field(default=60.0, gt=0)
 
     @field_validator("codec", mode="before")
     @classmethod

@@ -1,4 +1,4 @@
-"""Content hashes of tensors: the one way mesh-ray keys caches by tensor contents."""
+"""Content hashes of tensors and files: the one way mesh-ray keys caches by contents."""
 
 from __future__ import annotations
 
@@ -16,7 +16,16 @@ def tensor_digest(items: Iterable[tuple[str, torch.Tensor]], size: int = 16) -> 
         t = t.detach().contiguous().cpu()
         h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
         if t.numel():
-            h.update(t.view(torch.uint8).numpy())  # the buffer itself: no copy of the bytes
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself (0-d too): no copy of the bytes
+    return h.hexdigest()
+
+
+def file_digest(path: str, size: int = 16, block: int = 8 << 20) -> str:
+    """blake2b over a file's bytes, read in blocks (model files shipped to ComfyUI workers are keyed by it)."""
+    h = hashlib.blake2b(digest_size=size)
+    with open(path, "rb") as f:
+        while data := f.read(block):
+            h.update(data)
     return h.hexdigest()
 
 

@@ -13,6 +13,9 @@ from mesh_ray.errors import ClusterError
 from mesh_ray.split.model import SplitModel, make_split
 
 if TYPE_CHECKING:
+    import os
+
+    from mesh_ray.actors.vae_host import VaeHost
     from mesh_ray.split.plan import Plan
     from mesh_ray.vae.service import VaeService
 
@@ -53,8 +56,9 @@ class Mesh:
         self._splits.append(s)
         return s
 
-    def vae(self, checkpoint: str, replicas: int = 1, **kwargs: Any) -> "VaeService":
-        """A pool of VAE decoder actors for ``checkpoint`` (BFL ``ae.safetensors`` layout).
+    def vae(self, checkpoint: "str | os.PathLike | VaeHost", replicas: int = 1, **kwargs: Any) -> "VaeService":
+        """A pool of VAE decoder actors for ``checkpoint``: a FLUX VAE file (BFL ``ae.safetensors``
+        layout, mesh-ray's own decoder) or a ``VaeHost`` (e.g. ComfyUI's VAE class, from ``comfy_integration``).
 
         ``vae.decode(latent, mode="wait" | "forget" | "promise", save=...)``; keywords are
         ``VaeOptions`` fields (num_gpus, num_cpus, idle_timeout_s, output_dir, torch_threads, dtype,

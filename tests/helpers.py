@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -77,3 +78,21 @@ def kill_actor(actor, timeout: float = 30.0) -> None:
             pass
         time.sleep(0.01)
     raise AssertionError(f"actor (pid {before}) still answering {timeout:g} s after ray.kill")
+
+
+@contextlib.contextmanager
+def local_cluster(nodes: int, num_cpus: int = 1):
+    """A ``ray.cluster_utils.Cluster`` of the test's own: a head without CPUs and ``nodes`` worker
+    nodes of ``num_cpus`` each (the session's Ray is shut down first; everything is shut down after)."""
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        for _ in range(nodes):
+            cluster.add_node(num_cpus=num_cpus)
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

@@ -64,18 +64,28 @@ def test_status_unreachable_is_one_line():
 
 def test_bench_split_json_small():
     out = run("bench", "split", "--hidden", "64", "--heads", "2", "--image-tokens", "64", "--txt-tokens", "8",
-              "--repeats", "1", "--json")
+              "--repeats", "1", "--transport", "object,gloo", "--json")
     assert out.returncode == 0, out.stderr[-2000:]
     r = last_json(out)
     for key in ("ratio_split_over_local", "step_ms_local", "step_ms_split", "hop_ms", "bytes_per_step"):
         assert r[key] > 0
-    assert r["max_abs_diff"] == 0.0
+    assert r["max_abs_diff"] == 0.0 and r["transports"] == ["object", "gloo"]
+    assert [h["transport"] for h in r["by_transport"]["gloo"]["hops"]] == ["object", "gloo", "object"]
+    assert all(row["ratio_split_over_local"] > 0 and row["max_abs_diff"] == 0.0 for row in r["by_transport"].values())
+    assert "split/local" in out.stdout  # the table for people, before the JSON line
+
+
+def test_bench_split_bad_transport_is_one_line():
+    out = run("bench", "split", "--transport", "carrier-pigeon", timeout=120)
+    assert out.returncode == 1
+    lines = [ln for ln in out.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--transport 'carrier-pigeon'" in lines[0] and "object, gloo" in lines[0]
 
 
 def test_doctor_names_every_backend():
     out = run("doctor", timeout=120)
     assert out.returncode == 0
-    for name in ("raw", "zstd", "nvcomp", "nvenc", "nvdec", "x265"):
+    for name in ("raw", "zstd", "nvcomp", "nvenc", "nvdec", "x265", "object", "gloo", "nccl", "cuda_ipc"):
         assert name in out.stdout
 
 

@@ -10,14 +10,13 @@ import time
 import pytest
 import ray
 import torch
-from ray.cluster_utils import Cluster
 
 from mesh_ray.bench.faults import remove_node
 from mesh_ray.errors import StageError
 from mesh_ray.mesh import connect
 from mesh_ray.split.sampler import generate, random_conditioning
 
-from helpers import inputs, kill_actor, local_model
+from helpers import inputs, kill_actor, local_cluster, local_model
 
 GEN = dict(width=64, height=64, steps=5, seed=3, progress=False)
 
@@ -78,12 +77,7 @@ def test_node_loss_replaces_the_stage_on_a_survivor_then_fails_clearly(tiny_ckpt
     """Three one-CPU nodes, two stages: the node holding stage 1 leaves mid-generation; the stage is
     placed again on the spare node with its shard shipped again, and the image is identical.  Then
     the node of stage 0 leaves with no node free: one StageError within the timeouts."""
-    ray.shutdown()  # this test needs its own multi-node cluster
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    try:
-        for _ in range(3):
-            cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
+    with local_cluster(3) as cluster:  # this test needs its own multi-node cluster
         mesh = connect(cluster.address)
         split = mesh.split(str(tiny_ckpts["flux1"]), stages=2, codec="raw", dtype="float32", ship="always",
                            cache_dir=str(tmp_path / "shards"), start_timeout_s=20, step_timeout_s=60, torch_threads=1)
@@ -108,9 +102,6 @@ def test_node_loss_replaces_the_stage_on_a_survivor_then_fails_clearly(tiny_ckpt
         msg = str(e.value)
         assert "stage 0" in msg and "not back within start_timeout_s=20" in msg and "CPU=1" in msg, msg
         split.close()
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def test_block_patch_path_recovers_the_same_way(mesh, tiny_ckpts):

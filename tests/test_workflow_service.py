@@ -203,12 +203,18 @@ def test_service_restarted_under_a_client(ray_local, monkeypatch):
     serve(max_parallel=1)
     try:
         wf = Workflows.connect(service=True, client_id="dave")
-        lost = wf.submit(_sleep_graph(60, "lost"))
+        held = wf.submit(_sleep_graph(3, "held"))
+        queued = wf.submit(_sleep_graph(0.2, "queued"))
+        _until(lambda: held.status() == "running", 60, "the held run to start")
+        old_ids = (held.run_id, queued.run_id)
         kill_service()  # as a crash would: no shutdown
         monkeypatch.setenv("MESH_RAY_NODE_MODULE_PREFIXES", "mesh_ray.,json")  # the operator widens the allow-list
         assert serve(max_parallel=1)["node_module_prefixes"] == ["mesh_ray.", "json"]  # a new service, same name
-        with pytest.raises(WorkflowError, match="lost when the workflow service restarted"):
-            lost.status()
+        # nothing is lost: the client attached to the new service and submitted both runs again
+        assert held.status() in ("queued", "running") and (held.run_id, queued.run_id) != old_ids
+        events = held.events()
+        assert events[0]["type"] == "run_resubmitted" and events[0]["previous"] == old_ids[0]
+        assert held.result(timeout=120).status == "finished" and queued.result(timeout=120).status == "finished"
         again = wf.submit(_sleep_graph(0.2, "again"))  # the client attached to the new service
         assert again.result(timeout=120).status == "finished"
         monkeypatch.delenv("MESH_RAY_NODE_MODULE_PREFIXES")  # the client's own setting does not matter

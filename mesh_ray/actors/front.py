@@ -10,7 +10,7 @@ front, so raw fp32 results are bit for bit the same.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -65,8 +65,8 @@ def embed_input(model: Flux, inp: FrontInput, txt: torch.Tensor, device: torch.d
 
 
 def finish_plan(out: LinkPlan) -> LinkPlan:
-    """The link back to the caller for the final layer's output: always raw."""
-    return LinkPlan(CodecSpec(mode="raw"), out.name, out.dtype)
+    """The link back to the caller for the final layer's output: always raw (same transport)."""
+    return replace(out, spec=CodecSpec(mode="raw"))
 
 
 def check_front(front: str, local: list[int], patches: bool = False) -> bool:

@@ -30,19 +30,27 @@ class GenConsts:
 
 @dataclass(frozen=True)
 class LinkPlan:
-    """One link of the chain: its codec spec, its name (``stage0->stage1``) and the dtype it carries."""
+    """One link of the chain: its codec spec, its name (``stage0->stage1``), the dtype it carries and
+    how it moves (``split/links.py`` chooses; docs/transport.md)."""
 
     spec: CodecSpec
     name: str
     dtype: str  # the wire dtype: the narrower of the two ends' compute dtypes
-    transport: str = "object"  # how Ray moves it: the object store, or a Ray Direct Transport (gloo, nccl, ...)
+    transport: str = "object"  # "object" (the object store), "gloo", "nccl" or "cuda_ipc"
+    rdt: bool = False  # Ray Direct Transport moves the tensors (between stages); else they travel in the value
+    gpu: str | None = None  # the receiving end's GPU (UUID), where the sender shares tensors by CUDA IPC itself
+    reason: str = ""  # why this transport, for people
 
 
 @dataclass
 class Hop(TransferMetrics):
-    """One transfer of an activation: the codec metrics plus which link, codec mode and wire dtype."""
+    """One transfer of an activation: the codec metrics plus which link, codec mode, wire dtype and
+    transport, and ``transfer_ms``: wall time from the sender's end of packing to the receiver's start
+    of unpacking (queueing included; clocks of two machines may differ)."""
 
     link: str = ""
     mode: str = "raw"
     dtype: str = ""
     transport: str = "object"
+    sent_at: float = 0.0  # time.time() when the sender had packed it
+    transfer_ms: float | None = None

@@ -1,6 +1,7 @@
 """Stage actor: holds one block range of a DiT on one device and runs it.
 
-A plain class; ``StageActor = ray.remote(StageClass)``.  What the range is and how its blocks are
+A plain class; ``StageActor = ray.remote(StageClass)`` (``DirectStageActor``: the same, with Ray
+Direct Transport allowed on its calls).  What the range is and how its blocks are
 built and called is the stage's ``BlockHost`` (``actors/host.py``: mesh-ray's own FLUX, or
 ComfyUI's blocks of any architecture); the stage does the rest the same way for every host:
 device and dtype, loading (file, node cache, or shipped), per-generation constants, the wire,
@@ -11,6 +12,7 @@ not code in here.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import time
 from collections import OrderedDict, deque
@@ -20,18 +22,20 @@ import ray
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from mesh_ray.actors.cuda_ipc import gpu_uuid
 from mesh_ray.actors.device import dtype_name, pick_device
 from mesh_ray.actors.front import FrontInput
 from mesh_ray.actors.host import BlockHost
 from mesh_ray.actors.records import GenConsts, LinkPlan
 from mesh_ray.actors.shards import ShardCache
-from mesh_ray.actors.wire import WireState, pack, unpack
-from mesh_ray.cluster import metrics
+from mesh_ray.actors.wire import Streams, WireState, pack, unpack
+from mesh_ray.cluster import metrics, rdt_internals
 from mesh_ray.errors import StageError
 from mesh_ray.memory import AutoOffload, OffloadSpec
 
 GENERATIONS_KEPT = 16  # per-generation constants cached per stage (LRU): images in flight at once
 CONST_FETCH_TIMEOUT_S = 600
+GLOO_SHARE = 0.8  # a gloo op times out first, so the receiver learns why before Ray's own transfer deadline
 
 
 class NotLoadedError(StageError):
@@ -50,6 +54,7 @@ class StageInit(BaseModel):
     cache_dir: str
     torch_threads: int | None = None
     offload: OffloadSpec | None = None
+    transfer_timeout_s: float | None = None  # bounds a Ray Direct Transport transfer (SplitOptions.transfer_timeout_s)
 
 
 class StageClass:
@@ -59,6 +64,10 @@ class StageClass:
         self.init = init
         if init.torch_threads:
             torch.set_num_threads(init.torch_threads)
+        rdt_internals.ensure_registered()  # again after a restart: Ray registers custom transports once per actor
+        if init.transfer_timeout_s:
+            rdt_internals.set_transfer_timeout(init.transfer_timeout_s)
+            rdt_internals.bound_collective_timeout(GLOO_SHARE * init.transfer_timeout_s)
         self.device, self.dtype = pick_device(init.dtype)
         self.host: BlockHost = init.host
         self.host.build(self.device, self.dtype)
@@ -173,6 +182,14 @@ class StageClass:
         """Return the input unchanged: the cost of one hop without compute (for benchmarks)."""
         return state
 
+    def probe(self, nbytes: int, plan: LinkPlan) -> WireState:
+        """``nbytes`` of activation-like data packed for ``plan``: what a link measures itself with."""
+        return pack(Streams({"x": torch.ones(max(1, nbytes // 4), device=self.device)}), plan)
+
+    def take(self, state: WireState) -> int:
+        """Receive a ``probe`` (or any WireState) and drop it; its tensor count."""
+        return len(unpack(state, self.device, self.dtype, borrow=True)[0].tensors)
+
     def info(self) -> dict:
         """Where this stage runs and what it holds (for ``mesh-ray status``)."""
         ctx = ray.get_runtime_context()
@@ -185,12 +202,20 @@ class StageClass:
         return {"kind": "stage", "index": self.init.index, "blocks": self.host.describe(), "node_id": ctx.get_node_id(),
                 "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid(), "device": str(self.device),
                 "dtype": dtype_name(self.dtype),
-                "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "loaded": self.loaded,
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "gpu_uuid": self._gpu_uuid(),
+                "nccl": self.device.type == "cuda" and importlib.util.find_spec("cupy") is not None,
+                "loaded": self.loaded,
                 "shard_source": self.shard_source, "weight_bytes": self.host.weight_bytes(),
                 "rss_bytes": rss,
                 "cuda_bytes": torch.cuda.memory_allocated() if self.device.type == "cuda" else 0,
                 "calls": self.calls, "busy_s": round(self.busy_s, 3), "lora": self.lora_digest, "threads": torch.get_num_threads(),
                 "offload": self.offload.stats() if self.offload else None, "recent_calls": list(self.recent)}
 
+    def _gpu_uuid(self) -> str | None:
+        return gpu_uuid(self.device.index or 0) if self.device.type == "cuda" else None
+
 
 StageActor = ray.remote(StageClass)
+# The same stage with Ray Direct Transport allowed on its calls (Ray decides this per class, not per
+# actor); its tasks run on a background thread, beside Ray's transfer threads.
+DirectStageActor = ray.remote(enable_tensor_transport=True)(StageClass)

@@ -4,12 +4,14 @@ A stage runs some DiT's blocks (``actors/host.py``); between stages the activati
 ``Streams``: named batch-first tensors (FLUX: ``img``, ``txt``; LTX: video and audio) and a few
 plain values.  Every hop sends a ``WireState``: the tensors as host arrays (raw link over the
 object store: Ray moves numpy buffers without a second copy), as device tensors (a Ray Direct
-Transport link: Ray moves them out of band), or as codec payloads (coded link), plus the metrics of
-every hop the activation has made so far in its chain, so the caller sees the cost of each transfer.
+Transport link: Ray moves them out of band), as CUDA IPC handles (the caller's links on one node,
+``actors/cuda_ipc.py``), or as codec payloads (coded link), plus the metrics of every hop the
+activation has made so far in its chain, so the caller sees the cost of each transfer.
 """
 
 from __future__ import annotations
 
+import pickle
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 
 from mesh_ray.cluster import metrics
+from mesh_ray.actors.cuda_ipc import IpcTensor
 from mesh_ray.actors.device import DTYPES
 from mesh_ray.actors.records import Hop, LinkPlan
 from mesh_ray.codec import decode, encode_with_metrics
@@ -68,10 +71,12 @@ class Streams:
 
 @dataclass
 class WireState:
-    """``Streams`` for one link: each tensor as a ``RawTensor``, a device tensor (RDT link) or a payload."""
+    """``Streams`` for one link: each tensor as a ``RawTensor``, a device tensor (RDT link), an
+    ``IpcTensor`` or a payload.  On an RDT link ``meta`` travels pickled (``bytes``): Ray would move
+    every tensor in the value out of band, the small ones in it too, and all on one device type."""
 
-    tensors: dict[str, RawTensor | torch.Tensor | bytes]
-    meta: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, RawTensor | torch.Tensor | IpcTensor | bytes]
+    meta: dict[str, Any] | bytes = field(default_factory=dict)
     hops: list[Hop] = field(default_factory=list)
 
 
@@ -91,10 +96,11 @@ def pack(streams: Streams, plan: LinkPlan, hops: list[Hop] | None = None) -> Wir
     tensors = {k: _cast(v, dtype) for k, v in streams.tensors.items()}
     if spec.mode == "raw":
         size = sum(_nbytes(t) for t in tensors.values())
-        hop = Hop(size, size, 0.0, 0.0, link=plan.name, mode="raw", dtype=plan.dtype, transport=plan.transport)
-        direct = plan.transport != "object"  # Ray Direct Transport moves torch tensors where they are
-        out = {k: (t.contiguous() if direct else RawTensor.of(t)) for k, t in tensors.items()}
-        return WireState(out, streams.meta, [*(hops or []), hop])
+        hop = Hop(size, size, 0.0, 0.0, link=plan.name, mode="raw", dtype=plan.dtype, transport=plan.transport,
+                  sent_at=time.time())
+        out = {k: _raw(t, plan) for k, t in tensors.items()}
+        meta = pickle.dumps(streams.meta, protocol=5) if plan.rdt else streams.meta
+        return WireState(out, meta, [*(hops or []), hop])
     t0 = time.perf_counter()
     out, ms = {}, {}
     for k, t in tensors.items():
@@ -105,18 +111,28 @@ def pack(streams: Streams, plan: LinkPlan, hops: list[Hop] | None = None) -> Wir
         out[k], ms[k] = encode_with_metrics(t, spec, grid, prefix)
     hop = Hop(sum(m.raw_bytes for m in ms.values()), sum(m.wire_bytes for m in ms.values()),
               round((time.perf_counter() - t0) * 1e3, 3), link=plan.name, mode=spec.mode, dtype=plan.dtype,
-              transport=plan.transport)
+              transport=plan.transport, sent_at=time.time())
     if spec.debug_metrics and ms:  # the largest tensor's error stands for the hop
         largest = max(ms, key=lambda k: ms[k].raw_bytes)
         hop.cosine, hop.max_abs = ms[largest].cosine, max(m.max_abs for m in ms.values())
     return WireState(out, streams.meta, [*(hops or []), hop])
 
 
+def _raw(t: torch.Tensor, plan: LinkPlan) -> RawTensor | torch.Tensor | IpcTensor:
+    """One tensor of a raw link as the link's transport moves it (empty ones always as host arrays)."""
+    if t.numel() and plan.rdt:  # Ray Direct Transport moves torch tensors where they are
+        return t.contiguous()
+    if t.numel() and plan.transport == "cuda_ipc" and t.is_cuda:  # GPU-only: the caller's links on one node
+        return IpcTensor.share(t, plan.gpu)
+    return RawTensor.of(t)
+
+
 def unpack(obj: WireState, device: torch.device, dtype: torch.dtype, borrow: bool = False) -> tuple[Streams, list[Hop]]:
     """Decode a WireState onto ``device`` in the receiver's compute ``dtype`` (floating tensors),
-    recording the decode time on its last hop.  ``borrow``: raw tensors may stay in Ray's read-only
-    buffers (see RawTensor)."""
-    t0 = time.perf_counter()
+    recording the transfer time and the decode time on its last hop.  ``borrow``: raw tensors may
+    stay in Ray's read-only buffers (see RawTensor) and CUDA IPC tensors in the sender's memory;
+    without it the receiver owns what it gets."""
+    t0, now = time.perf_counter(), time.time()
     coded = False
     tensors = {}
     for k, v in obj.tensors.items():
@@ -124,13 +140,19 @@ def unpack(obj: WireState, device: torch.device, dtype: torch.dtype, borrow: boo
             t = v.tensor(borrow)
         elif isinstance(v, torch.Tensor):
             t = v
+        elif isinstance(v, IpcTensor):
+            t = v.open()
+            t = t if borrow or t.device != device else t.clone()
         else:
             t, coded = decode(v, device), True
         tensors[k] = _cast(t.to(device), dtype)
     hops = obj.hops
-    if coded and hops:
-        hops = [replace(h) for h in hops]
-        hops[-1].decode_ms = round((time.perf_counter() - t0) * 1e3, 3)
     if hops:
+        hops = [replace(h) for h in hops]
+        if hops[-1].sent_at:
+            hops[-1].transfer_ms = round((now - hops[-1].sent_at) * 1e3, 3)
+        if coded:
+            hops[-1].decode_ms = round((time.perf_counter() - t0) * 1e3, 3)
         metrics.wire_hop(hops[-1])  # each hop is counted once, where it is received
-    return Streams(tensors, obj.meta), hops
+    meta = pickle.loads(obj.meta) if isinstance(obj.meta, bytes) else obj.meta
+    return Streams(tensors, meta), hops

@@ -4,6 +4,12 @@
 value, each in its own try block (one failing check does not stop the others) and within a
 time budget:
 
+  transport (needs Ray) ``bench split`` at full width (3072, bf16, 1024x1024 tokens, ``--double``
+          / ``--single`` blocks) with each of ``--transports``, two stages on one GPU
+          (``num_gpus=0.5``): ratio split / local, max abs difference, each hop's transport and ms;
+          then a stage killed mid-generation over CUDA IPC: the image equals the fault-free one.
+  comfy   (with ``--comfy DIR``) ``comfy_integration.gpu_check``: the ComfyUI split step ratio.
+
   split   FLUX.1-dev size, bf16, 1024x1024 (4096 + 512 tokens): ms per step of the whole model,
           ms per double / single block and of the caller's front (embedders + final layer), and
           two halves with the activations going GPU -> host -> GPU between them as the object
@@ -131,6 +137,51 @@ def check_split(preset: str = "flux1-dev", device: str = "cuda", side: int = 64,
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# transport: Ray on the GPU machine
+# --------------------------------------------------------------------------------------------
+
+
+def check_transport(out_dir: Path, transports: str = "object,cuda_ipc,auto", double: int = 4, single: int = 8,
+                    repeats: int = 5, hidden: int = 3072, heads: int = 24, image_tokens: int = 4096,
+                    txt_tokens: int = 512, steps: int = 4, size: int = 1024) -> dict:
+    """``bench split`` per transport with two stages on one GPU, then a kill over CUDA IPC (see the docstring).
+    On a machine without CUDA it runs the same path on the CPU (a dry run)."""
+    import ray
+
+    from mesh_ray.bench import gpu_fault_check
+    from mesh_ray.bench.split import parse_transports, run_split_bench
+
+    cuda = torch.cuda.is_available()
+    out: dict[str, Any] = {}
+    try:
+        out["bench_split"] = run_split_bench(hidden=hidden, heads=heads, depth=double, single=single,
+                                             image_tokens=image_tokens, txt_tokens=txt_tokens, stages=2, repeats=repeats,
+                                             transports=parse_transports(transports), num_gpus=0.5 if cuda else None)
+    finally:
+        ray.shutdown()
+    rows = out["bench_split"]["by_transport"]
+    out["summary"] = {t: {"ratio_split_over_local": r["ratio_split_over_local"], "max_abs_diff": r["max_abs_diff"],
+                          "stage_hop_ms": r["hop_ms"], "hops": [f"{h['link']}:{h['transport']}" for h in r["hops"]]}
+                      for t, r in rows.items()}
+    out["fault"] = gpu_fault_check.run(out_dir, double, single, steps, size if cuda else 64,
+                                       "cuda_ipc" if cuda else "gloo")
+    return out
+
+
+def check_comfy(comfy: Path | None, out_dir: Path, timeout_s: float = 400) -> dict:
+    """The ComfyUI split on the GPU (``comfy_integration.gpu_check``), in its own process."""
+    import subprocess
+
+    if comfy is None:
+        return {"skipped": "no --comfy DIR (a ComfyUI tree carried to the machine)"}
+    res = subprocess.run([sys.executable, "-m", "comfy_integration.gpu_check", "--comfy", str(comfy), "--out",
+                          str(out_dir / "comfy")], capture_output=True, text=True, timeout=timeout_s)
+    lines = [ln for ln in res.stdout.strip().splitlines() if ln.startswith("{")]
+    return {"returncode": res.returncode, "result": json.loads(lines[-1]) if lines else None,
+            "stderr_tail": res.stderr[-3000:]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,7 +375,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="out/gpu")
     ap.add_argument("--fixtures", default=None)
     ap.add_argument("--budget-s", type=float, default=420.0)
-    ap.add_argument("--only", default="split,codec,vae,offload")
+    ap.add_argument("--only", default="transport,split,codec,comfy,vae,offload")
+    ap.add_argument("--transports", default="object,cuda_ipc,auto", help="for the transport check")
+    ap.add_argument("--double", type=int, default=4, help="double blocks of the transport check's model")
+    ap.add_argument("--single", type=int, default=8, help="single blocks of the transport check's model")
+    ap.add_argument("--comfy", default=None, help="a ComfyUI tree for the comfy check")
     ap.add_argument("--make-fixtures", action="store_true", help="write the PyAV fixtures to --fixtures and exit")
     args = ap.parse_args(argv)
     if args.make_fixtures:
@@ -334,7 +389,9 @@ def main(argv: list[str] | None = None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     result: dict[str, Any] = {"environment": environment()}
-    checks = {"split": check_split, "codec": lambda: check_codec(Path(args.fixtures) if args.fixtures else None),
+    checks = {"transport": lambda: check_transport(out_dir, args.transports, args.double, args.single),
+              "split": check_split, "codec": lambda: check_codec(Path(args.fixtures) if args.fixtures else None),
+              "comfy": lambda: check_comfy(Path(args.comfy) if args.comfy else None, out_dir),
               "vae": check_vae, "offload": lambda: check_offload(quick=False)}
     for name in args.only.split(","):
         left = args.budget_s - (time.perf_counter() - t0)

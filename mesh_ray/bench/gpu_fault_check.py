@@ -28,7 +28,7 @@ def _gpu_used_mib() -> list[int]:
     return [int(x) for x in out.split()]
 
 
-def run(out_dir: Path, double: int, single: int, steps: int, size: int) -> dict:
+def run(out_dir: Path, double: int, single: int, steps: int, size: int, transport: str = "auto") -> dict:
     import ray
 
     from mesh_ray.mesh import connect
@@ -49,7 +49,8 @@ def run(out_dir: Path, double: int, single: int, steps: int, size: int) -> dict:
     res: dict = {"model": f"flux1 width 3072, {double} double + {single} single blocks, bf16 random",
                  "image": f"{size}x{size}", "steps": steps, "gpu": torch.cuda.get_device_name(0) if gpu else "none (CPU dry run)"}
     gen = dict(width=size, height=size, steps=steps, seed=5, progress=False)
-    with mesh.split(str(ckpt), stages=stages, codec="raw") as split:
+    with mesh.split(str(ckpt), stages=stages, codec="raw", transport=transport) as split:
+        res["links"] = split.links
         txt, y = random_conditioning(split.config, seed=1)
         t0 = time.perf_counter()
         clean = generate(split, txt, y, **gen)
@@ -73,6 +74,8 @@ def run(out_dir: Path, double: int, single: int, steps: int, size: int) -> dict:
         res["identical"] = bool(torch.equal(clean, faulty))
         res["max_abs_diff"] = float((clean.float() - faulty.float()).abs().max())
         res["pids_changed"] = before[1]["pid"] != after[1]["pid"]
+        res["hops"] = [{"link": h.link, "transport": h.transport, "transfer_ms": h.transfer_ms}
+                       for h in split.last.transfers]
     res["same_stage_memory_after_recovery"] = res["stage_cuda_bytes_before"] == res["stage_cuda_bytes_after"]
     ray.shutdown()
     return res
@@ -85,10 +88,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--single", type=int, default=8)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--transport", default="auto", help="the split's transport (auto: CUDA IPC for two stages on one GPU)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    res = run(out, args.double, args.single, args.steps, args.size)
+    res = run(out, args.double, args.single, args.steps, args.size, args.transport)
     (out / "gpu_fault_check.json").write_text(json.dumps(res, indent=1, default=str))
     print(json.dumps(res, default=str))
 

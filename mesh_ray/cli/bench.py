@@ -11,18 +11,22 @@ from mesh_ray.cli.app import Arch, bench_app
 from mesh_ray.cli.output import emit, emit_report, guard, int_list
 
 
-@bench_app.command("split", help="Split vs local forward at the FLUX 1024x1024 token count (raw mode); "
-                                   f"goal ratio <= {goals.SPLIT['ratio_split_over_local']}.")
+@bench_app.command("split", help="Split vs local forward at the FLUX 1024x1024 token count (raw mode), side by side "
+                                   f"per transport; goal ratio <= {goals.SPLIT['ratio_split_over_local']}.")
 def bench_split(arch: Arch = typer.Option(Arch.flux1), hidden: int = typer.Option(512, min=64),
                 heads: int = typer.Option(4, min=1), depth: int = typer.Option(1, min=0),
                 single: int = typer.Option(3, min=0), image_tokens: int = typer.Option(4096, min=1),
                 txt_tokens: int = typer.Option(512, min=1), stages: int = typer.Option(2, min=1),
                 repeats: int = typer.Option(3, min=1),
+                transport: str = typer.Option("auto", help="Comma-separated transports to measure side by side: "
+                                                           "object, gloo, nccl, cuda_ipc, auto."),
+                num_gpus: Optional[float] = typer.Option(None, min=0, help="GPUs per stage (0.5: two stages on one GPU)."),
                 as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")) -> None:
-    from mesh_ray.bench.split import run_split_bench
+    from mesh_ray.bench.split import format_table, parse_transports, run_split_bench
 
-    result = guard(lambda: run_split_bench(arch.value, hidden, heads, depth, single, image_tokens, txt_tokens, stages, repeats))
-    emit(result, as_json, "mesh-ray bench split")
+    result = guard(lambda: run_split_bench(arch.value, hidden, heads, depth, single, image_tokens, txt_tokens, stages,
+                                           repeats, parse_transports(transport), num_gpus))
+    emit_report(result, as_json, format_table)
 
 
 @bench_app.command("pipeline")
@@ -121,6 +125,38 @@ def bench_comfy(comfyui_path: Optional[str] = typer.Option(None, help="ComfyUI s
     result = guard(lambda: run_comfy_bench(comfyui_path, arch=arch, hidden=hidden, blocks=blocks, size=size,
                                            steps=steps, repeats=repeats))
     emit(result, as_json, "mesh-ray bench comfy")
+
+
+@bench_app.command("comfy-vae")
+def bench_comfy_vae(comfyui_path: Optional[str] = typer.Option(None, help="ComfyUI source tree (default: $COMFYUI_PATH)."),
+                    frames: int = typer.Option(25, min=1, help="LTX video frames (8k+1)."),
+                    size: int = typer.Option(256, min=32, help="LTX video side in pixels (multiple of 32)."),
+                    flux_size: int = typer.Option(512, min=8, help="FLUX image side in pixels (multiple of 8)."),
+                    ltx_channels: int = typer.Option(32, min=8, help="LTX decoder base channels (the real one: 128)."),
+                    flux_ch: int = typer.Option(64, min=32, help="FLUX decoder base channels (the real one: 128)."),
+                    repeats: int = typer.Option(3, min=1),
+                    as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")) -> None:
+    """The ComfyUI process's peak memory while decoding: ComfyUI's VAE Decode here vs Mesh VAE Decode remote."""
+    from comfy_integration.bench_vae import format_table, run_comfy_vae_bench
+
+    result = guard(lambda: run_comfy_vae_bench(comfyui_path, frames=frames, size=size, flux_size=flux_size,
+                                               ltx_channels=ltx_channels, flux_ch=flux_ch, repeats=repeats))
+    emit_report(result, as_json, format_table)
+
+
+@bench_app.command("comfy-queue")
+def bench_comfy_queue(comfyui_path: Optional[str] = typer.Option(None, help="ComfyUI source tree (default: $COMFYUI_PATH)."),
+                      prompts: int = typer.Option(6, min=1, help="Prompts of frontend B per measurement (A queues twice as many)."),
+                      steps: int = typer.Option(8, min=1), size: int = typer.Option(256, min=16),
+                      hidden: int = typer.Option(256, min=128, help="Model width (a multiple of 128)."),
+                      rounds: int = typer.Option(2, min=1, help="Rounds of 1 worker then 2 workers, alternating."),
+                      as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")) -> None:
+    """ComfyUI prompts from two frontends through the dispatcher on 1 and 2 ComfyUI workers: speedup, fair share, lost."""
+    from comfy_integration.queue_bench import format_table, run_comfy_queue_bench
+
+    result = guard(lambda: run_comfy_queue_bench(comfyui_path, prompts=prompts, steps=steps, size=size, hidden=hidden,
+                                                 rounds=rounds))
+    emit_report(result, as_json, format_table)
 
 
 @bench_app.command("faults")

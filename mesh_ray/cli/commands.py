@@ -89,18 +89,20 @@ def plan_cmd(checkpoint: str = typer.Argument(..., help="A .safetensors FLUX che
 
 @app.command()
 def doctor() -> None:
-    """Which codec backends work on this machine, and why not where they do not."""
+    """Which codec backends and activation transports work on this machine, and why not where they do not."""
+    from mesh_ray.cluster.transports import probe_transports
     from mesh_ray.codec import probe_backends
 
     Console().print(doctor_table(probe_backends()))
+    Console().print(doctor_table(probe_transports(), "transports", "transport"))
 
 
-def doctor_table(rows: list) -> Table:
+def doctor_table(rows: list, title: str = "codec backends", what: str = "backend") -> Table:
     """The doctor rows as a table; reasons are printed verbatim (they hold text like ``mesh-ray[video]``)."""
     from rich.markup import escape
 
-    table = Table(title="codec backends")
-    for col in ("backend", "usable", "reason"):
+    table = Table(title=title)
+    for col in (what, "usable", "reason"):
         table.add_column(col)
     for s in rows:
         table.add_row(s.name, "yes" if s.usable else "no", escape(s.reason))

@@ -320,6 +320,8 @@ class SplitModel:
             n = min(self.options.micro_batches, b)  # e.g. CFG's two halves pipelined over the stages
             bounds = [round(i * b / n) for i in range(n + 1)]
             refs = []
+            # CUDA IPC into the chain shares the caller's tensors where they are; else they go from the host
+            dev = img.device if chain[0].in_plan.transport == "cuda_ipc" else torch.device("cpu")
             for i in range(n):
                 sl = slice(bounds[i], bounds[i + 1])
                 pe_i = pe if pe.shape[0] == 1 else pe[sl]
@@ -327,9 +329,9 @@ class SplitModel:
                 gen = self._gens.remember(key, lambda: _Generation(put_consts(key, {"pe": pe_i}), pe_i)).consts
                 if first < self.config.depth:
                     txt = args["txt"][sl]
-                    state = BlockState(img[sl].to("cpu", self.dtype), txt.to("cpu", self.dtype), txt.shape[1])
+                    state = BlockState(img[sl].to(dev, self.dtype), txt.to(dev, self.dtype), txt.shape[1])
                 else:  # joined stream; the text length only matters to a caller that unjoins
-                    state = BlockState(img[sl].to("cpu", self.dtype), None, 0)
+                    state = BlockState(img[sl].to(dev, self.dtype), None, 0)
                 # submitted without waiting: micro-batch i+1 enters the chain as i moves on
                 refs.append(self.submit_chain(chain, state, cond if n == 1 else _slice_cond(cond, sl), gen))
             outs, hops = [], []
@@ -365,6 +367,11 @@ class SplitModel:
     @property
     def stages(self) -> list[Segment]:
         return self.segments
+
+    @property
+    def links(self) -> list[dict]:
+        """Each link's codec mode, wire dtype, transport and why it was chosen (docs/transport.md)."""
+        return self.group.links()
 
     @property
     def generations_cached(self) -> int:

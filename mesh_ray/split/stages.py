@@ -3,34 +3,42 @@
 ``StageGroup`` owns what every split has in common: placing one stage actor per remote segment
 (each with its ``BlockHost``: mesh-ray's own FLUX in ``SplitModel``, ComfyUI's own blocks in the
 ComfyUI bridge), loading its weights (its node's file, the node's shard cache, or shipped once),
-planning each link from where its two ends run, the one place a step enters a chain of stages
-(``submit_chain``), waiting for it with stage restart and step retry (``collect``, through
+planning each link from where its two ends run (codec and transport: ``split/transport.py``), the
+one place a step enters a chain of stages (``submit_chain``, which applies each link's transport),
+waiting for it with stage restart, group re-creation and step retry (``collect``, through
 ``split/recovery.py``), and closing.  What the streams, the step's conditioning and the
 per-generation constants are is the host's business; this module moves them.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import ray
 import torch
 from ray.exceptions import GetTimeoutError
 
+from mesh_ray.actors.cuda_ipc import gpu_uuid, visible_gpus
 from mesh_ray.actors.device import DTYPES, dtype_name, narrower
 from mesh_ray.actors.host import BlockHost
 from mesh_ray.actors.records import GenConsts, Hop, LinkPlan
 from mesh_ray.actors.shards import default_cache_dir, send_shard
-from mesh_ray.actors.stage import StageActor, StageInit
+from mesh_ray.actors.stage import DirectStageActor, StageActor, StageInit
 from mesh_ray.actors.wire import Streams, pack, unpack
+from mesh_ray.cluster import rdt_internals
 from mesh_ray.cluster.ray_errors import ray_error
 from mesh_ray.cluster.resources import default_num_gpus, explain_unschedulable, node_affinity
 from mesh_ray.codec import choose_spec
 from mesh_ray.config import SplitOptions, StageSpec
 from mesh_ray.errors import ClusterError, MeshError, StageError
+from mesh_ray.split.links import DIRECT, Endpoint
 from mesh_ray.split.recovery import ChainCall, Recovery
+from mesh_ray.split.transport import Link, Transports, ray_name
+
+log = logging.getLogger("mesh_ray.split.stages")
 
 
 @dataclass
@@ -43,8 +51,15 @@ class Segment:
     index: int = -1
     node_id: str | None = None
     dtype: torch.dtype | None = None  # what it computes in (a stage reports its own)
+    device: str = "cpu"  # "cpu" or "cuda" (a stage reports its own)
+    gpu: str | None = None  # the UUID of its GPU
+    nccl: bool = False  # Ray's NCCL groups can run in its process
     in_plan: LinkPlan | None = None  # the link into this stage
     out_plan: LinkPlan | None = None  # the link out of it, which the stage codes
+
+    def endpoint(self) -> Endpoint:
+        """This stage as one end of a link (``split/links.py``)."""
+        return Endpoint(f"stage{self.index}", self.node_id or "", self.device, self.gpu, self.nccl)
 
 
 class GenerationCache:
@@ -95,6 +110,7 @@ class StageGroup:
         self.checkpoint = checkpoint
         self.caller_device, self.caller_dtype = caller_device, caller_dtype
         self.recovery = Recovery(self)  # stage restart + step retry (split/recovery.py)
+        self.transports = Transports(f"mesh-ray-{name}", options.transport, options.start_timeout_s)
         self._pg = None
         self._closed = False
         self._default_gpus = default_num_gpus()
@@ -168,14 +184,18 @@ class StageGroup:
 
     def _start(self, extra_options: dict) -> None:
         remote = self.remote
+        rdt_internals.ensure_registered()  # before the stages exist, so that Ray registers them there too
+        rdt_internals.set_transfer_timeout(self.options.transfer_timeout_s)
         self._make_placement_group(remote)
         cache_dir = self.options.cache_dir or default_cache_dir()
         threads = self.options.torch_threads or (torch.get_num_threads() if self.caller_device.type == "cpu" else None)
         for k, seg in enumerate(remote):
             init = StageInit(index=seg.index, host=self.host_for(seg), checkpoint_path=seg.spec.checkpoint_path or self.checkpoint,
                              dtype=seg.spec.dtype or self.options.dtype or "auto", cache_dir=cache_dir,
-                             torch_threads=seg.spec.torch_threads or threads, offload=self.options.offload)
-            seg.actor = StageActor.options(**self._actor_options(seg, k), **extra_options).remote(init)
+                             torch_threads=seg.spec.torch_threads or threads, offload=self.options.offload,
+                             transfer_timeout_s=self.options.transfer_timeout_s)
+            actor = StageActor if self.options.transport == "object" else DirectStageActor
+            seg.actor = actor.options(**self._actor_options(seg, k), **extra_options).remote(init)
         for seg in remote:
             need = {"CPU": seg.spec.num_cpus, "GPU": self.num_gpus(seg.spec)}
             try:
@@ -187,27 +207,79 @@ class StageGroup:
         loads = [self.load_stage(seg) for seg in remote]
         for seg, ref in zip(remote, loads):
             info = self.stage_get(ref, seg, self.options.start_timeout_s, "loading the blocks")
-            seg.node_id, seg.dtype = info["node_id"], DTYPES[info["dtype"]]
+            self.note_stage(seg, info)
         self.plan_links()
+
+    def note_stage(self, seg: Segment, info: dict) -> bool:
+        """Record where a stage runs from its ``info()``; True when it moved (another node or GPU)."""
+        moved = (info["node_id"], info.get("gpu_uuid")) != (seg.node_id, seg.gpu)
+        seg.node_id, seg.dtype, seg.device = info["node_id"], DTYPES[info["dtype"]], info["device"].split(":")[0]
+        seg.gpu, seg.nccl = info.get("gpu_uuid"), bool(info.get("nccl"))
+        return moved
+
+    def _caller(self) -> Endpoint:
+        dev = self.caller_device
+        cuda = dev.type == "cuda"
+        index = (dev.index if dev.index is not None else torch.cuda.current_device()) if cuda else 0
+        return Endpoint("caller", ray.get_runtime_context().get_node_id(), dev.type, gpu_uuid(index) if cuda else None,
+                        caller=True, visible_gpus=visible_gpus() if cuda else ())
 
     def plan_links(self) -> None:
         """Plan every link from its two ends: codec spec from where they run (auto: raw on one node),
-        wire dtype the narrower of their compute dtypes."""
-        here = ray.get_runtime_context().get_node_id()
+        wire dtype the narrower of their compute dtypes, and the transport (``split/transport.py``;
+        the collective groups it needs are made here, again on every call)."""
+        caller = self._caller()
         segs = self.segments
-
-        def plan(a: Segment | None, b: Segment | None) -> LinkPlan:
-            node_a, node_b = (s.node_id if s else here for s in (a, b))
-            name = "->".join(f"stage{s.index}" if s else "caller" for s in (a, b))
-            wire = narrower(a.dtype if a else self.caller_dtype, b.dtype if b else self.caller_dtype)
-            return LinkPlan(choose_spec(self.options.codec, same_node=node_a == node_b), name, dtype_name(wire))
-
+        pairs: list[tuple[Segment | None, Segment | None]] = []
         for i, seg in enumerate(segs):
             if seg.spec.local:
                 continue
             prev = segs[i - 1] if i > 0 and not segs[i - 1].spec.local else None
             nxt = segs[i + 1] if i + 1 < len(segs) and not segs[i + 1].spec.local else None
-            seg.in_plan, seg.out_plan = plan(prev, seg), plan(seg, nxt)
+            if prev is None:
+                pairs.append((None, seg))
+            pairs.append((seg, nxt))
+        links = [self._link(a, b, caller) for a, b in pairs]
+        choices = self.transports.choose(links)
+        for (a, b), ln, choice in zip(pairs, links, choices):
+            wire = narrower(a.dtype if a else self.caller_dtype, b.dtype if b else self.caller_dtype)
+            direct = a is not None and b is not None and choice.transport in DIRECT
+            plan = LinkPlan(ln.spec, ln.name, dtype_name(wire), choice.transport, rdt=direct,
+                            gpu=b.gpu if a is None and b is not None else None, reason=choice.reason)
+            if a is not None:
+                a.out_plan = plan
+            if b is not None:
+                b.in_plan = plan
+
+    def _link(self, a: Segment | None, b: Segment | None, caller: Endpoint) -> Link:
+        """The link ``a -> b`` (None: the caller) with its codec spec: ``auto`` resolves raw where a direct
+        transport is forced between two stages (it moves raw tensors)."""
+        ea, eb = (s.endpoint() if s else caller for s in (a, b))
+        codec = self.options.codec
+        if a is not None and b is not None and self.options.transport in DIRECT and codec.mode == "auto":
+            codec = codec.model_copy(update={"mode": "raw"})
+        return Link(a, b, ea, eb, choose_spec(codec, same_node=ea.node_id == eb.node_id))
+
+    def links(self) -> list[dict]:
+        """Each link's plan for people: name, codec mode, wire dtype, transport and why."""
+        plans = []
+        for seg in self.remote:
+            if seg.in_plan is not None and seg.in_plan.name.startswith("caller"):
+                plans.append(seg.in_plan)
+            if seg.out_plan is not None:
+                plans.append(seg.out_plan)
+        return [{"link": p.name, "mode": p.spec.mode, "dtype": p.dtype, "transport": p.transport, "reason": p.reason}
+                for p in plans]
+
+    def links_version(self) -> int:
+        """How many times the links' groups were made (a chain remembers the version it was sent under)."""
+        return self.transports.version
+
+    def restore_links(self, version: int) -> None:
+        """After a failed chain sent under links ``version``: make the collective groups again (a
+        restarted stage cannot rejoin the old ones) unless that was done since."""
+        if version == self.transports.version and self.transports.groups:
+            self.plan_links()
 
     def load_stage(self, seg: Segment) -> Any:
         """Load from the worker's own file when it can read it, else ship the shard once."""
@@ -247,11 +319,41 @@ class StageGroup:
         conditioning in the host's form, on the host (CPU)."""
         if self._closed:
             raise MeshError("this split was closed: create a new one")
-        ref = pack(state, chain[0].in_plan) if isinstance(state, Streams) else state
-        for seg in chain:
-            ref = seg.actor.forward.remote(ref, cond, gen, seg.out_plan)
+        version = self.transports.version
+        direct = any(seg.out_plan.rdt for seg in chain)
+        if direct:
+            rdt_internals.revive_monitor()
+        try:
+            ref = self._send(chain, state, cond, gen, direct)
+        except _GroupGone as e:  # Ray dropped a group (its abort path after a failed transfer): make it again
+            log.warning("a direct transport's group is gone (%s): making it again", e)
+            self.restore_links(version)
+            version = self.transports.version
+            try:
+                ref = self._send(chain, state, cond, gen, direct)
+            except _GroupGone:  # still refused: this step goes through the object store
+                ref = self._send(chain, state, cond, gen, False)
         if remember:
-            self.recovery.remember(ref, ChainCall(chain, state, cond, gen))
+            self.recovery.remember(ref, ChainCall(chain, state, cond, gen, version, direct))
+        return ref
+
+    def _send(self, chain: list[Segment], state: Streams | Any, cond: Any, gen: GenConsts, direct: bool) -> Any:
+        """Submit the chain; with ``direct`` each stage's result goes on over its link's direct
+        transport (applied to the call that produces it), else through the object store."""
+        ref = pack(state, chain[0].in_plan) if isinstance(state, Streams) else state
+        incoming = False
+        for seg in chain:
+            plan = seg.out_plan
+            if plan.rdt and not direct:
+                plan = replace(plan, transport="object", rdt=False, reason="its group could not be made again")
+            call = seg.actor.forward.options(tensor_transport=ray_name(plan)) if plan.rdt else seg.actor.forward
+            try:
+                ref = call.remote(ref, cond, gen, plan)
+            except ValueError as e:  # Ray refuses an RDT call or argument whose group it no longer knows
+                if not (plan.rdt or incoming):
+                    raise
+                raise _GroupGone(" ".join(str(e).split())[:200]) from None
+            incoming = plan.rdt
         return ref
 
     def collect(self, ref: Any, seg: Segment, device: torch.device, dtype: torch.dtype,
@@ -281,6 +383,7 @@ class StageGroup:
         """Kill the stage actors and free their resources (idempotent)."""
         self._closed = True
         self.recovery.forget()
+        self.transports.forget()
         for seg in self.segments:
             if seg.actor is not None:
                 try:
@@ -296,6 +399,10 @@ class StageGroup:
             except Exception:  # noqa: BLE001
                 pass
             self._pg = None
+
+
+class _GroupGone(Exception):
+    """Ray refused a direct transfer at submit time: the link's group is gone (Ray's abort path)."""
 
 
 __all__ = ["GenerationCache", "Segment", "StageGroup", "put_consts"]

@@ -147,6 +147,13 @@ class Promise:
     def __repr__(self) -> str:
         return f"Promise({self.label}, {'done' if self.done() else 'pending'})"
 
+    @classmethod
+    def kept(cls, images: torch.Tensor, label: str = "VAE decode (done)") -> "Promise":
+        """A promise already kept with ``images`` (wait mode): nothing is put in the object store again."""
+        p = cls(None, label=label)
+        p._images = images
+        return p
+
     def done(self) -> bool:
         """True once the images (or an error) are ready; never blocks."""
         if self._images is not None or self._error is not None:
@@ -193,23 +200,28 @@ class Promise:
         batch: ``name_{k:02d}.png``).  Nothing is written when the promise fails.
         """
         timeout = self.timeout_s if timeout is None else timeout
-        future: cf.Future = cf.Future()
         target = Path(path_or_dir)
-        label = f"save of {self.label} to {target}"
+        return defer(lambda: save_images(self.result(timeout), target, metadata, stem=f"mesh_ray_{self.id}"),
+                     f"save of {self.label} to {target}", timeout)
 
-        def run() -> None:
-            if not future.set_running_or_notify_cancel():
-                return
-            try:
-                images = self.result(timeout)
-                future.set_result(save_images(images, target, metadata, stem=f"mesh_ray_{self.id}"))
-            except MeshError as e:
-                future.set_exception(e)
-            except Exception as e:  # anything else still reaches the handle, on one line
-                future.set_exception(MeshError(f"{label} failed ({type(e).__name__}: {e})"))
 
-        _WRITERS.submit(run)
-        return SaveHandle(future, label, timeout + 60.0)
+def defer(write: Callable[[], list[Path]], label: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> SaveHandle:
+    """Run ``write`` (which waits on promises and writes files, returning their paths) on the deferred-save
+    threads; returns its ``SaveHandle`` at once.  Errors reach the handle as one-line MeshErrors."""
+    future: cf.Future = cf.Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(write())
+        except MeshError as e:
+            future.set_exception(e)
+        except Exception as e:  # anything else still reaches the handle, on one line
+            future.set_exception(MeshError(f"{label} failed ({type(e).__name__}: {e})"))
+
+    _WRITERS.submit(run)
+    return SaveHandle(future, label, timeout_s + 60.0)
 
 
 def save_promised(promises: Iterable[Promise], directory: str | os.PathLike,
@@ -220,4 +232,4 @@ def save_promised(promises: Iterable[Promise], directory: str | os.PathLike,
     return [p.save(directory, metadata) for p in promises]
 
 
-__all__ = ["Promise", "SaveHandle", "actor_lost", "decoder_error", "save_promised"]
+__all__ = ["Promise", "SaveHandle", "actor_lost", "decoder_error", "defer", "save_promised"]

@@ -33,11 +33,12 @@ from ray.exceptions import RayActorError
 
 from mesh_ray.actors.shards import send_shard
 from mesh_ray.actors.vae import VaeDecoderActor, check_prefix
+from mesh_ray.actors.vae_host import FluxVaeHost, VaeHost, flux_options
 from mesh_ray.cluster.resources import default_num_gpus
 from mesh_ray.config import VaeOptions, validate
 from mesh_ray.errors import ClusterError, ConfigError
 from mesh_ray.models.images import save_images
-from mesh_ray.models.vae import VaeInfo, check_tiling, inspect_vae, load_vae_state
+from mesh_ray.models.vae import VaeConfig, VaeInfo
 from mesh_ray.names import VAE_MODES, VaeMode
 from mesh_ray.cluster import metrics
 from mesh_ray.vae.promise import Promise, actor_lost, decoder_error
@@ -86,15 +87,16 @@ def _as_numpy(latent: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 class VaeService:
-    """A pool of ``replicas`` VAE decoder actors for one checkpoint.
+    """A pool of ``replicas`` VAE decoder actors for one VAE.
 
-    ``checkpoint``: VAE safetensors file (``decoder.*`` keys, BFL ae.safetensors layout); its header
-    is read here, the weights by each actor.  ``options`` (a ``VaeOptions`` or dict) and keywords
-    are ``VaeOptions`` fields (replicas, num_gpus, num_cpus, idle_timeout_s, output_dir,
-    torch_threads, dtype, timeout_s); keywords win.
+    ``checkpoint``: a FLUX VAE safetensors file (``decoder.*`` keys, BFL ae.safetensors layout: its
+    header is read here, the weights by each actor; mesh-ray's own decoder), or any ``VaeHost``
+    (``mesh_ray.actors.vae_host``), e.g. ComfyUI's own VAE class from ``comfy_integration``.
+    ``options`` (a ``VaeOptions`` or dict) and keywords are ``VaeOptions`` fields (replicas,
+    num_gpus, num_cpus, idle_timeout_s, output_dir, torch_threads, dtype, timeout_s); keywords win.
     """
 
-    def __init__(self, checkpoint: str | os.PathLike, replicas: int | None = None,
+    def __init__(self, checkpoint: str | os.PathLike | VaeHost, replicas: int | None = None,
                  options: VaeOptions | dict | None = None, **kwargs: Any):
         if not ray.is_initialized():
             raise ClusterError("Ray is not initialised: call mesh_ray.connect() (or ray.init()) before creating a VaeService")
@@ -103,9 +105,11 @@ class VaeService:
         self.options = opts = validate(VaeOptions, base)
         replicas = opts.replicas
         num_gpus = opts.num_gpus
-        self.checkpoint = str(Path(checkpoint).resolve())
-        self.info: VaeInfo = inspect_vae(self.checkpoint)
-        self.config = self.info.config
+        self.host: VaeHost = checkpoint if isinstance(checkpoint, VaeHost) else FluxVaeHost(checkpoint)
+        flux = isinstance(self.host, FluxVaeHost)
+        self.checkpoint = self.host.checkpoint if flux else self.host.label
+        self.info: VaeInfo | None = self.host.info if flux else None  # mesh-ray's own decoder only
+        self.config: VaeConfig | None = self.host.config if flux else None
         self.num_gpus = default_num_gpus() if num_gpus is None else num_gpus
         self.num_cpus = opts.num_cpus
         self.idle_timeout_s = opts.idle_timeout_s
@@ -116,7 +120,10 @@ class VaeService:
         self.max_retries = opts.max_retries
         self.ship = opts.ship
         self.cache_dir = opts.cache_dir
-        self._state: dict | None = None  # decoder tensors, read once when a replica needs them shipped
+        if self.ship == "never" and not self.host.reads_file:
+            raise ConfigError(f"ship='never' needs a VAE file the decoders read, but {self.host.label} always "
+                              f"travels through the object store: use ship='auto'")
+        self._state: dict | None = None  # decoder tensors of a file, read once when a replica needs them shipped
         self.id = uuid.uuid4().hex[:6]
         self._seq = itertools.count()
         self._lock = threading.RLock()
@@ -128,8 +135,14 @@ class VaeService:
         self.last_error: str | None = None
         self._replicas = [_Replica(i) for i in range(replicas)]
         with self._lock:
-            for r in self._replicas:
-                self._start(r)
+            try:
+                for r in self._replicas:
+                    self._start(r)
+            except BaseException:  # e.g. the weights could not be loaded: no replica is left holding a GPU
+                for r in self._replicas:
+                    if r.handle is not None:
+                        ray.kill(r.handle)
+                raise
         self._monitor = threading.Thread(target=self._watch, name=f"mesh-ray-vae-{self.id}", daemon=True)
         self._monitor.start()
 
@@ -145,10 +158,10 @@ class VaeService:
             except Exception:  # noqa: BLE001
                 pass
         r.handle = VaeDecoderActor.options(num_gpus=self.num_gpus, num_cpus=self.num_cpus).remote(
-            self.checkpoint, self.output_dir, self.idle_timeout_s, self.torch_threads, self.dtype, r.index,
-            self.ship != "always", self.cache_dir, self.config)
+            self.host, self.output_dir, self.idle_timeout_s, self.torch_threads, self.dtype, r.index,
+            self.ship != "always", self.cache_dir)
         r.alive, r.starts, r.last_used = True, r.starts + 1, time.monotonic()
-        if self.ship == "always" or (self.ship == "auto" and _nodes_alive() > 1):
+        if self.ship == "always" or not self.host.reads_file or (self.ship == "auto" and _nodes_alive() > 1):
             self._ensure_weights(r)
 
     def _ensure_weights(self, r: _Replica) -> None:
@@ -164,8 +177,11 @@ class VaeService:
         if self.ship == "never":
             raise ClusterError(f"VAE decoder replica {r.index} cannot read {self.checkpoint} on its node and "
                                f"ship='never': copy the file there or use ship='auto'")
+        if not self.host.reads_file:  # the host's tensors live in the caller's memory already: no copy kept here
+            get(send_shard(r.handle, self.host.weights(), get), "loading the shipped weights")
+            return
         if self._state is None:
-            self._state = load_vae_state(self.checkpoint, self.info)
+            self._state = self.host.weights()
         get(send_shard(r.handle, self._state, get), "loading the shipped weights")
 
     def _probe_due(self, r: _Replica, now: float) -> bool:
@@ -301,23 +317,28 @@ class VaeService:
 
     def decode(self, latent: torch.Tensor | np.ndarray, mode: VaeMode = "wait",
                save: str | os.PathLike | None = None, metadata: Mapping[str, Any] | None = None,
-               timeout: float | None = None, tile: int | None = None, overlap: int = 64, raw: bool = False):
-        """Decode a latent ``[B, C, h, w]`` on the least-loaded replica.
+               timeout: float | None = None, tile: int | None = None, overlap: int = 64, raw: bool = False,
+               options: Mapping[str, Any] | None = None):
+        """Decode a latent (FLUX: ``[B, C, h, w]``; a video VAE of ComfyUI: ``[B, C, F, h, w]``) on the
+        least-loaded replica.
 
-        * ``wait``: returns images ``[B, H, W, C]`` float32 0..1; ``save`` (path or directory)
-          also writes them here as PNGs.
+        * ``wait``: returns images ``[N, H, W, C]`` float 0..1 (video frames flattened); ``save``
+          (path or directory) also writes them here as PNGs.
         * ``forget``: the actor writes ``{output_dir}/{save or 'mesh_ray'}_{id}_{k:02d}.png`` with
-          ``metadata`` as PNG text; returns the request id at once.
+          ``metadata`` as PNG text (a host may write its own kind of file, e.g. a video); returns
+          the request id at once.
         * ``promise``: returns a ``Promise`` at once; with ``save`` it also starts
           ``promise.save(save, metadata)`` (its handle is ``promise.saved``).
 
-        In every mode a request whose actor dies is sent again (``max_retries`` times).
+        ``tile``, ``overlap``, ``raw``: mesh-ray's FLUX decoder options; ``options``: the host's own
+        decode options (``VaeHost``), checked here at once.  In every mode a request whose actor dies
+        is sent again (``max_retries`` times).
         """
         if mode not in MODES:
             raise ConfigError(f"unknown decode mode {mode!r}: use one of {', '.join(MODES)}")
         arr = _as_numpy(latent)
-        self.config.check_latent(arr.shape)
-        check_tiling(self.config, tile, overlap)  # the actor checks too; here the caller gets it at once
+        opts = {**flux_options(tile, overlap, raw), **(options or {})}  # a host refuses options it does not know
+        self.host.check(arr.shape, opts)  # the actor checks too; here the caller gets it at once
         timeout = self.timeout_s if timeout is None else timeout
         if mode == "forget":
             prefix = check_prefix(str(save) if save is not None else "mesh_ray")
@@ -325,12 +346,12 @@ class VaeService:
             meta = dict(metadata or {})
 
             def send_forget(h: Any) -> tuple[ray.ObjectRef, ray.ObjectRef]:
-                ref = h.decode_and_save.remote(arr, prefix, request_id, meta, tile, overlap, raw)
+                ref = h.decode_and_save.remote(arr, prefix, request_id, meta, opts)
                 return ref, ref
 
             self._send(_Request(mode, send_forget))
             return request_id
-        req = _Request(mode, lambda h: tuple(h.decode.remote(arr, tile, overlap, raw)))
+        req = _Request(mode, lambda h: tuple(h.decode.remote(arr, opts)))
         # The monitor watches the small status ref, never fetches images; the promise holds the images' ref.
         req.promise = Promise(None, timeout_s=timeout, resubmit=lambda dead: self._resend(req, dead))
         self._send(req)

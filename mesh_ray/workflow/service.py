@@ -7,11 +7,15 @@ the same whether it talks to that service or runs embedded in the calling proces
     result = run.result(timeout=600)             # RunResult: outputs, peaks, re-executed nodes
     run.cancel()
 
+The same service queues ComfyUI prompts for the cluster's ComfyUI workers (``submit_comfy``,
+``comfy_pool.ComfyPool``), served round-robin with the graphs.
+
 Faults: a client whose driver goes away (exits, crashes, loses its node) has its queued and
 running runs cancelled and its cached outputs and node hosts freed within a few seconds; other
 clients are not touched.  When the service itself is restarted under a connected client, the
-client's next call finds the new service (and attaches again); a run the old service held is
-reported lost in one line (submit it again), never waited on forever.
+client's next call finds the new service, attaches again and submits again every run of its
+that had not ended (its handles follow the new runs: nothing is lost); with no service running
+the call fails in one line, never waits forever.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import ray
 
 from mesh_ray.cluster.connect import ray_address
 from mesh_ray.errors import ClusterError, ConfigError
+from mesh_ray.names import MESH_NAMESPACE
 from mesh_ray.cluster.ray_errors import ray_get
 from mesh_ray.workflow.events import TERMINAL
 from mesh_ray.workflow.executor import Executor, RunResult, WorkflowError
@@ -38,17 +43,18 @@ from mesh_ray.workflow.scheduler import Scheduler
 log = logging.getLogger("mesh_ray.workflow")
 
 SERVICE_NAME = "mesh-ray/workflow-service"
-SERVICE_NAMESPACE = "mesh-ray"
+SERVICE_NAMESPACE = MESH_NAMESPACE
 CALL_TIMEOUT_S = 60.0
+EVENTS_WAIT_S = 5.0  # how long a client's events call waits for a new event at most (long poll)
 
 
-@ray.remote(num_cpus=0, max_concurrency=64)
+@ray.remote(num_cpus=0, max_concurrency=128)
 class WorkflowService:
     """The shared workflow service: a Scheduler in a detached actor; node tasks send progress to ``emit``."""
 
     def __init__(self, max_parallel: int = 2, node_module_prefixes: list[str] | None = None) -> None:
-        self._s = Scheduler(sink=ray.get_runtime_context().current_actor, max_parallel=max_parallel,
-                            node_module_prefixes=node_module_prefixes)
+        me = ray.get_runtime_context().current_actor
+        self._s = Scheduler(sink=me, max_parallel=max_parallel, node_module_prefixes=node_module_prefixes, owner=me)
         self._started = time.time()
         self._leases = ClientLeases()
         self._dropped: list[str] = []
@@ -79,11 +85,29 @@ class WorkflowService:
                               "submit through Workflows.submit")
         return self._s.submit(graph, client_id, release_level, timeout_s, base_dir, outputs, node_modules)
 
+    def submit_comfy(self, payload: dict, client_id: str, timeout_s: float = 3600.0) -> str:
+        """Queue a ComfyUI prompt for the ComfyUI workers (``comfy_jobs`` describes the payload)."""
+        return self._s.submit_comfy(payload, client_id, timeout_s)
+
+    def comfy_cached(self, digests: list[str]) -> list[str]:
+        """The model digests every ComfyUI worker's node already caches."""
+        return self._s.comfy.cached(digests)
+
+    def comfy_workers(self) -> list[dict]:
+        return self._s.comfy.workers()
+
+    def comfy_pause(self, name: str, paused: bool = True) -> list[str]:
+        """Drain a ComfyUI worker (no new prompts) or give it prompts again."""
+        return self._s.comfy.pause(name, paused)
+
     def emit(self, run_id: str, ev: dict) -> None:
         self._s.emit(run_id, ev)
 
-    def events(self, run_id: str, since: int = 0) -> list[dict]:
-        return self._s.events(run_id, since)
+    def events(self, run_id: str, since: int = 0, wait_s: float = 0.0) -> list[dict]:
+        return self._s.events(run_id, since, min(wait_s, EVENTS_WAIT_S))
+
+    def forget(self, run_id: str) -> bool:
+        return self._s.forget(run_id)
 
     def status(self, run_id: str) -> str:
         return self._s.status(run_id)
@@ -104,7 +128,8 @@ class WorkflowService:
                 "runs": len(runs), "running": sum(r["state"] == "running" for r in runs),
                 "queued": sum(r["state"] == "queued" for r in runs), "clients": self._leases.clients(),
                 "caches": self._s.clients(), "dropped": list(self._dropped), "actor_id": self._actor_id(),
-                "node_module_prefixes": list(self._s.node_module_prefixes or ())}
+                "node_module_prefixes": list(self._s.node_module_prefixes or ()),
+                "comfy_workers": len(self._s.comfy.workers(discover=False))}
 
     @staticmethod
     def _actor_id() -> str:
@@ -164,36 +189,68 @@ def stop_service(timeout_s: float = 30.0) -> bool:
 
 
 class RunHandle:
-    """One submitted run: its id, events, result and cancel."""
+    """One submitted run: its id, events, result and cancel.  When the service restarts under it, the
+    client submits it again and the handle follows the new run (``run_id`` changes; ``events()``
+    then starts with a ``run_resubmitted`` event and the new run's events)."""
 
-    def __init__(self, wf: "Workflows", run_id: str) -> None:
+    def __init__(self, wf: "Workflows", run_id: str, method: str = "submit", args: tuple = ()) -> None:
         self.wf, self.run_id = wf, run_id
+        self._method, self._args = method, args  # how it was submitted: to submit it again
         self._seen = 0
+        self._notes: list[dict] = []
+        self.ended = False
 
     def __repr__(self) -> str:
         return f"RunHandle({self.run_id})"
 
-    def events(self) -> list[dict]:
-        """Events since the last call (node started / finished, progress step k of n, run end)."""
-        new = self.wf._do("events", self.run_id, self._seen)
+    def _call(self, method: str, *args: Any, timeout: float = CALL_TIMEOUT_S) -> Any:
+        return self.wf._run_call(self, method, *args, timeout=timeout)
+
+    def _resubmitted(self, run_id: str, why: str) -> None:
+        self._notes.append({"run_id": run_id, "type": "run_resubmitted", "t": time.time(), "previous": self.run_id,
+                            "message": why})
+        self.run_id, self._seen = run_id, 0
+
+    def events(self, wait_s: float = 0.0) -> list[dict]:
+        """Events since the last call (node started / finished, progress step k of n, run end); with
+        ``wait_s``, wait up to that long (at most a few seconds) for the first new one."""
+        new = self._call("events", self._seen, wait_s, timeout=CALL_TIMEOUT_S + wait_s)
         self._seen += len(new)
-        return new
+        notes, self._notes = self._notes, []
+        if any(ev["type"] in TERMINAL for ev in new):
+            self._ended()
+        return notes + new
+
+    def seek(self, index: int) -> None:
+        """Read the run's events from ``index`` on at the next ``events()``."""
+        self._seen = index
 
     def status(self) -> str:
         """queued | running | finished | failed | cancelled."""
-        return self.wf._do("status", self.run_id)
+        return self._call("status")
 
     def cancel(self) -> bool:
         """Stop the run (nodes still running are cancelled); False if it had already ended."""
-        return self.wf._do("cancel", self.run_id)
+        return self._call("cancel")
+
+    def forget(self) -> None:
+        """Tell the service it may drop this ended run's events and result (their files too)."""
+        if self.wf.remote:
+            self.wf._do("forget", self.run_id)
+        self._ended()
+
+    def _ended(self) -> None:
+        self.ended = True
+        self.wf._open.pop(id(self), None)
 
     def result(self, timeout: float = 600.0) -> RunResult:
         """Wait up to ``timeout`` s for the run to end and return its RunResult (any status)."""
         end = time.monotonic() + timeout
         while True:
             left = end - time.monotonic()
-            d = self.wf._do("result", self.run_id, max(0.0, min(left, 10.0)), timeout=min(left, 10.0) + CALL_TIMEOUT_S)
+            d = self._call("result", max(0.0, min(left, 10.0)), timeout=min(left, 10.0) + CALL_TIMEOUT_S)
             if d is not None:
+                self._ended()
                 return RunResult(**d)
             if time.monotonic() >= end:
                 raise WorkflowError(f"run {self.run_id} did not finish within {timeout:g} s: wait longer "
@@ -213,11 +270,12 @@ class RunHandle:
         """Yield events as they come until the run ends (or ``timeout`` s pass)."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            new = self.events()
+            new = self.events(wait_s=min(EVENTS_WAIT_S, max(0.0, end - time.monotonic())) if self.wf.remote else 0.0)
             yield from new
             if any(ev["type"] in TERMINAL for ev in new):
                 return
-            time.sleep(poll_s)
+            if not self.wf.remote:
+                time.sleep(poll_s)
         raise WorkflowError(f"run {self.run_id} did not finish within {timeout:g} s: wait longer or cancel it")
 
 
@@ -227,6 +285,8 @@ class Workflows:
     def __init__(self, backend: Any, remote: bool, client_id: str | None = None) -> None:
         self._backend, self.remote = backend, remote
         self.client_id = client_id or f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:4]}"
+        self._open: dict[int, RunHandle] = {}  # runs submitted here that have not ended (submitted again on restart)
+        self._lock = threading.RLock()
         if remote:
             self._lease = new_lease(self.client_id)  # this driver owns it: the service sees when we go
             self._service_id = service_call(backend, "attach", self.client_id, self._lease)
@@ -251,26 +311,53 @@ class Workflows:
             return service_call(self._backend, method, *args, timeout=timeout)
         except ServiceGone:
             self._reconnect()
-        if method == "submit" or method == "runs":
+        if method in ("submit", "submit_comfy", "runs", "comfy_cached", "comfy_workers", "comfy_pause"):
             return service_call(self._backend, method, *args, timeout=timeout)
-        run_id = args[0]
-        raise WorkflowError(f"run {run_id} was lost when the workflow service restarted: submit it again")
+        raise WorkflowError(f"run {args[0]} was lost when the workflow service restarted: submit it again")
+
+    def _run_call(self, handle: RunHandle, method: str, *args: Any, timeout: float = CALL_TIMEOUT_S) -> Any:
+        """A call about one run; after a service restart the run is submitted again and the call repeated."""
+        if not self.remote:
+            return getattr(self._backend, method)(handle.run_id, *args)
+        try:
+            return service_call(self._backend, method, handle.run_id, *args, timeout=timeout)
+        except ServiceGone:
+            self._reconnect()
+        if handle.ended:
+            raise WorkflowError(f"run {handle.run_id} had ended when the workflow service restarted, and its "
+                                f"result went with it: submit it again")
+        if method == "events":
+            args = (0, *args[1:])
+        return service_call(self._backend, method, handle.run_id, *args, timeout=timeout)
 
     def _reconnect(self) -> None:
-        """The service died: use the one running now (started again with `mesh-ray serve`) or fail in one line."""
-        gone = ServiceGone("the workflow service died and none runs now: start it again with `mesh-ray serve`, "
-                           "then submit your runs again")
-        handle = find_service()
-        if handle is None:
-            raise gone
-        try:
-            service_id = service_call(handle, "attach", self.client_id, self._lease)
-        except ServiceGone:
-            raise gone from None
-        if service_id == self._service_id:
-            raise gone
-        log.warning("the workflow service was restarted: client %s attached to the new one", self.client_id)
-        self._backend, self._service_id = handle, service_id
+        """The service died: use the one running now (started again with `mesh-ray serve`) and submit the
+        runs of this client that had not ended again, or fail in one line."""
+        with self._lock:
+            gone = ServiceGone("the workflow service died and none runs now: start it again with `mesh-ray serve`, "
+                               "then submit your runs again")
+            handle = find_service()
+            if handle is None:
+                raise gone
+            if handle._actor_id.hex() == self._service_id:
+                return  # another thread of this client reconnected already
+            try:
+                service_id = service_call(handle, "attach", self.client_id, self._lease)
+            except ServiceGone:
+                raise gone from None
+            if service_id == self._service_id:
+                raise gone
+            log.warning("the workflow service was restarted: client %s attached to the new one", self.client_id)
+            self._backend, self._service_id = handle, service_id
+            for run in list(self._open.values()):
+                new_id = service_call(handle, run._method, *run._args)
+                run._resubmitted(new_id, f"the workflow service restarted: run {run.run_id} submitted again as {new_id}")
+
+    def _track(self, run_id: str, method: str, args: tuple) -> RunHandle:
+        handle = RunHandle(self, run_id, method, args)
+        with self._lock:
+            self._open[id(handle)] = handle
+        return handle
 
     def submit(self, graph: Graph | dict | str | os.PathLike, release_level: int = 0, timeout_s: float = 3600.0,
                outputs: list[str] | None = None, node_modules: list[str] | None = None) -> RunHandle:
@@ -282,9 +369,34 @@ class Workflows:
             data, modules = graph.to_json(), [*graph.modules, *modules]
         else:
             data = read_graph(graph) if isinstance(graph, (str, os.PathLike)) else graph
-        run_id = self._do("submit", data, self.client_id, release_level, timeout_s, os.getcwd(), outputs,
-                          list(dict.fromkeys(modules)))
-        return RunHandle(self, run_id)
+        args = (data, self.client_id, release_level, timeout_s, os.getcwd(), outputs, list(dict.fromkeys(modules)))
+        return self._track(self._do("submit", *args), "submit", args)
+
+    def submit_comfy(self, payload: dict, timeout_s: float = 3600.0) -> RunHandle:
+        """Queue a ComfyUI prompt for the cluster's ComfyUI workers (payload: ``workflow.comfy_jobs``); its
+        events carry ComfyUI's websocket events, output files (object refs) and the history entry."""
+        args = (payload, self.client_id, timeout_s)
+        return self._track(self._do("submit_comfy", *args), "submit_comfy", args)
+
+    def follow_comfy(self, run_id: str, payload: dict, since: int = 0, timeout_s: float = 3600.0) -> RunHandle:
+        """A handle on a ComfyUI run this client submitted before (e.g. from a process that has since
+        been restarted), reading its events from ``since``; submitted again if the service restarts."""
+        handle = self._track(run_id, "submit_comfy", (payload, self.client_id, timeout_s))
+        handle.seek(since)
+        return handle
+
+    def comfy_cached(self, digests: list[str]) -> list[str]:
+        """The model digests every ComfyUI worker's node caches already (a sender need not ship those)."""
+        return self._do("comfy_cached", list(digests)) if self.remote else self._backend.comfy.cached(list(digests))
+
+    def comfy_workers(self) -> list[dict]:
+        """The ComfyUI workers the dispatcher knows: name, node, ComfyUI version, busy, paused."""
+        return self._do("comfy_workers") if self.remote else self._backend.comfy.workers()
+
+    def comfy_pause(self, name: str, paused: bool = True) -> list[str]:
+        """Drain a ComfyUI worker: it finishes its prompt and takes no new one (``paused=False``: again);
+        returns the paused workers."""
+        return self._do("comfy_pause", name, paused) if self.remote else self._backend.comfy.pause(name, paused)
 
     def run(self, graph: Graph | dict | str | os.PathLike, release_level: int = 0, timeout_s: float = 3600.0,
             on_event: Callable[[dict], None] | None = None, check: bool = True,

@@ -28,13 +28,14 @@ class ComfyProcess:
 
     def __init__(self, repo: Path, comfyui_dir: Path, workdir: Path, log: Path):
         parent, child = socket.socketpair()
-        stubs = comfyui_dir.parent / "comfyui-stubs"
+        from comfy_host import stubs_of
+
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
         env.update(PYTHONPATH=os.pathsep.join([str(HERE), str(repo)]), PYTHONUNBUFFERED="1")
         self._log = open(log, "w")
         self.proc = subprocess.Popen(
             [sys.executable, str(HERE / "comfy_proc.py"), str(child.fileno()), str(repo), str(comfyui_dir),
-             str(stubs) if stubs.is_dir() else "", str(workdir)],
+             stubs_of(comfyui_dir) or "", str(workdir)],
             env=env, pass_fds=(child.fileno(),), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         child.close()
         self.conn = Connection(parent.detach())

@@ -1,9 +1,9 @@
 """Fixtures for tests against the real ComfyUI, in two versions, each found through a variable:
 
 - ``COMFYUI_PATH``: the ComfyUI the bridge is built against (0.20; CI: ``../shared/comfyui-0.20``).
-  The whole bridge suite runs against it: ``comfyui_dir``, ``comfy_host``, ``comfy``.
+  The whole bridge suite runs against it: ``comfyui_dir``, ``comfy``.
 - ``COMFYUI_OLD_PATH``: the oldest ComfyUI kept working (0.3.64; CI: ``../shared/comfyui``), for a
-  smoke subset: ``comfyui_old_dir``, ``comfy_old_host``, ``comfy_old``.
+  smoke subset: ``comfyui_old_dir``, ``comfy_old``.
 - ``comfyui_each_dir`` / ``comfy_each``: the test runs once per version (ids ``new`` and ``old``).
 
 Every test that runs against the old version is marked ``comfyui_old`` (added here from its
@@ -32,7 +32,7 @@ from comfy_host import CALL_TIMEOUT_S, REPO, stubs_of  # noqa: E402 - tests/comf
 VERSIONS = {"new": ("COMFYUI_PATH", "ComfyUI 0.20, the version the bridge is built against", "../shared/comfyui-0.20"),
             "old": ("COMFYUI_OLD_PATH", "ComfyUI 0.3.64, the oldest kept working", "../shared/comfyui")}
 OLD_MARK = "comfyui_old"
-OLD_FIXTURES = ("comfyui_old_dir", "comfy_old_host", "comfy_old")
+OLD_FIXTURES = ("comfyui_old_dir", "comfy_old")
 
 
 def comfy_path(which: str = "new") -> Path | None:
@@ -156,27 +156,16 @@ def _caller(host, request):
 
 
 @pytest.fixture
-def comfy_host(comfy_hosts, comfyui_dir, ray_local):
-    """The ComfyUI 0.20 process (a Ray actor in the session's test cluster)."""
-    return comfy_hosts.get(comfyui_dir)
+def comfy(comfy_hosts, comfyui_dir, ray_local, request):
+    """``comfy(fn, *args, **kwargs)``: run ``fn`` inside the ComfyUI 0.20 process (a Ray actor in the
+    session's test cluster) and return its result."""
+    return _caller(comfy_hosts.get(comfyui_dir), request)
 
 
 @pytest.fixture
-def comfy(comfy_host, request):
-    """``comfy(fn, *args, **kwargs)``: run ``fn`` inside the ComfyUI 0.20 process and return its result."""
-    return _caller(comfy_host, request)
-
-
-@pytest.fixture
-def comfy_old_host(comfy_hosts, comfyui_old_dir, ray_local):
-    """The ComfyUI 0.3.64 process."""
-    return comfy_hosts.get(comfyui_old_dir)
-
-
-@pytest.fixture
-def comfy_old(comfy_old_host, request):
+def comfy_old(comfy_hosts, comfyui_old_dir, ray_local, request):
     """As ``comfy``, inside the ComfyUI 0.3.64 process."""
-    return _caller(comfy_old_host, request)
+    return _caller(comfy_hosts.get(comfyui_old_dir), request)
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""``mesh-ray bench comfy --arch ... --json``: the real ComfyUI KSampler unsplit and split, one JSON line."""
+"""``mesh-ray bench comfy --arch ... --json`` (the real ComfyUI KSampler unsplit and split) and
+``mesh-ray bench comfy-vae --json``: one JSON line each."""
 
 from __future__ import annotations
 
@@ -24,3 +25,20 @@ def test_bench_comfy_json(comfyui_dir, tmp_path):
     assert r["loaded_bytes_split"] == r["local_param_bytes_split"] < r["local_param_bytes_unsplit"], r
     assert r["peak_rss_above_start_unsplit"] >= 0 and r["peak_rss_above_start_split"] >= 0, r
     assert r["max_abs_diff"] == 0.0, r  # ComfyUI's own blocks on the stage: bit for bit
+
+
+def test_bench_comfy_vae_json(comfyui_dir, tmp_path):
+    """``mesh-ray bench comfy-vae --json``: local VAE Decode vs Mesh VAE Decode, peak memory side by side."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(COMFYUI_PATH=str(comfyui_dir), MESH_RAY_CACHE_DIR=str(tmp_path / "shards"),
+               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-m", "mesh_ray.cli", "bench", "comfy-vae", "--frames", "9", "--size", "64",
+                          "--flux-size", "64", "--ltx-channels", "8", "--flux-ch", "32", "--repeats", "1", "--json"],
+                         capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [row["vae"] for row in r["rows"]] == ["ltx-video", "flux1"]
+    for row in r["rows"]:
+        assert row["max_abs_diff"] == 0.0  # the remote decode is ComfyUI's own, bit for bit
+        assert row["heap_mb_local"] > 0 and row["heap_mb_remote"] >= 0 and "heap_mb_ratio_remote_over_local" in row
+    assert "peak memory growth" in out.stdout

@@ -1,4 +1,5 @@
-"""Install: ComfyUI's own loader finds mesh-ray in custom_nodes (repo clone or comfy_integration alone)."""
+"""Install, on each ComfyUI version: ComfyUI's own loader finds mesh-ray in custom_nodes (repo clone
+or comfy_integration alone); the pip entry point."""
 
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ def _load_repo():
             "web": got["web"], "info": info}
 
 
-def test_comfyui_loader_finds_the_repo_in_custom_nodes(comfy):
-    got = comfy(_load_repo)
+def test_comfyui_loader_finds_the_repo_in_custom_nodes(comfy_each):
+    got = comfy_each(_load_repo)
     assert got["ok"] == [True]
     assert {"MeshConnect", "MeshSplitFlux"} <= set(got["expected"])
     for name, info in got["info"].items():
@@ -53,11 +54,10 @@ def _load_package_alone(repo: str):
     return {"ok": list(got["ok"].values()), "new": got["new"]}
 
 
-def test_comfyui_loader_finds_comfy_integration_alone(comfyui_dir, ray_local, tmp_path):
+def test_comfyui_loader_finds_comfy_integration_alone(comfyui_each_dir, ray_local, tmp_path):
     # A fresh ComfyUI process: the package symlinked alone into its custom_nodes.
-    stubs = comfyui_dir.parent / "comfyui-stubs"
     ray.cloudpickle.register_pickle_by_value(h)
-    host = h.ComfyHostActor.remote(str(REPO), str(comfyui_dir), str(stubs) if stubs.is_dir() else None, str(tmp_path))
+    host = h.ComfyHostActor.remote(str(REPO), str(comfyui_each_dir), h.stubs_of(comfyui_each_dir), str(tmp_path))
     try:
         got = ray.get(host.call.remote(_load_package_alone, str(REPO)), timeout=CALL_TIMEOUT_S)
     finally:

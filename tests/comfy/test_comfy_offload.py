@@ -1,4 +1,4 @@
-"""MeshAutoCPUOffload in the real ComfyUI: same latent as without it through a real KSampler,
+"""MeshAutoCPUOffload in the real ComfyUI, each version: same latent as without it through a real KSampler,
 weights on the host between passes, nothing left behind after the queue, the input MODEL untouched."""
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ def _offload_run():
             "clone_class": type(streamed).__name__}
 
 
-def test_offload_gives_the_same_latent_and_keeps_weights_on_the_host(comfy):
-    got = comfy(_offload_run)
+def test_offload_gives_the_same_latent_and_keeps_weights_on_the_host(comfy_each):
+    got = comfy_each(_offload_run)
     assert got["equal"] == [True, True], got["max_diff"]  # fp32 on CPU: bit for bit
     assert got["blocks"] == 6 > WINDOW
     # Between passes at most the window is away from host memory (the prefetched head of the next pass).
@@ -93,7 +93,7 @@ def _disabled_and_bad_window():
     return same is model, err
 
 
-def test_disabled_passes_the_model_through_and_a_tiny_budget_is_a_one_line_error(comfy):
-    same, err = comfy(_disabled_and_bad_window)
+def test_disabled_passes_the_model_through_and_a_tiny_budget_is_a_one_line_error(comfy_each):
+    same, err = comfy_each(_disabled_and_bad_window)
     assert same
     assert err is not None and err.startswith("ConfigError: offload max_device_bytes=1 is smaller than") and "\n" not in err

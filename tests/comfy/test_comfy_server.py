@@ -1,5 +1,5 @@
-"""A real ComfyUI server (``main.py --cpu --listen 127.0.0.1``, temporary folders) with mesh-ray in
-custom_nodes: GET /mesh/status over HTTP, the web extension served, the nodes' definitions, a
+"""A real ComfyUI server of each version (``main.py --cpu --listen 127.0.0.1``, temporary folders,
+the frontend package of the ``comfy`` extra) with mesh-ray in custom_nodes: GET /mesh/status over HTTP, the web extension served, the nodes' definitions, a
 promise decode through the queue (``executed`` arrives after the prompt finished, PNG with
 metadata), and a missing VAE rejected by ComfyUI's validation with our one-line message."""
 
@@ -18,12 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from comfy_host import REPO
+from comfy_host import REPO, stubs_of
 
 START_TIMEOUT_S = 300
 EVENT_TIMEOUT_S = 300
 VAE = "tiny-flux1.safetensors"
-OUR_NODES = ("MeshConnect", "MeshSplitFlux", "MeshVAEDecode", "MeshSavePromisedImage", "MeshAutoCPUOffload")
+OUR_NODES = ("MeshConnect", "MeshSplitFlux", "MeshVAEDecode", "MeshSavePromisedImage", "MeshSavePromisedVideo",
+             "MeshAutoCPUOffload")
 
 
 def _free_port() -> int:
@@ -44,7 +45,7 @@ def _get(url: str, timeout: float = 10) -> tuple[int, bytes]:
 
 
 @pytest.fixture(scope="module")
-def server(comfyui_dir, tmp_path_factory, request):
+def server(comfyui_each_dir, tmp_path_factory, request):
     import ray
 
     from mesh_ray.models.vae import write_random_vae
@@ -60,15 +61,15 @@ def server(comfyui_dir, tmp_path_factory, request):
     (base / "custom_nodes" / "mesh-ray").symlink_to(REPO, target_is_directory=True)
     write_random_vae(base / "models" / "vae" / VAE, "tiny-flux1", seed=3)
     port = _free_port()
-    stubs = comfyui_dir.parent / "comfyui-stubs"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
-    env.update(PYTHONPATH=str(stubs) if stubs.is_dir() else "", PYTHONPYCACHEPREFIX=str(base / "pycache"),
-               PYTHONUNBUFFERED="1")
+    # the stand-ins, and this checkout (the one custom_nodes/mesh-ray links to) before any installed copy
+    env.update(PYTHONPATH=os.pathsep.join(p for p in (stubs_of(comfyui_each_dir), str(REPO)) if p), PYTHONPYCACHEPREFIX=str(base / "pycache"),
+               PYTHONUNBUFFERED="1", MESH_RAY_CACHE_DIR=str(base / "cache" / "shards"))
     log = open(base / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
          str(base), "--database-url", f"sqlite:///{base / 'comfyui.db'}", "--disable-auto-launch"],
-        cwd=comfyui_dir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        cwd=comfyui_each_dir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         end = time.monotonic() + START_TIMEOUT_S
@@ -105,6 +106,25 @@ def test_status_route_and_web_extension_answer_over_http(server):
     assert code == 200 and b"registerExtension" in body and b"/mesh/status" in body
 
 
+def test_the_page_is_served_by_the_installed_frontend_package(server):
+    import importlib.metadata
+
+    code, body = _get(server["url"] + "/")
+    assert code == 200 and b"<html" in body.lower()[:2000]  # the comfy extra's frontend package serves this version
+    log = (server["base"] / "server.log").read_text()
+    assert "comfyui-frontend-package is not installed" not in log
+    assert importlib.metadata.version("comfyui-frontend-package") in _pins()
+
+
+def _pins() -> str:
+    """The frontend pin of the ``comfy`` extra (pyproject.toml)."""
+    import tomllib
+
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["comfy"]
+    (pin,) = [d for d in extra if d.startswith("comfyui-frontend-package")]
+    return pin
+
+
 def test_every_node_is_in_category_mesh_with_a_tooltip_on_every_input(server):
     code, body = _get(server["url"] + "/object_info", timeout=60)
     info = json.loads(body)
@@ -126,7 +146,8 @@ def _prompt(vae_name: str, address: str) -> dict:
     }
 
 
-async def _queue_and_watch(url: str, prompt: dict, extra: dict, out: Path) -> tuple[list, dict, list]:
+async def _queue_and_watch(url: str, prompt: dict, extra: dict, out: Path, node: str = "4",
+                           pattern: str = "*.png") -> tuple[list, dict, list]:
     import aiohttp
 
     client_id = uuid.uuid4().hex
@@ -150,8 +171,8 @@ async def _queue_and_watch(url: str, prompt: dict, extra: dict, out: Path) -> tu
                 if kind == "execution_error":
                     raise AssertionError(f"the prompt failed: {data.get('exception_message')}")
                 if kind == "execution_success":
-                    at_finish = sorted(p.name for p in (out / "served").glob("*.png"))
-                if kind == "executed" and data["node"] == "4" and data["output"].get("images"):
+                    at_finish = sorted(p.name for p in (out / "served").glob(pattern))
+                if kind == "executed" and data["node"] == node and data["output"].get("images"):
                     return at_finish, data, order
 
 
@@ -171,6 +192,45 @@ def test_promise_through_the_queue_png_written_after_the_prompt_finished(server)
         assert json.loads(im.text["prompt"]) == prompt and json.loads(im.text["workflow"]) == extra["workflow"]
     code, body = _get(f"{server['url']}/view?filename={img['filename']}&subfolder=served&type=output")
     assert code == 200 and body[:4] == b"\x89PNG"  # the page can show it
+
+
+def _write_ltx_vae(path: str) -> None:
+    from comfy_integration.small_vaes import write_ltx_video_vae
+
+    write_ltx_video_vae(path, seed=2)
+
+
+def test_promised_video_through_the_queue_written_after_the_prompt_finished(server, comfyui_each_dir, request):
+    import av
+
+    if not (comfyui_each_dir / "comfy" / "nested_tensor.py").is_file():
+        pytest.skip("the small LTX VAE is built for ComfyUI 0.20 (0.3.64's LTX VAE class gives other widths)")
+    out = server["base"] / "output"
+    comfy = request.getfixturevalue("comfy")  # ComfyUI 0.20 in the tests' own host writes the file
+    comfy(_write_ltx_vae, str(server["base"] / "models" / "vae" / "ltx-served.safetensors"))
+    extra = {"workflow": {"nodes": [{"id": 5, "type": "MeshSavePromisedVideo"}]}}
+    prompt = {
+        "1": {"class_type": "MeshConnect", "inputs": {"address": server["address"], "timeout_s": 120.0}},
+        "2": {"class_type": "VAELoader", "inputs": {"vae_name": "ltx-served.safetensors"}},
+        "3": {"class_type": "EmptyLTXVLatentVideo", "inputs": {"width": 64, "height": 64, "length": 9, "batch_size": 1}},
+        "4": {"class_type": "MeshVAEDecode", "inputs": {"samples": ["3", 0], "mesh": ["1", 0], "vae": ["2", 0],
+                                                        "vae_name": "(the vae input)", "mode": "promise", "replicas": 1,
+                                                        "idle_timeout_s": 0.0}},
+        "5": {"class_type": "MeshSavePromisedVideo", "inputs": {"promise": ["4", 1], "filename_prefix": "served/clip",
+                                                                "fps": 24.0}},
+    }
+    at_finish, executed, order = asyncio.run(_queue_and_watch(server["url"], prompt, extra, out, "5", "*.mp4"))
+    assert at_finish == []  # the queue was done before the decode was
+    assert order.index("execution_success") < len(order) - 1 and order[-1] == "executed"
+    assert executed["output"] == {"images": [{"filename": "clip_00001_.mp4", "subfolder": "served", "type": "output"}],
+                                  "animated": [True]}
+    with av.open(str(out / "served" / "clip_00001_.mp4")) as c:
+        frames = sum(1 for _ in c.decode(video=0))
+        v = c.streams.video[0]
+        assert (frames, v.width, v.height) == (9, 64, 64)
+        assert json.loads(c.metadata["prompt"]) == prompt and json.loads(c.metadata["workflow"]) == extra["workflow"]
+    code, _ = _get(f"{server['url']}/view?filename=clip_00001_.mp4&subfolder=served&type=output")
+    assert code == 200  # the page can play it
 
 
 def test_missing_vae_file_is_rejected_with_a_one_line_message(server):

@@ -1,4 +1,5 @@
-"""MeshVAEDecode / MeshSavePromisedImage in the real ComfyUI: promise, wait, forget, errors."""
+"""MeshVAEDecode (mesh-ray's FLUX decoder, vae_name) / MeshSavePromisedImage in each real ComfyUI (0.20, 0.3.64):
+promise, wait, forget, errors."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ EXTRA = {"workflow": {"nodes": [{"id": 9, "type": "MeshSavePromisedImage"}], "ve
 
 
 def _decode(**inputs):
-    """MeshVAEDecode's outputs (it returns ComfyUI's {"ui", "result"} form)."""
+    """MeshVAEDecode's outputs: image, promise, audio (it returns ComfyUI's {"ui", "result"} form)."""
     return h.run_node("MeshVAEDecode", **inputs)["result"]
 
 
@@ -72,7 +73,7 @@ def _promise_then_save():
     name = _vae("promise-vae.safetensors")
     latent = _latent(48)
     out = folder_paths.get_output_directory()
-    preview, promised = _decode(samples={"samples": latent}, mesh=mesh_ray.connect(),
+    preview, promised, _ = _decode(samples={"samples": latent}, mesh=mesh_ray.connect(),
                                 vae_name=name, mode="promise", replicas=1, idle_timeout_s=0.0)
     ui = h.run_node("MeshSavePromisedImage", promise=promised, filename_prefix="promised/img", prompt=PROMPT,
                     extra_pnginfo=EXTRA, unique_id="9")
@@ -85,8 +86,8 @@ def _promise_then_save():
             "size": (promised.width, promised.height), "ui": ui["ui"]["text"][0]}
 
 
-def test_promise_returns_before_the_png_exists_and_the_png_has_comfy_metadata(comfy):
-    got = comfy(_promise_then_save)
+def test_promise_returns_before_the_png_exists_and_the_png_has_comfy_metadata(comfy_each):
+    got = comfy_each(_promise_then_save)
     assert got["existed_at_return"] == []
     assert got["path"] == "promised/img_00001_.png"
     assert json.loads(got["text"]["prompt"]) == PROMPT
@@ -104,15 +105,15 @@ def _wait_mode():
 
     name = _vae("wait-vae.safetensors", seed=3)
     latent = _latent(8, seed=4)
-    images, promised = _decode(samples={"samples": latent}, mesh=mesh_ray.connect(),
+    images, promised, _ = _decode(samples={"samples": latent}, mesh=mesh_ray.connect(),
                                vae_name=name, mode="wait", replicas=1, idle_timeout_s=0.0)
     again = promised.promise.result(60)
     return (tuple(images.shape), bool(torch.equal(images, again)),
             int(abs(to_uint8(images)[0].astype(int) - _decoded_here(name, latent).astype(int)).max()))
 
 
-def test_wait_mode_returns_the_decoded_image(comfy):
-    shape, promise_same, max_diff = comfy(_wait_mode)
+def test_wait_mode_returns_the_decoded_image(comfy_each):
+    shape, promise_same, max_diff = comfy_each(_wait_mode)
     assert shape == (1, 64, 64, 3) and promise_same and max_diff <= 1
 
 
@@ -128,7 +129,7 @@ def _forget_mode():
     ran = h.run_node("MeshVAEDecode", samples={"samples": _latent(8, seed=6)}, mesh=mesh_ray.connect(),
                      vae_name=name, mode="forget", replicas=1, idle_timeout_s=0.0, filename_prefix="forgotten/run",
                      prompt=PROMPT, extra_pnginfo=EXTRA)
-    _, promised = ran["result"]
+    _, promised, _ = ran["result"]
     (path,) = _wait_for(os.path.join(out, "forgotten", "run_*_00.png"))
     text, _ = _png(path)
     try:
@@ -139,8 +140,8 @@ def _forget_mode():
     return os.path.dirname(path) == os.path.join(out, "forgotten"), text, no_promise_error, ran["ui"]["text"][0], out
 
 
-def test_forget_mode_writes_into_the_output_folder(comfy):
-    in_output, text, no_promise_error, note, out = comfy(_forget_mode)
+def test_forget_mode_writes_into_the_output_folder(comfy_each):
+    in_output, text, no_promise_error, note, out = comfy_each(_forget_mode)
     assert in_output
     assert note.startswith("forget: the decoder writes forgotten/run_") and note.endswith(f"_NN.png into {out} on this machine")
     assert json.loads(text["prompt"]) == PROMPT and json.loads(text["workflow"]) == EXTRA["workflow"]
@@ -162,8 +163,8 @@ def _missing_vae():
     return validation, raised
 
 
-def test_missing_vae_file_is_a_one_line_node_error(comfy):
-    validation, raised = comfy(_missing_vae)
+def test_missing_vae_file_is_a_one_line_node_error(comfy_each):
+    validation, raised = comfy_each(_missing_vae)
     assert validation.startswith("VAE file 'no-such-vae.safetensors' is not in ComfyUI's vae folder (")
     assert "put the FLUX ae.safetensors there or pick another vae_name" in validation
     assert raised == f"ConfigError: {validation}"
