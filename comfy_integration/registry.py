@@ -1,14 +1,14 @@
-"""What the status light shows: the splits MeshSplitFlux built, their health, and ``GET /mesh/status``.
+"""What the status light shows: the splits Mesh Split Model built, their health, and ``GET /mesh/status``.
 
-``MeshSplitFlux`` calls ``record_split(key, split, address, plan, error)`` after each build (or
-failed build); ``status()`` asks every remote stage of every recorded split whether it is alive,
+The split node calls ``record_split(key, stages, address, plan, error)`` after each build (or
+failed build; ``stages`` is its ``StageGroup``); ``status()`` asks every remote stage of every recorded split whether it is alive,
 within a bounded timeout, and reports a light per split:
 
 * ``green``: every remote stage answered;
 * ``red``: the build failed, Ray is unreachable, or a stage died or did not answer in time;
 * ``grey``: nothing built (no split yet, a closed split, or a split with no remote stage).
 
-``key`` is the MeshSplitFlux node's id in the graph (ComfyUI's ``UNIQUE_ID``), so that the page
+``key`` is the split node's id in the graph (ComfyUI's ``UNIQUE_ID``), so that the page
 draws each light on its own node (``web/mesh_status.js``).  The route is added to ComfyUI's
 ``PromptServer`` only when one exists (a running ComfyUI); importing this module elsewhere does
 nothing more than define the functions.
@@ -42,7 +42,7 @@ _routes_added = False
 
 
 def record_split(key: str, split: Any, address: str, plan: str, error: str | None = None) -> None:
-    """Remember what a MeshSplitFlux node built (``split`` None with ``error`` when the build failed)."""
+    """Remember what a split node built (``split``: its StageGroup; None with ``error`` when the build failed)."""
     global _address
     with _lock:
         _entries[str(key)] = _Entry(split, address, plan, error, time.time())
@@ -56,7 +56,7 @@ def forget_split(key: str) -> None:
 
 
 def _remote_segments(split: Any) -> list:
-    return [s for s in getattr(split, "stages", []) if getattr(s, "actor", None) is not None]
+    return [s for s in getattr(split, "segments", []) if getattr(s, "actor", None) is not None]
 
 
 def _probe(split: Any, timeout_s: float) -> tuple[str, str | None, list[dict]]:
@@ -64,7 +64,7 @@ def _probe(split: Any, timeout_s: float) -> tuple[str, str | None, list[dict]]:
     import ray
 
     segs = _remote_segments(split)
-    if getattr(split, "_closed", False) or not segs:
+    if getattr(split, "closed", False) or not segs:
         return "grey", None, []
     if not ray.is_initialized():
         return "red", "Ray is not connected in this ComfyUI process: queue the workflow again to reconnect", []

@@ -112,14 +112,17 @@ def bench_vae(generations: int = typer.Option(6, min=2), size: int = typer.Optio
 
 @bench_app.command("comfy")
 def bench_comfy(comfyui_path: Optional[str] = typer.Option(None, help="ComfyUI source tree (default: $COMFYUI_PATH)."),
-                hidden: int = typer.Option(512, min=128), n_blocks_remote: int = typer.Option(3, min=1),
-                size: int = typer.Option(64, min=8, help="Latent side (tokens: (size/2)^2)."),
+                arch: str = typer.Option("flux1", help="flux1, flux2, ltxav, wan or qwen."),
+                hidden: int = typer.Option(512, min=128, help="Model width (head size 128, as released)."),
+                blocks: int = typer.Option(6, min=2, help="Blocks in the model; half run on the stage."),
+                size: int = typer.Option(64, min=8, help="Latent side (image tokens: (size/2)^2)."),
                 steps: int = typer.Option(3, min=1), repeats: int = typer.Option(3, min=1),
                 as_json: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")) -> None:
-    """The real ComfyUI KSampler per step, unsplit vs MeshSplitFlux raw; local parameter bytes before/after."""
+    """The real ComfyUI KSampler per step, unsplit vs Mesh Split Model raw (ComfyUI's own blocks on a stage):
+    step ratio, bytes per step, ComfyUI's loaded bytes and peak memory both ways."""
     from comfy_integration.bench import run_comfy_bench
 
-    result = guard(lambda: run_comfy_bench(comfyui_path, hidden=hidden, n_blocks_remote=n_blocks_remote, size=size,
+    result = guard(lambda: run_comfy_bench(comfyui_path, arch=arch, hidden=hidden, blocks=blocks, size=size,
                                            steps=steps, repeats=repeats))
     emit(result, as_json, "mesh-ray bench comfy")
 

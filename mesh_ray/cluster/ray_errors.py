@@ -8,6 +8,7 @@ task comes back as itself (same class, same line).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import re
 from typing import Any
 
 import ray
@@ -29,6 +30,17 @@ def cause_line(e: BaseException, limit: int = 300) -> str:
     return f"{type(e).__name__}: {text[:limit]}"
 
 
+def init_failure(e: BaseException) -> str | None:
+    """``Type: message`` of the exception an actor's ``__init__`` raised (Ray keeps only its text), or None."""
+    if not getattr(e, "actor_init_failed", False):
+        return None
+    for line in reversed(str(e).splitlines()):
+        m = re.match(r"^\s*(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$", line)
+        if m:
+            return f"{m[1]}: {m[2].strip()[:400]}"
+    return None
+
+
 def ray_error(e: BaseException, what: str, timeout: float | None = None, *,
               timeout_fix: str = "wait longer (raise the timeout) or check the cluster with `mesh-ray status`",
               died_fix: str = "its worker crashed or its node left; try again",
@@ -45,6 +57,9 @@ def ray_error(e: BaseException, what: str, timeout: float | None = None, *,
     if isinstance(e, (GetTimeoutError, TimeoutError, cf.TimeoutError)):
         return timeout_error(f"{what} did not finish within {timeout or 0:g} s: {timeout_fix}")
     if isinstance(e, RayActorError):
+        started = init_failure(e)
+        if started:  # its own error names the fix
+            return died_error(f"{what} failed: its actor could not start ({started})")
         return died_error(f"{what} failed: its actor died ({type(e).__name__}): {died_fix}")
     if isinstance(e, RayTaskError):
         cause = error_cause(e)

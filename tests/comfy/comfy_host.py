@@ -139,12 +139,10 @@ def run_node(name: str, **inputs: Any) -> tuple:
 
 
 def remote_of(split_model):
-    """The RemoteBlocks behind a MODEL that MeshSplitFlux returned."""
+    """The RemoteBlocks behind a MODEL that a split node returned."""
     import sys
 
-    mark = split_model.model_options["transformer_options"]["mesh_ray_split"]
-    nodes_mesh = sys.modules[node_class("MeshSplitFlux").__module__]
-    return nodes_mesh._live[mark["key"]]
+    return sys.modules[node_class("MeshSplitModel").__module__].remote_of(split_model)
 
 
 def write_test_lora(path: str, params: dict | None = None, seed: int = 5, rank: int = 4) -> str:

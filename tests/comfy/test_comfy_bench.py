@@ -1,4 +1,5 @@
-"""``mesh-ray bench comfy --json``: runs the real ComfyUI KSampler unsplit and split, one JSON line."""
+"""``mesh-ray bench comfy --arch ... --json`` (the real ComfyUI KSampler unsplit and split) and
+``mesh-ray bench comfy-vae --json``: one JSON line each."""
 
 from __future__ import annotations
 
@@ -10,18 +11,20 @@ import sys
 from comfy_host import REPO
 
 
-def test_bench_comfy_json(comfyui_old_dir, tmp_path):
+def test_bench_comfy_json(comfyui_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(COMFYUI_PATH=str(comfyui_old_dir), MESH_RAY_CACHE_DIR=str(tmp_path / "shards"),
+    env.update(COMFYUI_PATH=str(comfyui_dir), MESH_RAY_CACHE_DIR=str(tmp_path / "shards"),
                PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-m", "mesh_ray.cli", "bench", "comfy", "--size", "16", "--steps", "1",
-                          "--repeats", "1", "--hidden", "256", "--json"], capture_output=True, text=True,
-                         timeout=600, env=env, cwd=tmp_path)
+    out = subprocess.run([sys.executable, "-m", "mesh_ray.cli", "bench", "comfy", "--arch", "ltxav", "--size", "16",
+                          "--steps", "1", "--repeats", "1", "--hidden", "256", "--blocks", "4", "--json"],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    assert r["step_ms_unsplit"] > 0 and r["step_ms_split"] > 0
-    assert r["loaded_bytes_split"] == r["local_param_bytes_split"] < r["local_param_bytes_unsplit"]
-    assert r["max_abs_diff"] < 1e-4
+    assert r["arch"] == "ltxav" and r["n_blocks_remote"] == 2 and r["stage_calls_per_step"] == 1.0, r
+    assert r["step_ms_unsplit"] > 0 and r["step_ms_split"] > 0 and r["bytes_per_step"] > 0, r
+    assert r["loaded_bytes_split"] == r["local_param_bytes_split"] < r["local_param_bytes_unsplit"], r
+    assert r["peak_rss_above_start_unsplit"] >= 0 and r["peak_rss_above_start_split"] >= 0, r
+    assert r["max_abs_diff"] == 0.0, r  # ComfyUI's own blocks on the stage: bit for bit
 
 
 def test_bench_comfy_vae_json(comfyui_dir, tmp_path):

@@ -79,13 +79,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def cluster_and_comfy(comfyui_old_dir, tmp_path):
-    # ComfyUI 0.3.64 until the split runs on 0.20 (issue 19): the test needs a working Mesh Split FLUX.
+def cluster_and_comfy(comfyui_dir, tmp_path):
     head = RayHead(_free_port(), tmp_path)
     proc = None
     try:
         head.start()
-        proc = ComfyProcess(h.REPO, comfyui_old_dir, tmp_path / "comfy", tmp_path / "comfy.log")
+        proc = ComfyProcess(h.REPO, comfyui_dir, tmp_path / "comfy", tmp_path / "comfy.log")
         yield head, proc
     finally:
         if proc is not None:

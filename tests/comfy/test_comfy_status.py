@@ -1,7 +1,4 @@
-"""The status light's data (comfy_integration.registry.status) for a real MeshSplitFlux in ComfyUI.
-
-It needs a working split: on ComfyUI 0.3.64 (``comfy_old``) until the split runs on 0.20 (issue 19),
-then on ``comfy``.  The light's route and script are served by both versions (test_comfy_server.py)."""
+"""The status light's data (comfy_integration.registry.status) for a real Mesh Split Model in ComfyUI."""
 
 from __future__ import annotations
 
@@ -16,18 +13,19 @@ def _lights():
     def light(key):
         return next((s for s in registry.status()["splits"] if s["key"] == key), None)
 
-    model = h.flux_patcher(seed=0)
+    from comfy_integration import tiny
+
+    model = tiny.tiny_patcher("flux2", seed=0)
     mesh, = h.run_node("MeshConnect", address="")
-    split, = h.run_node("MeshSplitFlux", model=model, mesh=mesh, n_blocks_remote=3, stages="", codec_mode="raw",
+    split, = h.run_node("MeshSplitModel", model=model, mesh=mesh, n_blocks_remote=3, stages="", codec_mode="raw",
                         unique_id="41")
-    h.ksample(split, seed=2, steps=1)
+    tiny.sample(split, "flux2", steps=1)
     built = light("41")
     remote = h.remote_of(split)
-    for seg in remote.split.segments:
-        if seg.actor is not None:
-            ray.kill(seg.actor, no_restart=True)
+    for seg in remote.group.remote:
+        ray.kill(seg.actor, no_restart=True)
     dead = light("41")
-    h.ksample(split, seed=2, steps=1)  # the next queue re-creates the stages
+    tiny.sample(split, "flux2", steps=1)  # the next queue re-creates the stages
     back = light("41")
     remote.close()
     closed = light("41")
@@ -38,8 +36,8 @@ def _lights():
             "gone": light("42"), "keys": list(registry.status())}
 
 
-def test_light_is_green_while_stages_live_red_when_one_died_grey_when_closed(comfy_old):
-    got = comfy_old(_lights)
+def test_light_is_green_while_stages_live_red_when_one_died_grey_when_closed(comfy):
+    got = comfy(_lights)
     b = got["built"]
     assert b["state"] == "green" and b["error"] is None and b["plan"]
     assert b["stages"] and all(s["alive"] for s in b["stages"])

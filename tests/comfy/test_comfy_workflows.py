@@ -1,15 +1,28 @@
-"""comfy_integration/workflows: the API-format graph passes each ComfyUI version's own prompt validation, and the
-UI-format graph turns into exactly that API graph (widgets in ComfyUI's order, links intact)."""
+"""comfy_integration/workflows: each API-format graph passes ComfyUI's own prompt validation, and its
+UI-format graph turns into exactly that API graph (widgets in ComfyUI's order, links intact).
+FLUX.1 with a LoRA and promised images (saved with the node's first id, MeshSplitFlux), FLUX.2 Klein,
+and LTX 2.3 video with audio (both Mesh Split Model)."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
+
 import comfy_host as h
 from comfy_host import REPO
 
 WORKFLOWS = REPO / "comfy_integration" / "workflows"
-LINK_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
+LINK_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+# workflow -> the model files it names (folder, name): empty stand-ins, as validation checks names only
+FILES = {
+    "flux1_split_lora_promise": [("diffusion_models", "flux1-dev.safetensors"), ("text_encoders", "clip_l.safetensors"),
+                                 ("text_encoders", "t5xxl_fp16.safetensors"), ("loras", "flux1_style_lora.safetensors"),
+                                 ("vae", "ae.safetensors")],
+    "flux2_klein_split": [("diffusion_models", "flux-2-klein-4b.safetensors"), ("text_encoders", "qwen_3_4b.safetensors"),
+                          ("vae", "flux2-vae.safetensors")],
+    "ltx23_split_av": [("checkpoints", "ltx-2.3-22b-dev.safetensors"), ("text_encoders", "gemma_3_12B_it.safetensors")],
+}
 
 
 def _input_types(class_type: str) -> dict:
@@ -50,7 +63,7 @@ def ui_to_api(ui: dict) -> dict:
     return out
 
 
-def _check_workflows(api: dict, ui: dict):
+def _check_workflows(api: dict, ui: dict, files: list):
     import asyncio
     import os
 
@@ -59,12 +72,10 @@ def _check_workflows(api: dict, ui: dict):
     import nodes
 
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))  # FluxGuidance etc.
-    h.node_class("MeshSplitFlux")  # our package, loaded from custom_nodes
+    h.node_class("MeshSplitModel")  # our package, loaded from custom_nodes
     # The files the graph names, as empty stand-ins: validation checks names against the folders.
     base = os.path.dirname(folder_paths.get_folder_paths("diffusion_models")[0])  # the host's temp folder
-    for folder, name in (("diffusion_models", "flux1-dev.safetensors"), ("text_encoders", "clip_l.safetensors"),
-                         ("text_encoders", "t5xxl_fp16.safetensors"), ("loras", "flux1_style_lora.safetensors"),
-                         ("vae", "ae.safetensors")):
+    for folder, name in files:
         os.makedirs(os.path.join(base, folder), exist_ok=True)
         folder_paths.add_model_folder_path(folder, os.path.join(base, folder), is_default=True)
         open(os.path.join(base, folder, name), "wb").close()
@@ -73,9 +84,23 @@ def _check_workflows(api: dict, ui: dict):
     return {"ok": valid[0], "error": valid[1], "node_errors": valid[3], "from_ui": ui_to_api(ui)}
 
 
-def test_workflows_validate_in_comfyui_and_ui_matches_api(comfy_each):
-    api = json.loads((WORKFLOWS / "flux1_split_lora_promise_api.json").read_text())
-    ui = json.loads((WORKFLOWS / "flux1_split_lora_promise.json").read_text())
-    got = comfy_each(_check_workflows, api, ui)
+def _check(call, name: str) -> dict:
+    api = json.loads((WORKFLOWS / f"{name}_api.json").read_text())
+    ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    got = call(_check_workflows, api, ui, FILES[name])
+    got["api"] = api
+    return got
+
+
+def test_flux1_workflow_validates_in_each_comfyui_and_ui_matches_api(comfy_each):
+    got = _check(comfy_each, "flux1_split_lora_promise")
+    assert got["ok"], (got["error"], got["node_errors"])
+    assert got["from_ui"] == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in got["api"].items()}
+
+
+@pytest.mark.parametrize("name", ["flux2_klein_split", "ltx23_split_av"])
+def test_workflows_validate_in_comfyui_and_ui_matches_api(comfy, name):
+    got = _check(comfy, name)
+    api = got["api"]
     assert got["ok"], (got["error"], got["node_errors"])
     assert got["from_ui"] == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
