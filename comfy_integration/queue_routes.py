@@ -16,17 +16,14 @@ ComfyUI does nothing.
 
 from __future__ import annotations
 
-import threading
 import uuid
 from typing import Any
 
-from .registry import prompt_server
+from .registry import add_routes_once
 
 QUEUE_ROUTE = "/mesh/queue"
 STATUS_ROUTE = "/mesh/queue/status"
 TOLERATED = ("value_not_in_list",)  # a model only the workers have: they check it
-_added = False
-_lock = threading.Lock()
 
 
 def _error(kind: str, message: str, status: int, node_errors: dict | None = None) -> Any:
@@ -44,14 +41,10 @@ def only_missing_models(node_errors: dict) -> bool:
 
 def register_routes() -> bool:
     """Add the routes and the middleware to the running ComfyUI (once); False without a server."""
-    global _added
-    srv = prompt_server()
-    if srv is None or not hasattr(srv, "prompt_queue"):
-        return False
-    with _lock:
-        if _added:
-            return True
-        _added = True
+    return add_routes_once("queue", _add_routes, needs="prompt_queue")
+
+
+def _add_routes(srv: Any) -> None:
     import asyncio
 
     from aiohttp import web
@@ -112,7 +105,6 @@ def register_routes() -> bool:
     app = getattr(srv, "app", None)
     if app is not None and not app.frozen:
         app.middlewares.append(_cancel)
-    return True
 
 
 register_routes()

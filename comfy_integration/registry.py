@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 STATUS_TIMEOUT_S = 2.0  # how long one status call waits for the stages to answer
 ROUTE = "/mesh/status"
@@ -38,7 +38,6 @@ class _Entry:
 _lock = threading.Lock()
 _entries: dict[str, _Entry] = {}
 _address = ""
-_routes_added = False
 
 
 def record_split(key: str, split: Any, address: str, plan: str, error: str | None = None) -> None:
@@ -118,16 +117,29 @@ def prompt_server() -> Any:
     return getattr(getattr(server, "PromptServer", None), "instance", None)
 
 
-def register_routes() -> bool:
-    """Add ``GET /mesh/status`` to the running ComfyUI's PromptServer (once); False without a server."""
-    global _routes_added
+_servers_claimed: set[str] = set()
+
+
+def add_routes_once(what: str, add: Callable[[Any], None], needs: str | None = None) -> bool:
+    """Call ``add(server)`` with the running ComfyUI's PromptServer the first time ``what`` asks (routes
+    are added once per process); False without a server, or one lacking attribute ``needs``."""
     instance = prompt_server()
-    if instance is None:
+    if instance is None or (needs is not None and not hasattr(instance, needs)):
         return False
     with _lock:
-        if _routes_added:
-            return True
-        _routes_added = True
+        first = what not in _servers_claimed
+        _servers_claimed.add(what)
+    if first:
+        add(instance)
+    return True
+
+
+def register_routes() -> bool:
+    """Add ``GET /mesh/status`` to the running ComfyUI's PromptServer (once); False without a server."""
+    return add_routes_once("status", _add_status_route)
+
+
+def _add_status_route(instance: Any) -> None:
     from aiohttp import web
 
     @instance.routes.get(ROUTE)
@@ -138,9 +150,7 @@ def register_routes() -> bool:
         data = await asyncio.get_running_loop().run_in_executor(None, status)
         return web.json_response(data)
 
-    return True
-
 
 register_routes()
 
-__all__ = ["ROUTE", "STATUS_TIMEOUT_S", "forget_split", "prompt_server", "record_split", "register_routes", "status"]
+__all__ = ["ROUTE", "STATUS_TIMEOUT_S", "add_routes_once", "forget_split", "prompt_server", "record_split", "register_routes", "status"]

@@ -224,7 +224,7 @@ def split_clone(model: Any, remote: RemoteBlocks, ranges: list[BlockRange], chai
     """A clone of ``model`` whose ``ranges`` run through ``remote``; ``model`` stays as it was."""
     import comfy.patcher_extension as pe
 
-    layout, arch = remote.layout, remote.arch
+    layout = remote.layout
     replace = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
     mine = {(kind, i) for r in ranges for kind, _, i in (layout.locate(b) for b in r)}
     clone = model.clone()

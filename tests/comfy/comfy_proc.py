@@ -23,6 +23,17 @@ HERE = Path(__file__).resolve().parent
 KEPT: dict = {}
 
 
+def kill_group(proc: subprocess.Popen | None, timeout: float = 30) -> None:
+    """SIGKILL a child started in its own session (``start_new_session=True``) and its whole group."""
+    if proc is None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout)
+
+
 class ComfyProcess:
     """A child Python process that is a ComfyUI (``--cpu``, temporary folders under ``workdir``)."""
 
@@ -54,11 +65,7 @@ class ComfyProcess:
 
     def close(self) -> None:
         """End the child and everything it started (its process group)."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(30)
+        kill_group(self.proc)
         self.conn.close()
         self._log.close()
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from comfy_host import REPO
+from comfy_proc import kill_group
 
 HERE = Path(__file__).resolve().parent
 TEST_NODES = HERE / "worker_nodes"
@@ -94,11 +95,7 @@ class RayHead:
         """Kill the head's process group and any process of its session left outside it."""
         if self.proc is None:
             return
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(30)
+        kill_group(self.proc)
         self.proc = None
         for pid in own_processes(self.temp):
             try:

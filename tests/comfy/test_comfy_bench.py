@@ -11,15 +11,20 @@ import sys
 from comfy_host import REPO
 
 
-def test_bench_comfy_json(comfyui_dir, tmp_path):
+def bench(args: list[str], comfyui_dir, tmp_path, timeout: float) -> tuple[dict, str]:
+    """``mesh-ray bench ARGS --json`` in a child process on ``comfyui_dir``: its JSON line and its stdout."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(COMFYUI_PATH=str(comfyui_dir), MESH_RAY_CACHE_DIR=str(tmp_path / "shards"),
                PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-m", "mesh_ray.cli", "bench", "comfy", "--arch", "ltxav", "--size", "16",
-                          "--steps", "1", "--repeats", "1", "--hidden", "256", "--blocks", "4", "--json"],
-                         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    out = subprocess.run([sys.executable, "-m", "mesh_ray.cli", "bench", *args, "--json"],
+                         capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1]), out.stdout
+
+
+def test_bench_comfy_json(comfyui_dir, tmp_path):
+    r, _ = bench(["comfy", "--arch", "ltxav", "--size", "16", "--steps", "1", "--repeats", "1", "--hidden", "256",
+                  "--blocks", "4"], comfyui_dir, tmp_path, 600)
     assert r["arch"] == "ltxav" and r["n_blocks_remote"] == 2 and r["stage_calls_per_step"] == 1.0, r
     assert r["step_ms_unsplit"] > 0 and r["step_ms_split"] > 0 and r["bytes_per_step"] > 0, r
     assert r["loaded_bytes_split"] == r["local_param_bytes_split"] < r["local_param_bytes_unsplit"], r
@@ -29,16 +34,10 @@ def test_bench_comfy_json(comfyui_dir, tmp_path):
 
 def test_bench_comfy_vae_json(comfyui_dir, tmp_path):
     """``mesh-ray bench comfy-vae --json``: local VAE Decode vs Mesh VAE Decode, peak memory side by side."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(COMFYUI_PATH=str(comfyui_dir), MESH_RAY_CACHE_DIR=str(tmp_path / "shards"),
-               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-m", "mesh_ray.cli", "bench", "comfy-vae", "--frames", "9", "--size", "64",
-                          "--flux-size", "64", "--ltx-channels", "8", "--flux-ch", "32", "--repeats", "1", "--json"],
-                         capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-2000:]
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r, stdout = bench(["comfy-vae", "--frames", "9", "--size", "64", "--flux-size", "64", "--ltx-channels", "8",
+                       "--flux-ch", "32", "--repeats", "1"], comfyui_dir, tmp_path, 900)
     assert [row["vae"] for row in r["rows"]] == ["ltx-video", "flux1"]
     for row in r["rows"]:
         assert row["max_abs_diff"] == 0.0  # the remote decode is ComfyUI's own, bit for bit
         assert row["heap_mb_local"] > 0 and row["heap_mb_remote"] >= 0 and "heap_mb_ratio_remote_over_local" in row
-    assert "peak memory growth" in out.stdout
+    assert "peak memory growth" in stdout

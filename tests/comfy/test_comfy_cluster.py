@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 
 import comfy_host as h
-from comfy_proc import ComfyProcess
+from comfy_proc import ComfyProcess, kill_group
 
 START_TIMEOUT_S = 180
 CALL_TIMEOUT_S = 600
@@ -59,13 +58,8 @@ class RayHead:
 
     def kill(self) -> None:
         """End the head and every process it started (GCS, raylet, workers), as a crash would."""
-        if self.proc is not None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(30)
-            self.proc = None
+        kill_group(self.proc)
+        self.proc = None
 
     def close(self) -> None:
         self.kill()
