@@ -10,7 +10,8 @@ workers) get ``source.for_actors()`` (which adds the shipped copy when needed) a
 1. the ComfyUI process's own folder, when the worker's node has it (same machine);
 2. a copy shipped through the object store once and unpacked in the node's cache by content hash
    (``~/.cache/mesh-ray/comfyui/<hash>``, beside the shard cache; ``ship="auto"`` ships when the
-   cluster has more than one node, ``"always"`` always, ``"never"`` never);
+   cluster has more than one node, ``"always"`` always, ``"never"`` never; in the ComfyUI process
+   ``$MESH_RAY_COMFY_SHIP`` chooses);
 3. a ComfyUI configured on the worker's node (``MESH_RAY_COMFYUI_PATH``).
 
 None matching is a one-line ``ComfyVersionError`` naming both versions and the fix: another ComfyUI
@@ -32,6 +33,7 @@ from mesh_ray.errors import ConfigError
 Ship = Literal["auto", "always", "never"]
 SHIP_MODES: tuple[str, ...] = ("auto", "always", "never")
 WORKER_PATH_ENV = "MESH_RAY_COMFYUI_PATH"  # a ComfyUI folder on a worker's node, used when its content matches
+SHIP_ENV = "MESH_RAY_COMFY_SHIP"  # in the ComfyUI process: auto (default), always or never
 # Top-level modules of a ComfyUI folder that ``comfy``'s model code imports, shipped with it (Ray
 # ships local folders only at job level, ``ray.init(runtime_env=...)``, not per actor: we ship a zip).
 SHIPPED_FILES = ("node_helpers.py", "comfyui_version.py")
@@ -92,8 +94,13 @@ class ComfySource:
     package: tuple = ()  # (ObjectRef of the zipped comfy package,) when shipping; boxed so Ray passes the ref
 
     @classmethod
-    def here(cls, ship: Ship = "auto") -> "ComfySource":
-        """This process's ComfyUI (it must have imported ``comfy``)."""
+    def here(cls, ship: Ship | None = None) -> "ComfySource":
+        """This process's ComfyUI (it must have imported ``comfy``); ``ship`` defaults to
+        ``$MESH_RAY_COMFY_SHIP`` (so a ComfyUI user chooses it without a node input), else auto."""
+        if ship is None:
+            ship = os.environ.get(SHIP_ENV, "").strip() or "auto"
+            if ship not in SHIP_MODES:
+                raise ConfigError(f"{SHIP_ENV}={ship!r} is not known: set it to one of {', '.join(SHIP_MODES)}")
         if ship not in SHIP_MODES:
             raise ConfigError(f"comfy ship={ship!r} is not known: use one of {', '.join(SHIP_MODES)}")
         root = _imported_root()
@@ -187,8 +194,9 @@ class ComfySource:
 
     def _mismatch(self, found: str) -> str:
         return (f"this worker cannot import the ComfyUI process's {self.describe()} (found: {found}): "
-                f"ship it with comfy ship='always' (or 'auto' on a cluster of several nodes), or install the same "
-                f"ComfyUI on this node and point {WORKER_PATH_ENV} at it")
+                f"ship it (start ComfyUI with {SHIP_ENV}=always, or `mesh-ray comfy workers --ship always`; "
+                f"'auto' ships on a cluster of several nodes), or install the same ComfyUI on this node and point "
+                f"{WORKER_PATH_ENV} at it")
 
     def _configure(self, cpu: bool | None) -> None:
         """ComfyUI's arguments, set before its model management is imported (never parsed from
@@ -296,4 +304,4 @@ def _plain(v: Any) -> Any:
     return v
 
 
-__all__ = ["ComfySource", "ComfyVersionError", "SHIP_MODES", "WORKER_PATH_ENV", "tree_digest", "tree_version"]
+__all__ = ["ComfySource", "ComfyVersionError", "SHIP_ENV", "SHIP_MODES", "WORKER_PATH_ENV", "tree_digest", "tree_version"]

@@ -264,17 +264,9 @@ class RemoteBlocks:
             return self._run_chain(chain_no, cap, device)
 
     def _run_chain(self, chain_no: int, cap: Capture, device: torch.device) -> dict[str, torch.Tensor]:
-        self.use_patches()
+        self.use_patches()  # a stage that restarts gets them again from its group before the step is retried
         group = self.group
-        chain = group.chains()[chain_no]
-        restarts = group.recovery.restarts
-        out = self._submit(group, chain, cap, device)
-        if group.recovery.restarts != restarts and self._patches[1] is not None:
-            # A stage came back without its weight patches and the step ran there unpatched: patch again, rerun.
-            self.patch_digest = None
-            self.use_patches()
-            out = self._submit(group, chain, cap, device)
-        return out
+        return self._submit(group, group.chains()[chain_no], cap, device)
 
     def _pieces(self, cap: Capture) -> list[Capture]:
         first = next(iter(cap.streams.values()))

@@ -16,19 +16,17 @@ script checks what no test here can: the page itself (no browser in CI).
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from comfy_page import (REPO, Page, comfy_args, comfy_env, comfy_folders, free_port, start, start_chromium, stop,
+                        wait_for)
+
 LABEL = "Queue on mesh"
 
 FIND = """
@@ -44,116 +42,54 @@ FIND = """
 """ % (LABEL, LABEL, LABEL)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(what: str, check, timeout: float) -> None:
-    end = time.monotonic() + timeout
-    while True:
-        try:
-            if check():
-                return
-        except OSError:
-            pass
-        if time.monotonic() > end:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(1)
-
-
 async def _check(debug_port: int, url: str, out: Path) -> dict:
-    import aiohttp
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{debug_port}/json", timeout=10) as r:
-        page = next(t for t in json.loads(r.read()) if t["type"] == "page")
-    async with aiohttp.ClientSession() as s, s.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as ws:
-        seq, events = 0, []
-
-        async def call(method: str, **params):
-            nonlocal seq
-            seq += 1
-            await ws.send_json({"id": seq, "method": method, "params": params})
-            while True:
-                msg = json.loads((await ws.receive()).data)
-                if msg.get("id") == seq:
-                    if "error" in msg:
-                        raise SystemExit(f"{method}: {msg['error']}")
-                    return msg["result"]
-                if "method" in msg:
-                    events.append(msg)
-
-        async def js(expr: str):
-            res = await call("Runtime.evaluate", expression=expr, awaitPromise=True, returnByValue=True)
-            if "exceptionDetails" in res:
-                raise SystemExit(f"page script failed: {res['exceptionDetails']}")
-            return res["result"].get("value")
-
-        await call("Page.enable")
-        await call("Network.enable")
-        await call("Page.navigate", url=url)
+    async with Page(debug_port) as page:
+        await page.call("Page.enable")
+        await page.call("Network.enable")
+        await page.call("Page.navigate", url=url)
         found = None
         for _ in range(180):
-            if await js("Boolean(window.comfyAPI && window.comfyAPI.app && window.comfyAPI.app.app.graph)"):
-                found = await js(FIND)
+            if await page.js("Boolean(window.comfyAPI && window.comfyAPI.app && window.comfyAPI.app.app.graph)"):
+                found = await page.js(FIND)
                 if found:
                     break
             await asyncio.sleep(1)
         if not found:
             raise SystemExit(f"no button labelled {LABEL!r} in the ComfyUI page")
         await asyncio.sleep(2)
-        await js("document.querySelectorAll('.p-dialog-mask').forEach((e) => e.remove()); true")
-        shot = await call("Page.captureScreenshot", format="png")
-        out.write_bytes(base64.b64decode(shot["data"]))
-        await js("document.querySelector('[data-mesh-check]').click(); true")
+        await page.js("document.querySelectorAll('.p-dialog-mask').forEach((e) => e.remove()); true")
+        await page.screenshot(out)
+        await page.js("document.querySelector('[data-mesh-check]').click(); true")
         for _ in range(30):  # the click: the graph to a prompt, then the POST
             await asyncio.sleep(1)
-            await js("1")  # drain events
+            await page.js("1")  # collect the events that arrived meanwhile
             if any(e["method"] == "Network.responseReceived" and "/mesh/queue" in e["params"]["response"]["url"]
-                   and "status" not in e["params"]["response"]["url"] for e in events):
+                   and "status" not in e["params"]["response"]["url"] for e in page.events):
                 break
-        sent = [e["params"]["request"] for e in events if e["method"] == "Network.requestWillBeSent"]
-        got = [e["params"]["response"] for e in events if e["method"] == "Network.responseReceived"]
-        return {"button": found,
-                "queue_posts": [r["url"] for r in sent if r["url"].endswith("/mesh/queue") and r["method"] == "POST"],
-                "queue_body_has_prompt": any("prompt" in json.loads(r.get("postData") or "{}") for r in sent
-                                             if r["url"].endswith("/mesh/queue")),
-                "queue_status": [r["status"] for r in got if r["url"].endswith("/mesh/queue")],
-                "prompt_posts": [r["url"] for r in sent if r["url"].endswith("/prompt") and r["method"] == "POST"]}
+        sent = [e["params"]["request"] for e in page.events if e["method"] == "Network.requestWillBeSent"]
+        got = [e["params"]["response"] for e in page.events if e["method"] == "Network.responseReceived"]
+    return {"button": found,
+            "queue_posts": [r["url"] for r in sent if r["url"].endswith("/mesh/queue") and r["method"] == "POST"],
+            "queue_body_has_prompt": any("prompt" in json.loads(r.get("postData") or "{}") for r in sent
+                                         if r["url"].endswith("/mesh/queue")),
+            "queue_status": [r["status"] for r in got if r["url"].endswith("/mesh/queue")],
+            "prompt_posts": [r["url"] for r in sent if r["url"].endswith("/prompt") and r["method"] == "POST"]}
 
 
 def main(out: str = "docs/comfyui-queue-button.png") -> None:
     comfyui = Path(os.environ.get("COMFYUI_PATH", REPO.parent / "shared" / "comfyui-0.20")).resolve()
-    base = Path(tempfile.mkdtemp(prefix="comfyui-button-"))
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / "mesh-ray").symlink_to(REPO, target_is_directory=True)
-    settings = base / "user" / "default" / "comfy.settings.json"
-    settings.parent.mkdir(parents=True)
-    settings.write_text(json.dumps({"Comfy.TutorialCompleted": True, "Comfy.Workflow.ShowMissingModelsWarning": False,
-                                    "Comfy.Workflow.ShowMissingNodesWarning": False, "Comfy.Minimap.Visible": False}))
-    port, debug_port, closed = _free_port(), _free_port(), _free_port()
-    stubs = comfyui.parent / "comfyui-stubs"
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
-    env.update(PYTHONPATH=os.pathsep.join(p for p in (str(REPO), str(stubs) if stubs.is_dir() else "") if p),
-               PYTHONPYCACHEPREFIX=str(base / "pycache"), MESH_RAY_ADDRESS=f"127.0.0.1:{closed}")
+    base = comfy_folders("comfyui-button-")
+    port, debug_port, closed = free_port(), free_port(), free_port()
     log = open(base / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                               "--base-directory", str(base), "--database-url", f"sqlite:///{base}/comfyui.db",
-                               "--disable-auto-launch"], cwd=comfyui, env=env, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    server = start([sys.executable, "main.py", *comfy_args(port, base)], cwd=comfyui, stdout=log,
+                   stderr=subprocess.STDOUT, env=comfy_env(comfyui, base, MESH_RAY_ADDRESS=f"127.0.0.1:{closed}"))
     browser = None
     try:
-        _wait("ComfyUI", lambda: server.poll() is not None or urllib.request.urlopen(
+        wait_for("ComfyUI", lambda: server.poll() is not None or urllib.request.urlopen(
             f"http://127.0.0.1:{port}/mesh/queue/status", timeout=5), 300)
         if server.poll() is not None:
             raise SystemExit(f"ComfyUI exited: {(base / 'server.log').read_text()[-2000:]}")
-        browser = subprocess.Popen(["chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                                    "--no-first-run", f"--remote-debugging-port={debug_port}", "--window-size=1280,720",
-                                    f"--user-data-dir={base / 'chromium'}", "about:blank"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        _wait("chromium", lambda: urllib.request.urlopen(f"http://127.0.0.1:{debug_port}/json", timeout=5), 60)
+        browser = start_chromium(debug_port, base)
         got = asyncio.run(_check(debug_port, f"http://127.0.0.1:{port}/", Path(out)))
         print(json.dumps(got))
         ok = got["queue_posts"] and got["queue_body_has_prompt"] and got["queue_status"] == [503] \
@@ -162,13 +98,7 @@ def main(out: str = "docs/comfyui-queue-button.png") -> None:
             raise SystemExit(f"the button did not send the workflow to /mesh/queue as expected: {got}")
         print(f"ok: the button is in the page and sends the workflow to /mesh/queue; wrote {out}")
     finally:
-        for proc, sig in ((browser, signal.SIGTERM), (server, signal.SIGINT)):
-            if proc is not None and proc.poll() is None:
-                os.killpg(proc.pid, sig)
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+        stop((browser, signal.SIGTERM), (server, signal.SIGINT))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from mesh_ray.errors import CheckpointError
 
-from helpers import inputs, local_model
+from helpers import inputs, kill_actor, local_model
 
 RANK, ALPHA = 4, 2.0
 TARGETS = ["double_blocks.0.img_attn.qkv.weight", "double_blocks.1.txt_mlp.0.weight",
@@ -74,6 +74,24 @@ def test_set_loras_bfl_and_kohya_layouts_patch_local_and_remote_blocks(mesh, tin
     assert float((out_bfl - base).abs().max()) > 1e-3  # the LoRA changes the output
     assert torch.equal(out_kohya, out_bfl)
     assert torch.equal(out_none, base)
+
+
+def test_a_restarted_stage_gets_its_lora_again_before_the_step_is_retried(mesh, tiny_ckpts, tmp_path):
+    path = tiny_ckpts["flux1"]
+    model = local_model(path)
+    args = inputs(model.config)
+    lw = lora_weights(model)
+    split = mesh.split(str(path), stages=STAGES)
+    try:
+        dg = split.set_loras([(bfl_file(tmp_path / "bfl.safetensors", lw), 0.8)])
+        patched = split(*args)
+        kill_actor(split.segments[2].actor)  # Ray starts it again with the base weights only
+        again = split(*args)  # the step meets the restarted stage: reloaded, re-patched, retried
+        assert split.recovery.restarts == 1 and split.recovery.retries == 1
+        assert [i.get("lora") for i in split.stage_info()[1:]] == [dg, dg]
+    finally:
+        split.close()
+    assert torch.equal(again, patched)
 
 
 def test_set_loras_diffusers_layout_maps_q_k_v_to_fused_slices(mesh, tiny_ckpts, tmp_path):

@@ -65,14 +65,15 @@ def _in_transport(e: RayTaskError) -> bool:
 
 
 class Recoverable(Protocol):
-    """What recovery needs of a split (``SplitModel`` is one): its options, one-line errors, and the
-    calls that wait on, reload and re-plan its stages and submit a chain."""
+    """What recovery needs of a split (``StageGroup`` is one): its options, one-line errors, and the
+    calls that wait on, reload (blocks, then weight patches) and re-plan its stages and submit a chain."""
 
     options: Any
 
     def stage_error(self, e: BaseException, seg: Any, timeout: float, doing: str) -> Exception: ...
     def stage_get(self, ref: Any, seg: Any, timeout: float, doing: str) -> Any: ...
     def load_stage(self, seg: Any) -> Any: ...
+    def restore_patches(self, seg: Any, timeout: float) -> None: ...
     def note_stage(self, seg: Any, info: dict) -> bool: ...
     def plan_links(self) -> None: ...
     def restore_links(self, version: int) -> None: ...
@@ -154,6 +155,7 @@ class Recovery:
                         info["node_id"][:8])
             left = max(1.0, deadline - time.monotonic())
             info = split.stage_get(split.load_stage(seg), seg, left, "reloading its blocks after a restart")
+            split.restore_patches(seg, max(1.0, deadline - time.monotonic()))  # its LoRA, before the retried step
             moved |= split.note_stage(seg, info)
         if moved:
             split.plan_links()

@@ -114,6 +114,7 @@ class StageGroup:
         self._pg = None
         self._closed = False
         self._default_gpus = default_num_gpus()
+        self._patches: dict[int, tuple[str | None, list | None]] = {}  # segment index -> its set_lora arguments
 
     @property
     def remote(self) -> list[Segment]:
@@ -371,17 +372,26 @@ class StageGroup:
         return [self.stage_get(seg.actor.info.remote(), seg, timeout_s, "reporting its info") for seg in self.remote]
 
     def send_patches(self, patches_for: Callable[[Segment], Any], digest: str | None) -> None:
-        """Put weight patches on every remote stage (each gets ``patches_for(seg)``; falsy: none)."""
+        """Put weight patches on every remote stage (each gets ``patches_for(seg)``; falsy: none).  The
+        group keeps them in the object store, so a stage that restarts gets them again (``restore_patches``)."""
         calls = []
         for seg in self.remote:
             sub = patches_for(seg)
-            calls.append((seg, seg.actor.set_lora.remote(digest if sub else None, [ray.put(sub)] if sub else None)))
+            self._patches[seg.index] = (digest, [ray.put(sub)]) if sub else (None, None)
+            calls.append((seg, seg.actor.set_lora.remote(*self._patches[seg.index])))
         for seg, ref in calls:
             self.stage_get(ref, seg, self.options.start_timeout_s, "applying weight patches")
+
+    def restore_patches(self, seg: Segment, timeout: float) -> None:
+        """Put the weight patches last sent to ``seg`` on it again (after a restart reloaded its blocks)."""
+        digest, boxed = self._patches.get(seg.index, (None, None))
+        if boxed is not None:
+            self.stage_get(seg.actor.set_lora.remote(digest, boxed), seg, timeout, "applying weight patches again")
 
     def close(self) -> None:
         """Kill the stage actors and free their resources (idempotent)."""
         self._closed = True
+        self._patches.clear()
         self.recovery.forget()
         self.transports.forget()
         for seg in self.segments:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import ray
 
 import comfy_host as h
@@ -169,7 +170,7 @@ def test_a_worker_with_only_the_other_version_is_a_one_line_error(comfyui_dir, c
         assert msg and msg.startswith("ComfyVersionError: this worker cannot import the ComfyUI process's "
                                       f"ComfyUI {tree_version(comfyui_dir)} ({src.digest[:8]})"), other
         assert "\n" not in msg and f"{WORKER_PATH_ENV} {tree_version(comfyui_old_dir)}" in msg, msg
-        assert "ship='always'" in msg, msg  # and the fix
+        assert "MESH_RAY_COMFY_SHIP=always" in msg and "--ship always" in msg, msg  # and the fix, as a user sets it
 
         none = ray.get(_fresh(_activate, {"MESH_RAY_CACHE_DIR": cache}).remote(src), timeout=TIMEOUT_S)
         assert "(found: no ComfyUI on this node)" in none.get("error", ""), none
@@ -197,9 +198,10 @@ def activate(src):
     return src.activate(cpu=True)
 
 out = []
+os.environ["MESH_RAY_COMFY_SHIP"] = "always"  # as a ComfyUI user chooses it (the node has no such input)
 for session in range(2):  # as the bridge does when its cluster came back: ray.shutdown(), ray.init()
     ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    src = ComfySource.here(ship="always").for_actors()
+    src = ComfySource.here().for_actors()
     os.rename(copy, copy + ".away")  # the worker must take the shipped copy
     try:
         env = {"MESH_RAY_CACHE_DIR": os.path.join(work, f"node{session}", "shards")}  # a new node each time
@@ -224,3 +226,13 @@ def test_after_a_reconnect_the_copy_is_shipped_from_the_new_session(comfyui_dir,
     digest = tree_digest(str(comfyui_dir))
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [
         str(tmp_path / f"node{i}" / "comfyui" / digest) for i in range(2)]  # each session's worker got the copy
+
+
+def test_an_unknown_ship_setting_is_one_line(monkeypatch):
+    from comfy_integration.comfy_env import SHIP_ENV, ComfySource
+    from mesh_ray.errors import ConfigError
+
+    monkeypatch.setenv(SHIP_ENV, "sometimes")
+    with pytest.raises(ConfigError, match=r"^MESH_RAY_COMFY_SHIP='sometimes' is not known: set it to one of auto, "
+                                          r"always, never$"):
+        ComfySource.here()

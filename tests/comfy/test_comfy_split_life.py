@@ -103,7 +103,8 @@ def test_stage_killed_mid_sampling_on_ltx_gives_the_same_video_and_audio(comfy):
     got = comfy(_killed_mid_sampling)
     assert got["killed"] and got["pid_after"] != got["pid_before"], got
     assert got["restarts"] >= 1 and got["retries"] >= 1 and got["builds"] == 1, got  # Ray restarted it, step retried
-    assert got["ships"] == 2 and got["patched"] == [True, True], got  # the LoRA sent again to the restarted stage
+    # The set went from this process once; the group put it on the restarted stage again before the retry.
+    assert got["ships"] == 1 and got["patched"] == [True, True], got
     assert got["lora_effect"] > 1e-3 and got["diff"] == 0.0, got
 
 
