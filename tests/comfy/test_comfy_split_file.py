@@ -54,6 +54,39 @@ def test_unetloader_file_split_reads_the_file_and_equals_unsplit(comfy, quant, w
         assert "float8_e4m3fn" in got["weight"], got
 
 
+def _from_checkpoint():
+    import os
+
+    import folder_paths
+    import nodes
+
+    from comfy_integration import tiny
+
+    name = "mesh-flux2-all-in-one.safetensors"
+    path = os.path.join(folder_paths.get_folder_paths("checkpoints")[0], name)
+    tiny.write_tiny("flux2", path, prefix="model.diffusion_model.")  # a checkpoint's layout (no CLIP/VAE here)
+    folder_paths.filename_list_cache.clear()
+    model = nodes.CheckpointLoaderSimple().load_checkpoint(name)[0]  # the Load Checkpoint node's own code
+    ref = tiny.sample(model, "flux2")
+    mesh, = h.run_node("MeshConnect", address="")
+    split, = h.run_node("MeshSplitModel", model=model, mesh=mesh, n_blocks_remote=0, stages=PLAN, codec_mode="raw",
+                        unique_id="checkpoint")
+    out = tiny.sample(split, "flux2")
+    remote = h.remote_of(split)
+    info = remote.group.info()
+    remote.close()
+    return {"diff": tiny.max_diff(out, ref), "scale": tiny.max_diff(ref, ref * 0), "checkpoint": remote.checkpoint == path,
+            "prefix": remote.spec.file_prefix, "sources": [s["shard_source"] for s in info],
+            "config": type(model.model.model_config).__name__}
+
+
+def test_load_checkpoint_file_split_reads_its_blocks_under_the_checkpoint_prefix(comfy):
+    got = comfy(_from_checkpoint)
+    assert got["config"] == "Flux2" and got["checkpoint"] and got["prefix"] == "model.diffusion_model.", got
+    assert got["sources"] == ["file"], got  # the stage read its blocks from the all-in-one file
+    assert got["diff"] == 0.0 and got["scale"] > 0.01, got
+
+
 def _stage_memory(hidden: int):
     import os
 
