@@ -13,7 +13,8 @@ within 20 %; frontend A queues twice as many prompts as B),
 ``lost`` (prompts that never finished; goal 0) and the bytes moved per prompt.  Both workers stay up;
 "1 worker" drains the second, and the two settings alternate round by round.  Between rounds the
 bench measures what the machine itself gives two CPU-bound processes over one (``machine_parallel``,
-2.0 on two free cores): on a shared machine that, not the queue, bounds the speedup.
+2.0 on two free cores; ``machine_parallel_torch``: the same with torch matmuls on one thread each,
+which also share caches and memory bandwidth as two workers do): that, not the queue, bounds the speedup.
 """
 
 from __future__ import annotations
@@ -173,14 +174,16 @@ def run_comfy_queue_bench(comfy_path: str | None = None, prompts: int = 6, steps
             fronts = [_Frontend("A", model, source), _Frontend("B", model, source)]
             _phase(fronts, [1, 1], model.name, 0, steps, size, timeout_s)  # warm-up: the model shipped, loaded twice
             counts = [2 * prompts, prompts]  # A queues twice as many as B
-            ones, twos, machine = [], [], []
+            ones, twos, machine, torch_machine = [], [], [], []
             for r in range(rounds):
                 machine.append(machine_parallel())
+                torch_machine.append(machine_parallel(work="torch"))
                 fronts[0].wf.comfy_pause(names[1], True)
                 ones.append(_phase(fronts, counts, model.name, 10 + 100 * r, steps, size, timeout_s))
                 fronts[0].wf.comfy_pause(names[1], False)
                 twos.append(_phase(fronts, counts, model.name, 50 + 100 * r, steps, size, timeout_s))
             machine.append(machine_parallel())
+            torch_machine.append(machine_parallel(work="torch"))
             one, two = _total(ones), _total(twos)
             files = sum(f.bytes["files"] for f in fronts)
             total = 2 + 2 * rounds * sum(counts)
@@ -188,7 +191,8 @@ def run_comfy_queue_bench(comfy_path: str | None = None, prompts: int = 6, steps
                 "steps": steps, "size": size, "hidden": hidden, "rounds": rounds, "model_bytes": model.stat().st_size,
                 "one_worker": one, "two_workers": two, "rounds_detail": {"one_worker": ones, "two_workers": twos},
                 "speedup": round(two["prompts_per_s"] / one["prompts_per_s"], 3) if one["prompts_per_s"] else None,
-                "machine_parallel": machine, "load_average": list(os.getloadavg()),
+                "machine_parallel": machine, "machine_parallel_torch": torch_machine,
+                "load_average": list(os.getloadavg()),
                 "share_of_fair": two["share_of_fair"], "lost": one["lost"] + two["lost"],
                 "model_bytes_shipped": sum(f.bytes["model"] for f in fronts),
                 "transfer_bytes_per_prompt": round((files + sum(f.bytes["model"] for f in fronts)) / total),
@@ -212,19 +216,37 @@ def _spin(n: int) -> float:
     return time.perf_counter() - t
 
 
-def machine_parallel(n: int = 4_000_000) -> float:
+def _matmuls(n: int, hidden: int = 256, tokens: int = 320) -> float:
+    """A DiT block's kind of work on one torch thread (as a worker runs): ``n`` MLP passes of width
+    ``hidden`` over ``tokens`` rows, so two of these share caches and memory bandwidth as two workers do."""
+    import torch
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, hidden, generator=g)
+    w1, w2 = torch.randn(hidden, 4 * hidden, generator=g) * 0.05, torch.randn(4 * hidden, hidden, generator=g) * 0.05
+    t = time.perf_counter()
+    for _ in range(n):
+        x = x + torch.nn.functional.gelu(x @ w1) @ w2 * 1e-3
+    return time.perf_counter() - t
+
+
+def machine_parallel(n: int = 4_000_000, work: str = "python") -> float:
     """How much faster two CPU-bound processes finish their work than one process doing both, right now
-    (2.0 on two free cores): what this machine can give two workers at the moment."""
+    (2.0 on two free cores): what this machine can give two workers at the moment.  ``work``:
+    ``python`` (a loop: the cores alone) or ``torch`` (``_matmuls``: the cores with their shared
+    caches and memory, the ceiling for two workers' sampling; ``n`` // 10000 passes)."""
     import multiprocessing
 
+    fn, n = (_spin, n) if work == "python" else (_matmuls, max(1, n // 10000))
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(2) as pool:
-        pool.map(_spin, [1000, 1000])  # both processes started
+        pool.map(fn, [1, 1])  # both processes started (and torch imported)
         t = time.perf_counter()
-        pool.map(_spin, [n])
+        pool.map(fn, [n])
         one = time.perf_counter() - t
         t = time.perf_counter()
-        pool.map(_spin, [n, n], chunksize=1)
+        pool.map(fn, [n, n], chunksize=1)
         two = time.perf_counter() - t
     return round(2 * one / two, 3)
 
@@ -247,7 +269,8 @@ def format_table(r: dict) -> str:
         text_table(["workers", "prompts", "finished", "seconds", "prompts/s", "share of fair (A queued 2x B)"], rows),
         f"this machine's own speedup of two CPU-bound processes over one, between the rounds: "
         f"{', '.join(str(m) for m in r['machine_parallel'])} (2.0 = two free cores; load average "
-        f"{', '.join(f'{x:.1f}' for x in r['load_average'])})",
+        f"{', '.join(f'{x:.1f}' for x in r['load_average'])}); with torch matmuls on one thread each "
+        f"(shared caches and memory, as two workers): {', '.join(str(m) for m in r['machine_parallel_torch'])}",
         f"speedup 2 workers over 1: {r['speedup']} (goal >= {GOALS['speedup']}); lost {r['lost']}; "
         f"model {r['model_bytes']} B shipped {r['model_bytes_shipped']} B in all; "
         f"{r['transfer_bytes_per_prompt']} B moved per prompt ({r['output_bytes_per_prompt']} B of outputs)",

@@ -41,3 +41,14 @@ def test_bench_comfy_vae_json(comfyui_dir, tmp_path):
         assert row["max_abs_diff"] == 0.0  # the remote decode is ComfyUI's own, bit for bit
         assert row["heap_mb_local"] > 0 and row["heap_mb_remote"] >= 0 and "heap_mb_ratio_remote_over_local" in row
     assert "peak memory growth" in stdout
+
+
+def test_bench_comfy_queue_json(comfyui_dir, tmp_path):
+    """``mesh-ray bench comfy-queue --json`` (small): the keys the issue names, nothing lost, every prompt done."""
+    r, stdout = bench(["comfy-queue", "--prompts", "1", "--steps", "1", "--size", "64", "--hidden", "128",
+                       "--rounds", "1"], comfyui_dir, tmp_path, 900)
+    assert r["lost"] == 0 and r["one_worker"]["finished"] == r["two_workers"]["finished"] == 3, r
+    assert r["speedup"] > 0 and set(r["share_of_fair"]) == {"A", "B"}, r
+    assert len(r["machine_parallel"]) == len(r["machine_parallel_torch"]) == 2, r
+    assert r["model_bytes_shipped"] > 0 and r["transfer_bytes_per_prompt"] > 0 and "goals_met" in r, r
+    assert "speedup 2 workers over 1" in stdout
