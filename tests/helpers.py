@@ -61,12 +61,17 @@ def kill_actor(actor, timeout: float = 30.0) -> None:
     still run on the old process.  Ray's public actor-state API (``ray.util.state``) needs the
     dashboard, which the test cluster does not run, so the actor itself is asked: a call that fails
     (dead, or restarting) or a new pid means the kill has landed."""
+    before = ray.get(actor.info.remote(), timeout=timeout)["pid"]
+    ray.kill(actor, no_restart=False)
+    wait_killed(actor, before, timeout)
+
+
+def wait_killed(actor, before: int, timeout: float = 30.0) -> None:
+    """Wait until the process ``before`` of a killed stage actor no longer answers (see ``kill_actor``)."""
     import time
 
     from ray.exceptions import GetTimeoutError, RayActorError
 
-    before = ray.get(actor.info.remote(), timeout=timeout)["pid"]
-    ray.kill(actor, no_restart=False)
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         try:
