@@ -81,6 +81,13 @@ def _site_dirs() -> set[str]:
     return {os.path.realpath(d) for d in dirs if d}
 
 
+def _known_ship(ship: str, named: str = "comfy ship=") -> str:
+    """``ship`` when it is one of SHIP_MODES, else the one-line error naming them."""
+    if ship not in SHIP_MODES:
+        raise ConfigError(f"{named}{ship!r} is not known: use one of {', '.join(SHIP_MODES)}")
+    return ship
+
+
 @dataclass(frozen=True)
 class ComfySource:
     """The ComfyUI tree of the ComfyUI process, as a worker needs it (small and picklable)."""
@@ -98,11 +105,8 @@ class ComfySource:
         """This process's ComfyUI (it must have imported ``comfy``); ``ship`` defaults to
         ``$MESH_RAY_COMFY_SHIP`` (so a ComfyUI user chooses it without a node input), else auto."""
         if ship is None:
-            ship = os.environ.get(SHIP_ENV, "").strip() or "auto"
-            if ship not in SHIP_MODES:
-                raise ConfigError(f"{SHIP_ENV}={ship!r} is not known: set it to one of {', '.join(SHIP_MODES)}")
-        if ship not in SHIP_MODES:
-            raise ConfigError(f"comfy ship={ship!r} is not known: use one of {', '.join(SHIP_MODES)}")
+            ship = _known_ship(os.environ.get(SHIP_ENV, "").strip() or "auto", f"{SHIP_ENV}=")
+        _known_ship(ship)
         root = _imported_root()
         if root is None:
             raise ConfigError("ComfySource.here() runs inside a ComfyUI process: import ComfyUI first")
@@ -122,8 +126,7 @@ class ComfySource:
            ship: Ship = "auto") -> "ComfySource":
         """The ComfyUI tree at ``root`` without importing it (``mesh-ray comfy workers``): ComfyUI's
         default arguments unless ``args`` names some; ``extra_paths`` go on the workers' ``sys.path``."""
-        if ship not in SHIP_MODES:
-            raise ConfigError(f"comfy ship={ship!r} is not known: use one of {', '.join(SHIP_MODES)}")
+        _known_ship(ship)
         root = str(Path(root).resolve())
         if not os.path.isfile(os.path.join(root, "comfy", "model_patcher.py")):
             raise ConfigError(f"{root} is not a ComfyUI folder (no comfy/model_patcher.py): pass the folder that "

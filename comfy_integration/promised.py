@@ -33,7 +33,7 @@ class PromisedImages:
         Decode returns it), waiting for it; None without audio."""
         if self.audio is None:
             return None
-        return {"waveform": self.audio.result(timeout).movedim(-1, 1), "sample_rate": int(self.sample_rate)}
+        return audio_output(self.audio.result(timeout), self.sample_rate)
 
 
 def audio_output(waveform: torch.Tensor, sample_rate: int) -> dict:

@@ -254,15 +254,18 @@ class QueueBridge:
 
     def _reachable(self) -> bool:
         """Whether the cluster's address answers (a TCP connect; "auto" is always tried)."""
-        target = self.address.removeprefix("ray://")
-        host, _, port = target.rpartition(":")
-        if not host or not port.isdigit():
-            return True
+        from mesh_ray.cluster.access import probe_tcp, split_host_port
+        from mesh_ray.errors import ClusterError
+
         try:
-            with socket.create_connection((host, int(port)), timeout=2.0):
-                return True
-        except OSError:
+            split_host_port(self.address)
+        except ClusterError:
+            return True  # "auto" or another form Ray resolves itself: try it
+        try:
+            probe_tcp(self.address, 2.0)
+        except ClusterError:
             return False
+        return True
 
     def _expire_held(self) -> None:
         """Fail the prompts in flight once the cluster has been away longer than ``hold_s``."""

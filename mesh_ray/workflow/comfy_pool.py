@@ -37,7 +37,6 @@ REFRESH_S = 2.0  # how often the pool looks for workers by name
 INFO_TIMEOUT_S = 2.0  # a worker still booting ComfyUI does not answer yet: asked again next time
 ITEM_TIMEOUT_S = 120.0  # one streamed item of a live worker
 RECENT_MODELS = 8  # digests of the models a worker ran last (ComfyUI keeps loaded models in memory)
-START_HINT = "start them with `mesh-ray comfy workers --replicas N`"
 
 
 @dataclass
@@ -232,19 +231,25 @@ class ComfyPool:
             run.avoid.add(w.name)
             raise WorkerLost(f"ComfyUI worker {w.name} is gone ({type(e).__name__})") from None
         deadline = time.monotonic() + run.timeout_s
-        interrupted = False
+        interrupted = None  # when the interrupt was sent
         done = None
         while done is None:
-            if (run.cancel.is_set() or time.monotonic() > deadline) and not interrupted:
+            if (run.cancel.is_set() or time.monotonic() > deadline) and interrupted is None:
                 w.handle.interrupt.remote(job.prompt_id)
-                interrupted = True
+                interrupted = time.monotonic()
+            if interrupted is not None and time.monotonic() > interrupted + ITEM_TIMEOUT_S:
+                return RunResult(run.run_id, "failed", 0, error=(
+                    f"ComfyUI worker {w.name} did not stop prompt {job.prompt_id} within {ITEM_TIMEOUT_S:g} s of "
+                    f"its interrupt: restart the workers (`mesh-ray comfy workers --stop`, then start them again)"))
             try:
                 ready, _ = ray.wait([gen], timeout=0.5)
                 if not ready:
                     continue
                 item = ray.get(next(gen), timeout=ITEM_TIMEOUT_S)
                 if item.get("kind") == ITEM_FILE:  # its bytes are the next item: kept as a ref, never read here
-                    ray.wait([gen], timeout=ITEM_TIMEOUT_S)
+                    ready, _ = ray.wait([gen], timeout=ITEM_TIMEOUT_S)
+                    if not ready:
+                        raise GetTimeoutError(f"no file bytes within {ITEM_TIMEOUT_S:g} s")
                     item = {**item, "ref": [next(gen)]}
             except StopIteration:
                 break
@@ -273,7 +278,7 @@ class ComfyPool:
               "error": done.get("error")})
         if done["status"] == "success":
             return RunResult(run.run_id, "finished", 0)
-        if interrupted and not run.cancel.is_set():
+        if interrupted is not None and not run.cancel.is_set():
             return RunResult(run.run_id, "failed", 0, error=f"prompt {job.prompt_id} did not finish within "
                                                             f"{run.timeout_s:g} s: raise its timeout")
         if done["status"] == "interrupted" or run.cancel.is_set():
@@ -305,4 +310,4 @@ class ComfyPool:
         self._stop.set()
 
 
-__all__ = ["ComfyPool", "REFRESH_S", "START_HINT"]
+__all__ = ["ComfyPool", "REFRESH_S"]

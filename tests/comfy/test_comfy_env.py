@@ -233,6 +233,6 @@ def test_an_unknown_ship_setting_is_one_line(monkeypatch):
     from mesh_ray.errors import ConfigError
 
     monkeypatch.setenv(SHIP_ENV, "sometimes")
-    with pytest.raises(ConfigError, match=r"^MESH_RAY_COMFY_SHIP='sometimes' is not known: set it to one of auto, "
+    with pytest.raises(ConfigError, match=r"^MESH_RAY_COMFY_SHIP='sometimes' is not known: use one of auto, "
                                           r"always, never$"):
         ComfySource.here()
